@@ -1,0 +1,26 @@
+"""chaosjax: neural-network training as a dynamical system, in JAX.
+
+The same functions analyse any map ``step(x, t) -> x``: a Hénon map from
+:mod:`chaosjax.systems` or one optimizer step of a :class:`TrainingMap`.
+"""
+
+from chaosjax import datasets as datasets
+from chaosjax import models as models
+from chaosjax import systems as systems
+from chaosjax._util import as_traceable as as_traceable
+from chaosjax.datasets import Dataset as Dataset
+from chaosjax.replicas import ReplicaBatch as ReplicaBatch
+from chaosjax.replicas import make_replicas as make_replicas
+from chaosjax.replicas import perturbation as perturbation
+from chaosjax.replicas import run_replicas as run_replicas
+from chaosjax.results import ReplicaResults as ReplicaResults
+from chaosjax.results import open_store as open_store
+from chaosjax.training import TrainingMap as TrainingMap
+from chaosjax.training import make_schedule as make_schedule
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("chaosjax")
+except Exception:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0+unknown"

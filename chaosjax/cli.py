@@ -1,0 +1,124 @@
+"""The ``chaosjax`` command line.
+
+    chaosjax run [PRESET | CONFIG.toml] [--out DIR] [--set key=value ...] [--resume] [--force]
+    chaosjax presets
+    chaosjax report RUN_DIR
+    chaosjax config [PRESET | CONFIG.toml] [--set key=value ...]
+
+Bad input gives one line naming the field and what is allowed, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        self.exit(2, f"chaosjax: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="chaosjax", description="Neural-network training as a dynamical system.")
+    sub = p.add_subparsers(dest="command", metavar="{run,presets,report,config}")
+    r = sub.add_parser("run", help="run a preset or a TOML config (default: the quickstart preset)")
+    r.add_argument("target", nargs="?", default=None, help="preset name or CONFIG.toml")
+    r.add_argument("--out", default=None, help="output folder (default: runs/<name>)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set training.learning_rates=[0.1,1.0]",
+    )
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    r.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.add_parser("presets", help="list the presets")
+    rep = sub.add_parser("report", help="re-render summary.md and figures of a run folder")
+    rep.add_argument("run_dir")
+    c = sub.add_parser("config", help="print the resolved config (TOML) and the field reference")
+    c.add_argument("target", nargs="?", default=None)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument(
+        "--fields", action="store_true", help="list every field with default and meaning"
+    )
+    return p
+
+
+def _die(msg: str) -> int:
+    print(f"chaosjax: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    if args.command is None:
+        args = _parser().parse_args(["run", *(argv or [])])
+
+    from chaosjax.experiments import (
+        ConfigError,
+        RunFolderError,
+        load_config,
+        preset_dict,
+        preset_names,
+        report,
+        run_experiment,
+        to_toml,
+    )
+
+    try:
+        if command == "presets":
+            for name in preset_names():
+                d = preset_dict(name)
+                print(f"{name:28s} {d.get('description', '')}  [{d.get('runtime', '?')}]")
+            return 0
+        if command == "report":
+            path = report(Path(args.run_dir))
+            print(f"re-rendered {path} and {path.parent / 'figures'}")
+            return 0
+        if command == "config":
+            if args.fields:
+                from chaosjax.experiments.config import describe
+
+                for key, default, doc in describe():
+                    print(f"{key:28s} {default:24s} {doc}")
+                return 0
+            print(to_toml(load_config(args.target, args.overrides)), end="")
+            return 0
+        cfg = load_config(args.target, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        if args.resume and args.force:
+            return _die("--resume and --force exclude each other")
+        print(f"chaosjax: running {cfg.name!r} into {out}", file=sys.stderr)
+        try:
+            run = run_experiment(
+                cfg, out, resume=args.resume, force=args.force, progress=not args.quiet
+            )
+        except KeyboardInterrupt:
+            print(
+                f"\nchaosjax: interrupted; finished chunks are saved in {out}. Continue with:\n"
+                f"  chaosjax run {args.target or ''} --out {out} "
+                + " ".join(f"--set {o}" for o in args.overrides)
+                + " --resume",
+                file=sys.stderr,
+            )
+            return 130
+        print(f"results: {run.folder / 'results.zarr'}")
+        print(f"summary: {run.summary}")
+        print(f"figures: {run.folder / 'figures'}")
+        return 0
+    except (ConfigError, RunFolderError) as e:
+        return _die(str(e))
+    except FileNotFoundError as e:
+        return _die(str(e))
+    except (ValueError, TypeError) as e:
+        return _die(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Typed, frozen experiment configs read from TOML, with ``--set a.b=value`` overrides.
+
+Every field has a default, a one-line meaning and validation; errors name the field and what
+is allowed (:class:`ConfigError`, a ``ValueError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range."""
+
+
+def fld(default, doc: str, *, choices=None, lo=None, hi=None, positive=False):
+    """A config field with its documentation and bounds."""
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "positive": positive}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda d=tuple(default): d, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str = fld(
+        "two_moons",
+        "dataset",
+        choices=("iris", "digits", "two_moons", "circles", "blobs", "teacher_student", "chebyshev"),
+    )
+    seed: int = fld(0, "seed of the train/test split and of generated data", lo=0)
+    n_samples: int = fld(
+        200, "samples of generated datasets (two_moons, circles, blobs, teacher_student)", lo=4
+    )
+    noise: float = fld(0.1, "noise of generated datasets", lo=0.0)
+    test_fraction: float = fld(0.2, "held-out fraction (digits and generated sets)", lo=0.0, hi=1.0)
+    standardize: bool = fld(False, "standardise inputs by the training mean and std")
+    chebyshev_k: int = fld(3, "degree k of the Chebyshev target T_k", lo=0)
+    n_points: int = fld(20, "training points of the Chebyshev toy", lo=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = fld("mlp", "network", choices=("mlp", "cnn"))
+    hidden: tuple[int, ...] = fld([32], "hidden widths (mlp) or conv channels (cnn)")
+    activation: str = fld(
+        "tanh",
+        "hidden activation",
+        choices=("tanh", "relu", "sigmoid", "gelu", "silu", "elu", "softplus", "identity"),
+    )
+    init: str = fld(
+        "lecun",
+        "weight init: N(0, s²/fan_in), He, Xavier or N(0, s²)",
+        choices=("lecun", "he", "xavier", "normal"),
+    )
+    init_scale: float = fld(1.0, "init gain s", positive=True)
+    bias: bool = fld(True, "layers have biases (initialised to 0)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    loss: str = fld(
+        "mse", "loss: ½‖f−y‖² mean or softmax cross-entropy", choices=("mse", "cross_entropy")
+    )
+    optimizer: str = fld(
+        "sgd", "optimizer", choices=("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
+    )
+    learning_rates: tuple[float, ...] = fld(
+        [0.1], "learning-rate grid η (one vmapped batch)", positive=True
+    )
+    momentum: float = fld(0.9, "momentum β (momentum / nesterov)", lo=0.0, hi=1.0)
+    batch_size: int = fld(0, "minibatch size; 0 = full batch", lo=0)
+    batch_seed: int = fld(0, "seed of the minibatch schedule fold_in(key, t)", lo=0)
+    schedule: str = fld(
+        "constant", "learning-rate schedule", choices=("constant", "cosine", "step")
+    )
+    drop_steps: tuple[int, ...] = fld(
+        [], "steps at which a 'step' schedule multiplies η by drop_factor"
+    )
+    drop_factor: float = fld(0.1, "factor of a 'step' schedule", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaConfig:
+    seeds: tuple[int, ...] = fld([0, 1], "independent initialisations (one group each)")
+    n_perturbed: int = fld(4, "perturbed replicas per group and ε", lo=0)
+    eps: tuple[float, ...] = fld([1e-8], "perturbation sizes ε", positive=True)
+    distribution: str = fld(
+        "uniform", "U(−ε, ε) or N(0, ε²) entries", choices=("uniform", "gaussian")
+    )
+    target: str = fld("weights", "what is perturbed", choices=("weights", "params", "all"))
+    loss_bound: float = fld(1e8, "a replica whose loss exceeds this has diverged", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = fld("custom", "experiment name")
+    description: str = fld("", "one-line description")
+    runtime: str = fld("", "expected runtime on a 2-core CPU")
+    precision: str = fld(
+        "float64", "state dtype (float64 enables jax_enable_x64)", choices=("float32", "float64")
+    )
+    steps: int = fld(1000, "training steps", lo=1)
+    record_every: int = fld(10, "record cadence (must divide steps)", lo=1)
+    chunk_steps: int = fld(500, "steps per jitted chunk (checkpoint cadence)", lo=1)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"doc": "dataset"})
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"doc": "model"})
+    training: TrainingConfig = dataclasses.field(
+        default_factory=TrainingConfig, metadata={"doc": "loss and optimizer"}
+    )
+    replicas: ReplicaConfig = dataclasses.field(
+        default_factory=ReplicaConfig, metadata={"doc": "replica batch"}
+    )
+
+    def __post_init__(self):
+        if self.steps % self.record_every:
+            raise ConfigError(
+                f"record_every: must divide steps={self.steps}, got {self.record_every}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> config
+
+
+def _check_value(path: str, f: dataclasses.Field, tp, value):
+    meta = f.metadata
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(_check_scalar(f"{path}[{i}]", meta, item_tp, v) for i, v in enumerate(value))
+    return _check_scalar(path, meta, tp, value)
+
+
+def _check_scalar(path, meta, tp, value):
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{path}: unknown {value!r}; allowed: {', '.join(meta['choices'])}")
+    if meta.get("positive") and not value > 0:
+        raise ConfigError(f"{path}: must be > 0, got {value!r}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{path}: must be >= {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{path}: must be <= {hi}, got {value!r}")
+    return value
+
+
+def _resolve_type(cls, name):
+    hints = typing.get_type_hints(cls)
+    tp = hints[name]
+    if isinstance(tp, types.UnionType):
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def from_dict(cls, data: dict[str, Any], prefix: str = ""):
+    """Build config ``cls`` from a (TOML) dict, validating every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = prefix + unknown[0]
+        raise ConfigError(
+            f"{where}: unknown key; allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        tp = _resolve_type(cls, name)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(prefix + name, f, tp, value)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = (
+            to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+        )
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return (
+            repr(v)
+            if v == v and abs(v) != float("inf")
+            else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+        )
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg) -> str:
+    """The resolved config as TOML text (reads back to the same config)."""
+    d = to_dict(cfg)
+    lines, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    for name, table in tables:
+        lines.append(f"\n[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def parse_toml(text: str, source: str = "config") -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML ({e})") from None
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"config: cannot read {path} ({e.strerror or e})") from None
+    return parse_toml(text, str(path))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set: expected key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set: bad key in {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as TOML, else taken as strings)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set: {'.'.join(path)}: {p} is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def describe(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, meaning) for every field, for documentation and ``--help``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = _resolve_type(cls, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                doc += f" ({' | '.join(f.metadata['choices'])})"
+            rows.append((prefix + f.name, _toml_value(default), doc))
+    return rows
+
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "ReplicaConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "describe",
+    "from_dict",
+    "load_file",
+    "parse_toml",
+    "to_dict",
+    "to_toml",
+]

@@ -1,0 +1,371 @@
+"""Config → run folder: ``config.toml``, ``results.zarr``, ``summary.md``, ``figures/*.png``.
+
+A run writes its resolved config first, streams records into ``results.zarr`` and a
+checkpoint after every chunk, and at the end rewrites the store atomically and removes the
+checkpoint. ``resume=True`` continues an interrupted run (same config) to the same arrays;
+``report`` re-renders the summary and figures from the stored results alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from chaosjax._util import atomic_write_text
+from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
+
+CHECKPOINT = "checkpoint.npz"
+STORE = "results.zarr"
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used as asked (exists, not a run, config differs)."""
+
+
+@dataclass
+class Run:
+    """A finished run: its folder and results."""
+
+    folder: Path
+    config: ExperimentConfig
+    results: object
+
+    @property
+    def summary(self) -> Path:
+        return self.folder / "summary.md"
+
+
+def set_precision(precision: str) -> None:
+    import jax
+
+    if precision == "float64":
+        jax.config.update("jax_enable_x64", True)
+
+
+def build_dataset(cfg: ExperimentConfig):
+    from chaosjax import datasets
+
+    d = cfg.data
+    common = {"seed": d.seed}
+    if d.name == "iris":
+        ds = datasets.iris(standardize=d.standardize, **common)
+    elif d.name == "digits":
+        ds = datasets.digits(standardize=d.standardize, test_fraction=d.test_fraction, **common)
+    elif d.name == "chebyshev":
+        ds = datasets.chebyshev(d.chebyshev_k, d.n_points)
+    elif d.name == "teacher_student":
+        ds = datasets.teacher_student(
+            d.n_samples, noise=d.noise, test_fraction=d.test_fraction, **common
+        )
+    elif d.name in ("two_moons", "circles", "blobs"):
+        kw = {"noise": d.noise} if d.name != "blobs" else {}
+        ds = datasets.load(
+            d.name,
+            n=d.n_samples,
+            test_fraction=d.test_fraction,
+            standardize=d.standardize,
+            **kw,
+            **common,
+        )
+    else:  # pragma: no cover - validated by the config
+        raise ConfigError(f"data.name: unknown {d.name!r}")
+    return ds
+
+
+def build_training_map(cfg: ExperimentConfig, ds=None):
+    """The :class:`TrainingMap` of a config (learning rate = the first grid value)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from chaosjax import models
+    from chaosjax.training import TrainingMap
+
+    ds = ds if ds is not None else build_dataset(cfg)
+    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    m, t = cfg.model, cfg.training
+    n_out = ds.n_outputs
+    if m.kind == "mlp":
+        widths = (ds.n_features, *m.hidden, n_out)
+
+        def factory(rngs):
+            return models.MLP(
+                widths,
+                activation=m.activation,
+                init=m.init,
+                init_scale=m.init_scale,
+                bias=m.bias,
+                rngs=rngs,
+                dtype=dtype,
+            )
+    else:
+        side = round(np.sqrt(ds.n_features))
+        if side * side != ds.n_features:
+            raise ConfigError(
+                f"model.kind: 'cnn' needs square images; {ds.name} has {ds.n_features} features"
+            )
+
+        def factory(rngs):
+            return models.CNN(
+                (side, side, 1),
+                n_out,
+                channels=m.hidden,
+                activation=m.activation,
+                rngs=rngs,
+                dtype=dtype,
+            )
+
+    hparams = {"momentum": t.momentum} if t.optimizer in ("momentum", "nesterov") else {}
+    schedule_options = {}
+    if t.schedule == "step":
+        if not t.drop_steps:
+            raise ConfigError("training.drop_steps: a 'step' schedule needs at least one drop step")
+        schedule_options = {"boundaries": list(t.drop_steps), "factor": t.drop_factor}
+    elif t.schedule == "cosine":
+        schedule_options = {"decay_steps": cfg.steps}
+    model = factory(nnx.Rngs(jax.random.PRNGKey(cfg.replicas.seeds[0])))
+    return TrainingMap.from_nnx(
+        model,
+        ds,
+        model_factory=factory,
+        loss=t.loss,
+        optimizer=t.optimizer,
+        learning_rate=t.learning_rates[0],
+        hparams=hparams,
+        schedule=t.schedule,
+        schedule_options=schedule_options,
+        batch_size=t.batch_size or None,
+        batch_seed=t.batch_seed,
+        dtype=dtype,
+        name=cfg.name,
+    )
+
+
+def _prepare_folder(folder: Path, cfg_text: str, resume: bool, force: bool) -> bool:
+    """Returns True when an earlier run is to be continued."""
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"--out: {folder} exists and is not a folder")
+    busy = folder.exists() and any(folder.iterdir())
+    if not busy:
+        folder.mkdir(parents=True, exist_ok=True)
+        return False
+    if resume:
+        old = folder / "config.toml"
+        if not old.exists():
+            raise RunFolderError(f"--resume: {folder} holds no chaosjax run (no config.toml)")
+        if old.read_text() != cfg_text:
+            raise RunFolderError(
+                f"--resume: the config differs from the one stored in {old}; resume with the same "
+                "preset and --set values, or use --force to start afresh"
+            )
+        return True
+    if force:
+        if not (folder / "config.toml").exists() and any(folder.iterdir()):
+            raise RunFolderError(
+                f"--force: {folder} is not empty and holds no chaosjax run; refusing to delete it"
+            )
+        shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        return False
+    raise RunFolderError(
+        f"--out: {folder} already exists; use --force to overwrite it or --resume to continue"
+    )
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    folder: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    on_chunk=None,
+) -> Run:
+    """Run ``cfg`` into ``folder`` and write the results, summary and figures."""
+    from chaosjax.replicas import make_replicas, run_replicas
+    from chaosjax.results import ReplicaResults, open_store
+
+    folder = Path(folder)
+    cfg_text = to_toml(cfg)
+    continuing = _prepare_folder(folder, cfg_text, resume, force)
+    store = folder / STORE
+    if continuing and not (folder / CHECKPOINT).exists() and store.exists():
+        ds = open_store(store)
+        if int(ds.attrs.get("complete", 0)) == 1:
+            results = ReplicaResults.from_xarray(ds)
+            report(folder)
+            return Run(folder, cfg, results)
+    atomic_write_text(folder / "config.toml", cfg_text)
+
+    set_precision(cfg.precision)
+    t_start = time.perf_counter()
+    tmap = build_training_map(cfg)
+    r = cfg.replicas
+    batch = make_replicas(
+        tmap,
+        seeds=list(r.seeds),
+        grid={"learning_rate": list(cfg.training.learning_rates)},
+        n_perturbed=r.n_perturbed,
+        eps=list(r.eps),
+        distribution=r.distribution,
+        target=r.target,
+    )
+    observables = [
+        "loss",
+        "test_loss",
+        "param_norm",
+        "distance_l1",
+        "distance_l2",
+        "layer_distance",
+    ]
+    if tmap.task == "classification":
+        observables += ["accuracy", "test_accuracy"]
+    results = run_replicas(
+        tmap,
+        batch,
+        steps=cfg.steps,
+        record_every=cfg.record_every,
+        observables=observables,
+        chunk_steps=max(cfg.record_every, cfg.chunk_steps - cfg.chunk_steps % cfg.record_every),
+        loss_bound=r.loss_bound,
+        progress=progress,
+        checkpoint=folder / CHECKPOINT,
+        store=store,
+        resume=continuing,
+        attrs={"config": cfg_text, "n_params": tmap.n_params, "dim": tmap.dim},
+        on_chunk=on_chunk,
+    )
+    results.attrs["total_time_s"] = time.perf_counter() - t_start
+    results.save(store)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    report(folder)
+    return Run(folder, cfg, results)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(x, spec=".3g") -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def summary_rows(results) -> list[dict]:
+    """Per learning rate: final losses and accuracies (median over reference replicas), the
+    separation d(T)/d(0) of perturbed replicas (geometric mean) and divergences."""
+    rows = []
+    lrs = results.coords.get("learning_rate")
+    member = results.coords.get("member")
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        ref = sel & (member == 0)
+        pert = sel & (member > 0)
+        row = {"learning_rate": float(lr), "replicas": int(sel.sum())}
+        for k in ("loss", "test_loss", "accuracy", "test_accuracy"):
+            if k in results.records:
+                v = results.records[k][ref, -1]
+                row[k] = float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+        if "distance_l1" in results.records and pert.any():
+            d = results.records["distance_l1"][pert]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.log(d[:, -1]) - np.log(d[:, 0])
+            ok = np.isfinite(ratio)
+            row["log_growth"] = float(np.mean(ratio[ok])) if ok.any() else float("nan")
+        row["diverged"] = int(results.diverged[sel].sum())
+        rows.append(row)
+    return rows
+
+
+def render_summary(results, cfg_text: str) -> str:
+    attrs = results.attrs
+    env = attrs.get("environment", {}) if isinstance(attrs.get("environment"), dict) else {}
+    import tomllib
+
+    cfg = tomllib.loads(cfg_text)
+    lines = [
+        f"# chaosjax run: {cfg.get('name', '')}",
+        "",
+        cfg.get("description", ""),
+        "",
+        "## What was run",
+        "",
+        f"- data: `{cfg['data']['name']}`; model: {cfg['model']['kind']} hidden {cfg['model']['hidden']}"
+        f" ({cfg['model']['activation']}), {attrs.get('n_params', '?')} parameters, state dim {attrs.get('dim', '?')}",
+        f"- loss `{cfg['training']['loss']}`, optimizer `{cfg['training']['optimizer']}`, batch "
+        f"{cfg['training']['batch_size'] or 'full'}, {cfg['steps']} steps, records every {cfg['record_every']}",
+        f"- replicas: {results.n_replicas} = seeds {cfg['replicas']['seeds']} × η {cfg['training']['learning_rates']}"
+        f" × (1 reference + {cfg['replicas']['n_perturbed']} perturbed per ε {cfg['replicas']['eps']},"
+        f" {cfg['replicas']['distribution']} on {cfg['replicas']['target']})",
+        f"- precision {cfg['precision']}; device {env.get('device', '?')} ({env.get('backend', '?')});"
+        f" jax {env.get('jax', '?')}; runtime {_fmt(attrs.get('total_time_s'), '.1f')} s",
+        "",
+        "## Results per learning rate",
+        "",
+        "Losses and accuracies: median over the reference replicas at the last step. "
+        "⟨ln d(T)/d(0)⟩: mean over perturbed replicas of the log growth of their L1 distance "
+        "to the reference (positive: nearby runs separate).",
+        "",
+    ]
+    rows = summary_rows(results)
+    cols = [
+        ("learning_rate", "η", ".4g"),
+        ("loss", "train loss", ".3g"),
+        ("test_loss", "test loss", ".3g"),
+        ("accuracy", "train acc", ".3f"),
+        ("test_accuracy", "test acc", ".3f"),
+        ("log_growth", "⟨ln d(T)/d(0)⟩", ".2f"),
+        ("diverged", "diverged", "d"),
+    ]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
+    lines.append("| " + " | ".join(c[1] for c in cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |")
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![loss](figures/loss.png)",
+        "",
+        "![replica distance](figures/replica_distance.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def report(folder: str | Path) -> Path:
+    """Re-render ``summary.md`` and ``figures/`` of a run folder from its stored results."""
+    from chaosjax import plots
+    from chaosjax.results import ReplicaResults
+
+    folder = Path(folder)
+    store = folder / STORE
+    if not store.exists():
+        raise RunFolderError(f"report: {folder} holds no results.zarr")
+    results = ReplicaResults.load(store)
+    cfg_text = results.attrs.get("config") or (folder / "config.toml").read_text()
+    plots.standard_figures(results, folder / "figures")
+    text = render_summary(results, cfg_text)
+    if int(results.attrs.get("complete", 0)) != 1:
+        text = (
+            "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"
+            + text
+        )
+    atomic_write_text(folder / "summary.md", text)
+    return folder / "summary.md"
+
+
+__all__ = [
+    "Run",
+    "RunFolderError",
+    "build_dataset",
+    "build_training_map",
+    "report",
+    "run_experiment",
+]

@@ -1,0 +1,253 @@
+"""Models: Flax NNX MLP and small CNN, and a pure-function MLP for the smallest cases.
+
+Parameter names follow Flax (``kernel`` for weight matrices, ``bias``), so the training map can
+tell weights from biases (Danovski et al. perturb weights only) and group them by layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS: dict[str, Callable] = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "sigmoid": jax.nn.sigmoid,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+    "identity": lambda x: x,
+}
+
+INITS = ("lecun", "xavier", "he", "normal")
+
+
+def activation(name: str) -> Callable:
+    """The activation function called ``name`` (one of :data:`ACTIVATIONS`)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    widths = tuple(widths)
+    if len(widths) < 2 or any(int(w) != w or w < 1 for w in widths):
+        raise ValueError(
+            f"widths: need at least (inputs, outputs), all positive integers; got {widths!r}"
+        )
+    return tuple(int(w) for w in widths)
+
+
+def _per_layer(name: str, value, n_layers: int) -> tuple:
+    if isinstance(value, list | tuple):
+        if len(value) != n_layers:
+            raise ValueError(f"{name}: expected one value per layer ({n_layers}), got {value!r}")
+        return tuple(value)
+    return (value,) * n_layers
+
+
+def _init_std(scheme: str, scale: float, fan_in: int, fan_out: int) -> float:
+    if scheme not in INITS:
+        raise ValueError(f"init: unknown scheme {scheme!r}; allowed: {', '.join(INITS)}")
+    var = {
+        "lecun": 1.0 / fan_in,
+        "he": 2.0 / fan_in,
+        "xavier": 2.0 / (fan_in + fan_out),
+        "normal": 1.0,
+    }[scheme]
+    return float(scale) * var**0.5
+
+
+def _normal_init(std: float):
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+class MLP(nnx.Module):
+    """Fully connected network ``widths[0] → … → widths[-1]`` (Flax NNX).
+
+    Args:
+        widths: layer widths including input and output, e.g. (4, 10, 3).
+        activation: hidden activation name (see :data:`ACTIVATIONS`); the output is linear.
+        init: weight scheme ``"lecun"`` (N(0, s²/fan_in)), ``"he"``, ``"xavier"`` or
+            ``"normal"`` (N(0, s²)); a tuple gives one per layer.
+        init_scale: the gain s (per layer with a tuple).
+        bias: whether layers have biases (initialised to zero).
+        rngs: ``nnx.Rngs`` for the initialisation.
+        dtype: parameter dtype.
+
+    Shapes: input (batch, widths[0]) → output (batch, widths[-1]).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        *,
+        activation: str = "tanh",
+        init: str | Sequence[str] = "lecun",
+        init_scale: float | Sequence[float] = 1.0,
+        bias: bool = True,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        widths = _check_widths(widths)
+        globals()["activation"](activation)  # validate the name
+        n = len(widths) - 1
+        inits = _per_layer("init", init, n)
+        scales = _per_layer("init_scale", init_scale, n)
+        self.activation = activation
+        self.layers = nnx.List(
+            [
+                nnx.Linear(
+                    widths[i],
+                    widths[i + 1],
+                    use_bias=bias,
+                    kernel_init=_normal_init(
+                        _init_std(inits[i], scales[i], widths[i], widths[i + 1])
+                    ),
+                    bias_init=nnx.initializers.zeros_init(),
+                    param_dtype=dtype,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+                for i in range(n)
+            ]
+        )
+
+    def features(self, x):
+        """Hidden representations of every hidden layer (list of (batch, width) arrays)."""
+        act = ACTIVATIONS[self.activation]
+        out = []
+        for layer in self.layers[:-1]:
+            x = act(layer(x))
+            out.append(x)
+        return out
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        for layer in self.layers[:-1]:
+            x = act(layer(x))
+        return self.layers[-1](x)
+
+
+class CNN(nnx.Module):
+    """Small convolutional network for image inputs given as flat rows (Flax NNX).
+
+    Two 3×3 convolutions with ``channels`` feature maps, each followed by the activation and a
+    2×2 average pool, then a dense output layer.
+
+    Shapes: input (batch, H·W·C) or (batch, H, W, C) → output (batch, n_outputs).
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int] = (8, 8, 1),
+        n_outputs: int = 10,
+        *,
+        channels: Sequence[int] = (8, 16),
+        activation: str = "relu",
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        globals()["activation"](activation)
+        h, w, c = (int(v) for v in image_shape)
+        self.image_shape = (h, w, c)
+        self.activation = activation
+        convs = []
+        cin = c
+        for cout in channels:
+            convs.append(
+                nnx.Conv(
+                    cin,
+                    int(cout),
+                    (3, 3),
+                    padding="SAME",
+                    param_dtype=dtype,
+                    dtype=dtype,
+                    rngs=rngs,
+                )
+            )
+            cin = int(cout)
+            h, w = max(h // 2, 1), max(w // 2, 1)
+        self.convs = nnx.List(convs)
+        self.head = nnx.Linear(
+            h * w * cin, int(n_outputs), param_dtype=dtype, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        x = x.reshape((x.shape[0], *self.image_shape))
+        for conv in self.convs:
+            x = act(conv(x))
+            if x.shape[1] >= 2 and x.shape[2] >= 2:
+                x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class PureMLP:
+    """A pure-function MLP: ``init(key) -> params`` and ``apply(params, x)``.
+
+    ``params`` is ``{"layer_0": {"kernel": (w0, w1), "bias": (w1,)}, ...}``. Same arguments as
+    :class:`MLP`; ``output`` may be ``"linear"`` (logits / regression) or ``"softmax"``.
+    """
+
+    widths: tuple[int, ...]
+    activation: str = "tanh"
+    init: str | tuple[str, ...] = "lecun"
+    init_scale: float | tuple[float, ...] = 1.0
+    bias: bool = True
+    output: str = "linear"
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", _check_widths(self.widths))
+        activation(self.activation)
+        n = len(self.widths) - 1
+        object.__setattr__(self, "init", _per_layer("init", self.init, n))
+        object.__setattr__(self, "init_scale", _per_layer("init_scale", self.init_scale, n))
+        for s in self.init:
+            _init_std(s, 1.0, 1, 1)
+        if self.output not in ("linear", "softmax"):
+            raise ValueError(f"output: must be 'linear' or 'softmax', got {self.output!r}")
+
+    def init_params(self, key, dtype=None) -> dict:
+        dtype = dtype or jnp.asarray(0.0).dtype
+        params = {}
+        keys = jax.random.split(key, len(self.widths) - 1)
+        for i, (a, b) in enumerate(zip(self.widths[:-1], self.widths[1:])):
+            std = _init_std(self.init[i], self.init_scale[i], a, b)
+            layer = {"kernel": std * jax.random.normal(keys[i], (a, b), dtype)}
+            if self.bias:
+                layer["bias"] = jnp.zeros((b,), dtype)
+            params[f"layer_{i}"] = layer
+        return params
+
+    def features(self, params, x) -> list:
+        act = ACTIVATIONS[self.activation]
+        out = []
+        n = len(self.widths) - 1
+        for i in range(n - 1):
+            layer = params[f"layer_{i}"]
+            x = act(x @ layer["kernel"] + layer.get("bias", 0.0))
+            out.append(x)
+        return out
+
+    def apply(self, params, x):
+        n = len(self.widths) - 1
+        h = self.features(params, x)
+        x = h[-1] if h else x
+        last = params[f"layer_{n - 1}"]
+        y = x @ last["kernel"] + last.get("bias", 0.0)
+        return jax.nn.softmax(y, axis=-1) if self.output == "softmax" else y
+
+    __call__ = apply
+
+
+__all__ = ["ACTIVATIONS", "CNN", "INITS", "MLP", "PureMLP", "activation"]

@@ -1,0 +1,125 @@
+"""Matplotlib figures of replica runs (headless-safe: the Agg backend unless one is set)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+if "MPLBACKEND" not in os.environ and not matplotlib.get_backend().lower().startswith(
+    ("module://matplotlib_inline", "nbagg", "widget", "ipympl")
+):
+    matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from chaosjax.results import ReplicaResults
+
+
+def _groups(results: ReplicaResults, by: str) -> list[tuple[float, np.ndarray]]:
+    vals = results.coords.get(by)
+    if vals is None:
+        return [(np.nan, np.ones(results.n_replicas, bool))]
+    return [(v, vals == v) for v in np.unique(vals)]
+
+
+def _colors(n):
+    cmap = plt.get_cmap("viridis")
+    return [cmap(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
+
+
+def _label(by: str, v) -> str:
+    sym = {"learning_rate": "η", "momentum": "β"}.get(by, by)
+    return f"{sym} = {v:g}" if isinstance(v, float | np.floating) else f"{sym} = {v}"
+
+
+def loss_curves(results: ReplicaResults, *, by: str = "learning_rate", name: str = "loss", ax=None):
+    """Loss of every reference replica against step, one colour per ``by`` value (log y)."""
+    if name not in results.records:
+        raise ValueError(f"{name}: not recorded; recorded: {sorted(results.records)}")
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    groups = _groups(results, by)
+    ref = results.coords.get("member", np.zeros(results.n_replicas)) == 0
+    for color, (v, sel) in zip(_colors(len(groups)), groups):
+        ys = results.records[name][sel & ref]
+        for i, y in enumerate(ys):
+            ax.plot(
+                results.steps,
+                y,
+                color=color,
+                lw=1.0,
+                alpha=0.85,
+                label=_label(by, v) if i == 0 else None,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("step t")
+    ax.set_ylabel(f"{name.replace('_', ' ')} (reference replicas)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def replica_distance(
+    results: ReplicaResults, *, by: str = "learning_rate", name: str = "distance_l1", ax=None
+):
+    """Distance of perturbed replicas to their reference over time, log axis: thin lines per
+    replica, a thick line for the geometric mean per ``by`` value."""
+    if name not in results.records:
+        raise ValueError(f"{name}: not recorded; recorded: {sorted(results.records)}")
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    pert = results.coords.get("member", np.ones(results.n_replicas)) > 0
+    groups = _groups(results, by)
+    for color, (v, sel) in zip(_colors(len(groups)), groups):
+        d = results.records[name][sel & pert]
+        if d.size == 0:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            logd = np.log(np.where(d > 0, d, np.nan))
+            for row in d:
+                ax.plot(
+                    results.steps, np.where(row > 0, row, np.nan), color=color, lw=0.4, alpha=0.3
+                )
+            mean = np.exp(np.nanmean(logd, axis=0))
+        ax.plot(results.steps, mean, color=color, lw=2.0, label=_label(by, v))
+    ax.set_yscale("log")
+    ax.set_xlabel("step t")
+    unit = {"distance_l1": "L1 Σ|θ−θ′|", "distance_l2": "L2 ‖θ−θ′‖"}.get(name, name)
+    ax.set_ylabel(f"replica distance d(t), {unit}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return ax
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def standard_figures(
+    results: ReplicaResults, folder: str | os.PathLike, *, by: str = "learning_rate"
+) -> Sequence[Path]:
+    """Write the standard run figures (loss curves, replica distance) into ``folder``."""
+    out = []
+    if "loss" in results.records:
+        ax = loss_curves(results, by=by)
+        ax.set_title("training loss")
+        out.append(save(ax.figure, Path(folder) / "loss.png"))
+    for name in ("distance_l1", "distance_l2"):
+        if name in results.records and (results.coords.get("member", np.zeros(1)) > 0).any():
+            ax = replica_distance(results, by=by, name=name)
+            ax.set_title("separation of perturbed replicas")
+            out.append(save(ax.figure, Path(folder) / "replica_distance.png"))
+            break
+    return out
+
+
+__all__ = ["loss_curves", "replica_distance", "save", "standard_figures"]

@@ -1,0 +1,606 @@
+"""Replica engine: batches of perturbed / independently initialised / hyper-parameter replicas,
+run as one vmapped batch by a chunked driver.
+
+A chunk is one jitted ``lax.scan`` over ``chunk_steps`` steps of the vmapped step; the host
+loop between chunks updates the progress bar, appends the recorded observables to a zarr
+stream and writes a checkpoint, so an interrupted run resumes to the same arrays. A replica
+whose state or loss stops being finite (or whose loss exceeds ``loss_bound``) is flagged with
+its step and frozen; its later records are NaN and the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import Partial
+from tqdm.auto import tqdm
+
+from chaosjax._util import (
+    as_traceable,
+    atomic_write_bytes,
+    check_step_signature,
+    dumps,
+    environment_info,
+    warn_if_below_resolution,
+)
+from chaosjax.results import ReplicaResults, ZarrStream
+from chaosjax.training import TrainingMap
+
+DISTRIBUTIONS = ("uniform", "gaussian")
+TARGETS = ("weights", "params", "all")
+TRAINING_OBSERVABLES = (
+    "loss",
+    "accuracy",
+    "test_loss",
+    "test_accuracy",
+    "param_norm",
+    "distance_l1",
+    "distance_l2",
+    "layer_distance",
+    "layer_distance_l1",
+)
+GENERIC_OBSERVABLES = ("norm", "distance_l1", "distance_l2")
+
+
+# ---------------------------------------------------------------------------------------------
+# building replica batches
+
+
+@dataclasses.dataclass
+class ReplicaBatch:
+    """A batch of R replicas.
+
+    Attributes:
+        states: initial states, shape (R, dim).
+        hparams: {name: (R,)} hyper-parameters per replica (training maps only).
+        reference: (R,) index of each replica's unperturbed reference replica (itself for a
+            reference); distances are measured to it.
+        coords: {name: (R,)} labels: ``seed``, each grid hyper-parameter, ``eps``, ``member``
+            (0 = the reference of its group).
+    """
+
+    states: jax.Array
+    hparams: dict[str, jax.Array]
+    reference: np.ndarray
+    coords: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return int(self.states.shape[0])
+
+
+def perturbation(key, shape, eps: float, distribution: str = "uniform", dtype=None) -> jax.Array:
+    """A random perturbation: U(−ε, ε) (``"uniform"``) or N(0, ε²) (``"gaussian"``) entries."""
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"distribution: unknown {distribution!r}; allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    dtype = dtype or jnp.asarray(0.0).dtype
+    if distribution == "uniform":
+        return jax.random.uniform(key, shape, dtype, minval=-eps, maxval=eps)
+    return eps * jax.random.normal(key, shape, dtype)
+
+
+def perturbation_mask(model, target: str, dim: int) -> np.ndarray:
+    """Which state entries a perturbation touches: ``"weights"`` (kernels only),
+    ``"params"`` (all parameters) or ``"all"`` (parameters and optimizer moments)."""
+    if target not in TARGETS:
+        raise ValueError(f"target: unknown {target!r}; allowed: {', '.join(TARGETS)}")
+    mask = np.zeros(dim, bool)
+    if not isinstance(model, TrainingMap):
+        if target != "all":
+            raise ValueError(f"target: {target!r} needs a TrainingMap; use 'all' for a plain state")
+        mask[:] = True
+    elif target == "weights":
+        mask[: model.n_params] = model.weight_mask
+    elif target == "params":
+        mask[: model.n_params] = True
+    else:
+        mask[:] = True
+    return mask
+
+
+def _as_list(name, value, kind=float) -> list:
+    if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
+        value = [value]
+    out = list(value)
+    if not out:
+        raise ValueError(f"{name}: must not be empty")
+    try:
+        return [kind(v) for v in out]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {kind.__name__} values, got {value!r}") from None
+
+
+def make_replicas(
+    model,
+    *,
+    base=None,
+    seeds: int | Sequence[int] | None = None,
+    grid: Mapping[str, Sequence[float]] | None = None,
+    n_perturbed: int = 0,
+    eps: float | Sequence[float] = 1e-8,
+    distribution: str = "uniform",
+    target: str | None = None,
+    perturb_seed: int = 0,
+) -> ReplicaBatch:
+    """Build replicas: independent seeds × hyper-parameter grid × (reference + perturbed).
+
+    For every seed and every grid point there is one *reference* replica (member 0), followed
+    by ``n_perturbed`` replicas per ε in ``eps`` (members 1, 2, …). Perturbations depend on
+    (perturb_seed, seed, member) only, so the same perturbation is used at every grid point.
+
+    Args:
+        model: a :class:`TrainingMap`, or a ``step(x, t)`` callable for plain maps.
+        base: base state (dim,); default ``model.init()`` (training maps).
+        seeds: independent initialisations ``model.init_from_key(seed)`` (replaces ``base``).
+        grid: {hyper-parameter: values}, e.g. ``{"learning_rate": [0.01, 1.0, 5.0]}``.
+        n_perturbed: perturbed replicas per ε and group.
+        eps: perturbation size(s) ε.
+        distribution: ``"uniform"`` U(−ε, ε) or ``"gaussian"`` N(0, ε²).
+        target: ``"weights"`` (default for training maps; kernels only, as Danovski et al.),
+            ``"params"`` or ``"all"`` (default and only choice for plain states).
+        perturb_seed: seed of the perturbations.
+
+    Returns:
+        A :class:`ReplicaBatch` with states (R, dim).
+    """
+    is_tm = isinstance(model, TrainingMap)
+    target = target or ("weights" if is_tm else "all")
+    if int(n_perturbed) != n_perturbed or n_perturbed < 0:
+        raise ValueError(f"n_perturbed: must be a non-negative integer, got {n_perturbed!r}")
+    eps_list = _as_list("eps", eps)
+    if any(not e > 0 for e in eps_list):
+        raise ValueError(f"eps: must be > 0, got {eps!r}")
+    if seeds is not None and base is not None:
+        raise ValueError("seeds: give either seeds (independent inits) or base, not both")
+    grid = dict(grid or {})
+    if grid and not is_tm:
+        raise ValueError("grid: hyper-parameter grids need a TrainingMap")
+    for k in grid:
+        if k not in model.hparams:
+            raise ValueError(
+                f"grid: unknown hyper-parameter {k!r}; allowed: {sorted(model.hparams)}"
+            )
+    grid = {k: _as_list(f"grid.{k}", v) for k, v in grid.items()}
+
+    if seeds is not None:
+        seed_list = _as_list("seeds", seeds, int)
+        if not is_tm:
+            raise ValueError("seeds: independent initialisations need a TrainingMap with init_fn")
+        bases = [model.init_from_key(s) for s in seed_list]
+    else:
+        if base is None:
+            if not is_tm:
+                raise ValueError("base: the initial state is required for a plain step function")
+            base = model.init()
+        base = jnp.asarray(base)
+        if base.ndim != 1:
+            raise ValueError(f"base: expected a flat state of shape (dim,), got shape {base.shape}")
+        seed_list = [0]
+        bases = [base]
+    dim = int(bases[0].shape[0])
+    dtype = bases[0].dtype
+    mask = perturbation_mask(model, target, dim)
+    if n_perturbed:
+        scale = float(np.sqrt(np.mean(np.asarray(bases[0])[mask] ** 2))) if mask.any() else 1.0
+        for e in eps_list:
+            warn_if_below_resolution(e, dtype, max(scale, 1e-12), what="eps")
+
+    members = [(0.0, 0)] + [(e, m) for e in eps_list for m in range(1, n_perturbed + 1)]
+    combos = list(itertools.product(*grid.values())) if grid else [()]
+    states, refs, coords = [], [], {"seed": [], "eps": [], "member": []}
+    for k in grid:
+        coords[k] = []
+    hp_rows = []
+    pkey = jax.random.PRNGKey(perturb_seed)
+    mask_j = jnp.asarray(mask)
+    for si, (seed, b) in enumerate(zip(seed_list, bases)):
+        for combo in combos:
+            ref_index = len(states)
+            for j, (e, m) in enumerate(members):
+                if m == 0:
+                    s = b
+                else:
+                    key = jax.random.fold_in(jax.random.fold_in(pkey, si), j)
+                    s = b + jnp.where(mask_j, perturbation(key, (dim,), e, distribution, dtype), 0)
+                states.append(s)
+                refs.append(ref_index)
+                coords["seed"].append(seed)
+                coords["eps"].append(e)
+                coords["member"].append(m)
+                for k, v in zip(grid, combo):
+                    coords[k].append(v)
+                hp_rows.append(dict(zip(grid, combo)))
+    hparams = {}
+    if is_tm:
+        for k, v in model.hparams.items():
+            hparams[k] = jnp.asarray([row.get(k, float(v)) for row in hp_rows], v.dtype)
+    return ReplicaBatch(
+        states=jnp.stack(states),
+        hparams=hparams,
+        reference=np.asarray(refs, np.int32),
+        coords={k: np.asarray(v) for k, v in coords.items()},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# observables
+
+
+class _Spec(NamedTuple):
+    names: tuple[str, ...]
+    custom: tuple[tuple[str, Callable], ...]
+    n_records: int
+    record_every: int
+    loss_bound: float
+    state_bound: float
+    layers: tuple[tuple[int, int], ...]
+    n_params: int
+
+
+def _generic_step_and_loss(step, x, t, hparams):
+    return step(x, t), jnp.zeros((), x.dtype)
+
+
+def _observe(model, states, alive, ref, spec: _Spec):
+    is_tm = isinstance(model, TrainingMap)
+    out = {}
+    p = states[:, : spec.n_params] if is_tm else states
+    diff = p - p[ref]
+    for name in spec.names:
+        if name == "loss":
+            v = jax.vmap(model.loss)(states)
+        elif name == "accuracy":
+            v = jax.vmap(model.accuracy)(states)
+        elif name == "test_loss":
+            v = jax.vmap(lambda s: model.loss(s, "test"))(states)
+        elif name == "test_accuracy":
+            v = jax.vmap(lambda s: model.accuracy(s, "test"))(states)
+        elif name in ("param_norm", "norm"):
+            v = jnp.linalg.norm(p, axis=-1)
+        elif name == "distance_l1":
+            v = jnp.sum(jnp.abs(diff), axis=-1)
+        elif name == "distance_l2":
+            v = jnp.linalg.norm(diff, axis=-1)
+        elif name == "layer_distance":
+            v = jnp.stack([jnp.linalg.norm(diff[:, a:b], axis=-1) for a, b in spec.layers], -1)
+        elif name == "layer_distance_l1":
+            v = jnp.stack([jnp.sum(jnp.abs(diff[:, a:b]), axis=-1) for a, b in spec.layers], -1)
+        else:  # pragma: no cover - validated before
+            raise ValueError(name)
+        out[name] = v
+    for name, fn in spec.custom:
+        out[name] = jax.vmap(fn)(states)
+    dead_ref = ~alive[ref]
+    for name, v in out.items():
+        bad = ~alive
+        if name.startswith(("distance", "layer_distance")):
+            bad = bad | dead_ref
+        bad = bad.reshape(bad.shape + (1,) * (v.ndim - 1))
+        out[name] = jnp.where(bad, jnp.nan, v.astype(jnp.result_type(float)))
+    return out
+
+
+def _chunk(stepper, model, hparams, ref, states, alive, div_step, t0, spec: _Spec):
+    step_b = jax.vmap(stepper, in_axes=(0, None, 0))
+
+    def inner(carry, t):
+        s, a, d = carry
+        new, bloss = step_b(s, t, hparams)
+        ok = jnp.all(jnp.isfinite(new), axis=-1) & jnp.isfinite(bloss) & (bloss <= spec.loss_bound)
+        ok = ok & (jnp.max(jnp.abs(new), axis=-1) <= spec.state_bound)
+        d = jnp.where(a & ~ok, t + 1, d)
+        a = a & ok
+        s = jnp.where(a[:, None], new, s)
+        return (s, a, d), None
+
+    def outer(carry, tr):
+        carry, _ = jax.lax.scan(inner, carry, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
+        return carry, _observe(model, carry[0], carry[1], ref, spec)
+
+    times = t0 + spec.record_every * jnp.arange(spec.n_records, dtype=t0.dtype)
+    return jax.lax.scan(outer, (states, alive, div_step), times)
+
+
+_chunk_jit = jax.jit(_chunk, static_argnames=("spec",))
+_chunk_jit_donate = jax.jit(_chunk, static_argnames=("spec",), donate_argnums=(4,))
+_observe_jit = jax.jit(_observe, static_argnames=("spec",))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class Checkpoint:
+    """Atomic ``.npz`` checkpoint of a replica run (no pickle)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, fingerprint: str, t: int, arrays: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, __fingerprint__=np.asarray(fingerprint), __t__=np.asarray(t), **arrays)
+        atomic_write_bytes(self.path, buf.getvalue())
+
+    def load(self, fingerprint: str) -> tuple[int, dict[str, np.ndarray]]:
+        with np.load(self.path, allow_pickle=False) as z:
+            fp = str(z["__fingerprint__"])
+            if fp != fingerprint:
+                raise ValueError(
+                    f"resume: checkpoint {self.path} was written for a different run "
+                    "(configuration, replicas or sizes differ); start afresh instead"
+                )
+            return int(z["__t__"]), {k: z[k] for k in z.files if not k.startswith("__")}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def run_replicas(
+    model,
+    replicas: ReplicaBatch,
+    *,
+    steps: int,
+    record_every: int = 1,
+    observables: Sequence[str] | None = None,
+    custom_observables: Mapping[str, Callable] | None = None,
+    chunk_steps: int | None = None,
+    loss_bound: float = 1e8,
+    state_bound: float = np.inf,
+    t0: int = 0,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> ReplicaResults:
+    """Run a replica batch for ``steps`` steps and record observables every ``record_every``.
+
+    Args:
+        model: a :class:`TrainingMap` or a plain ``step(x, t)`` callable.
+        replicas: from :func:`make_replicas`.
+        steps: number of steps (a multiple of ``record_every``).
+        record_every: record cadence; records are at t0, t0 + r, …, t0 + steps.
+        observables: names to record. Training maps: ``loss``, ``accuracy``, ``test_loss``,
+            ``test_accuracy``, ``param_norm``, ``distance_l1``, ``distance_l2`` (parameters, to
+            the reference replica), ``layer_distance`` / ``layer_distance_l1`` (per layer).
+            Plain maps: ``norm``, ``distance_l1``, ``distance_l2``.
+        custom_observables: {name: fn(state) -> scalar or vector}, vmapped over replicas.
+        chunk_steps: steps per jitted chunk (default about 500, a multiple of record_every).
+        loss_bound: a replica whose batch loss exceeds this (or is not finite) diverges.
+        state_bound: a replica whose largest |state entry| exceeds this diverges.
+        t0: time of the initial states (batches and optimizer counters follow t).
+        progress: show a tqdm progress bar.
+        checkpoint: path of a ``.npz`` checkpoint written after every chunk.
+        store: path of a zarr store the records are appended to chunk by chunk.
+        resume: continue from ``checkpoint`` if it exists.
+        attrs: extra metadata stored with the results.
+        on_chunk: called with the current time after every chunk (tests use it to interrupt).
+
+    Returns:
+        :class:`ReplicaResults` with records (R, steps // record_every + 1, ...).
+    """
+    steps, record_every = int(steps), int(record_every)
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    if record_every < 1 or steps % record_every:
+        raise ValueError(f"record_every: must be >= 1 and divide steps={steps}, got {record_every}")
+    is_tm = isinstance(model, TrainingMap)
+    allowed = TRAINING_OBSERVABLES if is_tm else GENERIC_OBSERVABLES
+    if observables is None:
+        observables = (
+            ("loss", "param_norm", "distance_l1", "distance_l2")
+            + (("accuracy",) if is_tm and model.task == "classification" else ())
+            if is_tm
+            else ("norm", "distance_l2")
+        )
+    observables = tuple(observables)
+    for name in observables:
+        if name not in allowed:
+            raise ValueError(f"observables: unknown {name!r}; allowed: {', '.join(allowed)}")
+        if is_tm and "accuracy" in name and model.task != "classification":
+            raise ValueError(f"observables: {name!r} needs a classification dataset")
+    custom = tuple(sorted((custom_observables or {}).items()))
+    for name, fn in custom:
+        if name in observables or not callable(fn):
+            raise ValueError(f"custom_observables: {name!r} must be a new name with a callable")
+
+    if is_tm:
+        stepper = Partial(TrainingMap.step_and_loss, model)
+        layers = tuple(model.layers.values())
+        layer_names = tuple(model.layers)
+        n_params = model.n_params
+        hparams = replicas.hparams
+    else:
+        step = as_traceable(model)
+        check_step_signature(step)
+        stepper = Partial(_generic_step_and_loss, step)
+        layers, layer_names, n_params, hparams = (), (), int(replicas.states.shape[1]), {}
+    R = len(replicas)
+    ref = jnp.asarray(replicas.reference)
+    if chunk_steps is None:
+        chunk_steps = max(record_every, (500 // record_every) * record_every)
+    chunk_steps = int(chunk_steps)
+    if chunk_steps < 1 or chunk_steps % record_every:
+        raise ValueError(f"chunk_steps: must be a positive multiple of record_every={record_every}")
+    chunk_steps = min(chunk_steps, steps)
+
+    def spec_for(n):
+        return _Spec(
+            observables,
+            custom,
+            n // record_every,
+            record_every,
+            float(loss_bound),
+            float(state_bound),
+            layers,
+            n_params,
+        )
+
+    fingerprint = dumps(
+        {
+            "steps": steps,
+            "record_every": record_every,
+            "chunk_steps": chunk_steps,
+            "t0": int(t0),
+            "observables": observables,
+            "custom": [c[0] for c in custom],
+            "R": R,
+            "shape": list(replicas.states.shape),
+            "coords": {k: np.asarray(v).tolist() for k, v in replicas.coords.items()},
+            "state_sum": float(np.asarray(replicas.states, np.float64).sum()),
+        }
+    )
+    ckpt = Checkpoint(checkpoint) if checkpoint else None
+    stream = ZarrStream(store) if store else None
+    meta = {
+        "environment": environment_info(),
+        "dtype": str(replicas.states.dtype),
+        **dict(attrs or {}),
+    }
+    coords = dict(replicas.coords)
+    coords["reference"] = np.asarray(replicas.reference)
+    for k, v in hparams.items():
+        coords.setdefault(k, np.asarray(v))
+
+    states = replicas.states
+    alive = jnp.ones((R,), bool)
+    div_step = jnp.full((R,), -1, jnp.int32)
+    t = int(t0)
+    records: dict[str, list[np.ndarray]] = {}
+    rec_steps: list[np.ndarray] = []
+
+    def result_from(rec_steps, records, states, div_step):
+        return ReplicaResults(
+            steps=np.concatenate(rec_steps),
+            records={k: np.concatenate(v, axis=1) for k, v in records.items()},
+            final_state=np.asarray(states),
+            diverged_step=np.asarray(div_step),
+            coords=coords,
+            layer_names=layer_names,
+            attrs=meta,
+        )
+
+    resumed = False
+    if resume and ckpt is not None and ckpt.exists():
+        t, arrays = ckpt.load(fingerprint)
+        states = jnp.asarray(arrays["states"])
+        alive = jnp.asarray(arrays["alive"])
+        div_step = jnp.asarray(arrays["div_step"])
+        rec_steps = [arrays["rec_steps"]]
+        records = {k[len("record__") :]: [arrays[k]] for k in arrays if k.startswith("record__")}
+        resumed = True
+        if stream is not None:
+            stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
+    else:
+        obs0 = _observe_jit(
+            model if is_tm else None, states, alive, ref, spec=spec_for(record_every)
+        )
+        records = {k: [np.asarray(v)[:, None]] for k, v in obs0.items()}
+        rec_steps = [np.asarray([t])]
+        if stream is not None:
+            stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
+
+    end = int(t0) + steps
+    donate = jax.default_backend() != "cpu"
+    chunk_fn = _chunk_jit_donate if donate else _chunk_jit
+    bar = tqdm(
+        total=steps,
+        initial=t - int(t0),
+        disable=not progress,
+        unit="step",
+        desc="replicas",
+        dynamic_ncols=True,
+    )
+    t_start = time.perf_counter()
+    try:
+        while t < end:
+            n = min(chunk_steps, end - t)
+            (states, alive, div_step), obs = chunk_fn(
+                stepper,
+                model if is_tm else None,
+                hparams,
+                ref,
+                states,
+                alive,
+                div_step,
+                jnp.asarray(t, jnp.int32),
+                spec=spec_for(n),
+            )
+            obs = jax.device_get(obs)
+            new_steps = t + record_every * (1 + np.arange(n // record_every))
+            t += n
+            chunk_rec = {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in obs.items()}
+            for k, v in chunk_rec.items():
+                records[k].append(v)
+            rec_steps.append(new_steps)
+            if stream is not None:
+                stream.append(
+                    ReplicaResults(
+                        new_steps,
+                        chunk_rec,
+                        np.asarray(states),
+                        np.asarray(div_step),
+                        coords,
+                        layer_names,
+                        meta,
+                    ).to_xarray()
+                )
+            if ckpt is not None:
+                ckpt.save(
+                    fingerprint,
+                    t,
+                    {
+                        "states": np.asarray(states),
+                        "alive": np.asarray(alive),
+                        "div_step": np.asarray(div_step),
+                        "rec_steps": np.concatenate(rec_steps),
+                        **{f"record__{k}": np.concatenate(v, axis=1) for k, v in records.items()},
+                    },
+                )
+            bar.update(n)
+            bar.set_postfix(alive=f"{int(np.asarray(alive).sum())}/{R}")
+            if on_chunk is not None:
+                on_chunk(t)
+    finally:
+        bar.close()
+    meta["wall_time_s"] = time.perf_counter() - t_start
+    meta["resumed"] = int(resumed)
+    return result_from(rec_steps, records, states, div_step)
+
+
+def distances_to_reference(results: ReplicaResults, name: str = "distance_l1") -> np.ndarray:
+    """The perturbed replicas' distance records (members > 0), shape (n_perturbed_total, n_records)."""
+    if name not in results.records:
+        raise ValueError(f"{name}: not recorded; recorded: {sorted(results.records)}")
+    return results.records[name][results.coords["member"] > 0]
+
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "GENERIC_OBSERVABLES",
+    "TARGETS",
+    "TRAINING_OBSERVABLES",
+    "Checkpoint",
+    "ReplicaBatch",
+    "distances_to_reference",
+    "make_replicas",
+    "perturbation",
+    "perturbation_mask",
+    "run_replicas",
+]

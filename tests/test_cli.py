@@ -1,0 +1,176 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from chaosjax.cli import main
+from chaosjax.results import ReplicaResults
+
+TINY = [
+    "--set",
+    "steps=40",
+    "--set",
+    "record_every=10",
+    "--set",
+    "chunk_steps=20",
+    "--set",
+    "replicas.seeds=[0]",
+    "--set",
+    "replicas.n_perturbed=2",
+    "--set",
+    "data.n_samples=40",
+    "--set",
+    "model.hidden=[8]",
+]
+
+
+def test_run_default_preset_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet", *TINY]) == 0
+    for name in ("config.toml", "summary.md", "figures/loss.png", "figures/replica_distance.png"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoint.npz").exists()
+    res = ReplicaResults.load(out / "results.zarr")
+    assert res.records["loss"].shape == (4 * 3, 5)
+    assert int(res.attrs["complete"]) == 1
+    text = (out / "summary.md").read_text()
+    assert "| η |" in text and "quickstart" in text
+    assert "results.zarr" in capsys.readouterr().out
+    # report re-renders the same summary from the store
+    (out / "summary.md").unlink()
+    (out / "figures" / "loss.png").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == text
+    assert (out / "figures" / "loss.png").exists()
+
+
+def test_presets_listed(capsys):
+    assert main(["presets"]) == 0
+    assert "quickstart" in capsys.readouterr().out
+
+
+def test_config_prints_resolved_toml(capsys):
+    assert main(["config", "--set", "steps=30", "--set", "record_every=5"]) == 0
+    out = capsys.readouterr().out
+    assert "steps = 30" in out and "[training]" in out
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["run", "nosuchpreset"], "preset: unknown 'nosuchpreset'; allowed: "),
+        (["run", "--set", "training.lr=1"], "training.lr: unknown key; allowed in training:"),
+        (["run", "--set", "steps=abc"], "steps: expected an integer, got 'abc'"),
+        (["run", "--set", "steps=0"], "steps: must be >= 1, got 0"),
+        (
+            ["run", "--set", "training.optimizer=sgdd"],
+            "training.optimizer: unknown 'sgdd'; allowed: sgd",
+        ),
+        (
+            ["run", "--set", "training.learning_rates=[0.1,-1]"],
+            "training.learning_rates[1]: must be > 0",
+        ),
+        (["run", "--set", "record_every=7"], "record_every: must divide steps"),
+        (
+            ["run", "--set", "replicas.distribution=cauchy"],
+            "replicas.distribution: unknown 'cauchy'",
+        ),
+        (["run", "/nonexistent/cfg.toml"], "config: cannot read /nonexistent/cfg.toml"),
+        (["run", "--set", "novalue"], "--set: expected key=value"),
+        (["run", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, msg, capsys, tmp_path):
+    code = (
+        main([*args, "--out", str(tmp_path / "o")])
+        if args[0] == "run" and "--bogus" not in args
+        else None
+    )
+    if code is None:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        code = e.value.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_toml_file(tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("steps = = 3\n")
+    assert main(["run", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+
+
+def test_existing_folder_needs_force(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", "--out", str(out), *TINY]) == 2
+    assert "already exists; use --force" in capsys.readouterr().err
+    # --force refuses to delete a folder that is not a chaosjax run
+    assert main(["run", "--out", str(out), "--force", *TINY]) == 2
+    assert (out / "keep.txt").read_text() == "mine"
+    run = tmp_path / "run2"
+    assert main(["run", "--out", str(run), "--quiet", *TINY]) == 0
+    assert main(["run", "--out", str(run), "--quiet", "--force", *TINY]) == 0
+    assert (
+        main(["run", "--out", str(run), "--quiet", "--resume", "--set", "steps=60", *TINY[2:]]) == 2
+    )
+    assert "config differs" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_to_the_same_arrays(tmp_path):
+    args = [
+        "--set",
+        "steps=600",
+        "--set",
+        "record_every=10",
+        "--set",
+        "chunk_steps=50",
+        "--set",
+        "replicas.seeds=[0]",
+        "--set",
+        "replicas.n_perturbed=2",
+        "--set",
+        "data.n_samples=40",
+        "--set",
+        "model.hidden=[8]",
+        "--quiet",
+    ]
+    cmd = [sys.executable, "-m", "chaosjax.cli", "run"]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while (
+        not (killed / "checkpoint.npz").exists() and time.time() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not (killed / "checkpoint.npz").exists():
+        pytest.skip("the run finished before it could be killed")
+    assert not (killed / "summary.md").exists()
+    r = subprocess.run(
+        [*cmd, "--out", str(killed), "--resume", *args], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cmd, "--out", str(whole), *args], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = ReplicaResults.load(killed / "results.zarr")
+    b = ReplicaResults.load(whole / "results.zarr")
+    assert a.attrs["resumed"] == 1
+    np.testing.assert_array_equal(a.final_state, b.final_state)
+    for k in b.records:
+        np.testing.assert_array_equal(a.records[k], b.records[k])

@@ -1,0 +1,61 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from chaosjax import models
+
+
+def test_pure_mlp_danovski_sizes():
+    net = models.PureMLP((4, 10, 3), activation="sigmoid", init="normal")
+    p = net.init_params(jax.random.PRNGKey(0))
+    sizes = {k: {n: a.size for n, a in v.items()} for k, v in p.items()}
+    assert sum(sum(v.values()) for v in sizes.values()) == 83
+    assert p["layer_0"]["kernel"].size + p["layer_1"]["kernel"].size == 70
+    np.testing.assert_array_equal(p["layer_0"]["bias"], 0)
+    assert net.apply(p, jnp.ones((5, 4))).shape == (5, 3)
+    soft = models.PureMLP((4, 10, 3), activation="sigmoid", output="softmax")
+    np.testing.assert_allclose(soft.apply(p, jnp.ones((5, 4))).sum(-1), 1.0, rtol=1e-12)
+
+
+def test_init_scales():
+    key = jax.random.PRNGKey(1)
+    w = models.PureMLP((400, 300, 1), init="lecun", init_scale=2.0).init_params(key)["layer_0"][
+        "kernel"
+    ]
+    assert abs(float(w.std()) - 2.0 / np.sqrt(400)) < 0.01
+    w = models.PureMLP((400, 300, 1), init="normal").init_params(key)["layer_0"]["kernel"]
+    assert abs(float(w.std()) - 1.0) < 0.02
+
+
+def test_nnx_mlp_matches_pure_function_with_same_weights():
+    m = models.MLP((3, 7, 2), activation="tanh", rngs=nnx.Rngs(0), dtype=jnp.float64)
+    pure = models.PureMLP((3, 7, 2), activation="tanh")
+    p = {
+        f"layer_{i}": {"kernel": m.layers[i].kernel[...], "bias": m.layers[i].bias[...]}
+        for i in range(2)
+    }
+    x = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+    np.testing.assert_allclose(m(x), pure.apply(p, x), rtol=1e-12)
+    assert [f.shape for f in m.features(x)] == [(4, 7)]
+
+
+def test_cnn_shapes():
+    c = models.CNN((8, 8, 1), 10, channels=(4, 8), rngs=nnx.Rngs(0))
+    assert c(jnp.ones((3, 64))).shape == (3, 10)
+
+
+@pytest.mark.parametrize(
+    "make, msg",
+    [
+        (lambda: models.PureMLP((4,)), "widths"),
+        (lambda: models.PureMLP((4, 3), activation="swish2"), "activation"),
+        (lambda: models.PureMLP((4, 3), init="orthogonal"), "init"),
+        (lambda: models.PureMLP((4, 5, 3), init_scale=(1.0,)), "init_scale"),
+        (lambda: models.MLP((4, 3), activation="nope", rngs=nnx.Rngs(0)), "activation"),
+    ],
+)
+def test_bad_model_arguments(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
