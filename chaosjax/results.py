@@ -68,6 +68,8 @@ class ReplicaResults:
         coords = {"replica": np.arange(self.n_replicas), "step": np.asarray(self.steps, np.int64)}
         for k, v in self.coords.items():
             coords[k] = ("replica", np.asarray(v))
+        if "learning_rate" in self.coords and "eta" not in self.coords:
+            coords["eta"] = ("replica", np.asarray(self.coords["learning_rate"]))  # alias η
         if self.layer_names:
             coords["layer"] = np.asarray(self.layer_names, dtype=str)
         attrs = {
@@ -84,6 +86,8 @@ class ReplicaResults:
             for k, v in ds.coords.items()
             if k not in ("replica", "step", "layer") and v.dims == ("replica",)
         }
+        if "learning_rate" in coords:
+            coords.pop("eta", None)
         attrs = {}
         for k, v in ds.attrs.items():
             if isinstance(v, str) and v[:1] in "[{":

@@ -23,6 +23,7 @@ def test_to_xarray_dims_and_coords():
     assert ds["layer_distance"].dims == ("replica", "step", "layer")
     assert list(ds["layer"].values) == ["layer_0", "layer_1"]
     assert ds["learning_rate"].dims == ("replica",)
+    assert list(ds["eta"].values) == list(ds["learning_rate"].values)  # η alias
     assert ds.sel(step=10)["loss"].shape == (4,)
 
 
@@ -35,6 +36,7 @@ def test_zarr_roundtrip_without_pickle(tmp_path):
     np.testing.assert_array_equal(back.coords["learning_rate"], r.coords["learning_rate"])
     assert back.attrs["environment"] == {"jax": "0"} and back.attrs["complete"] == 1
     assert back.layer_names == r.layer_names
+    assert set(back.coords) == set(r.coords)
     # readable with plain xarray
     with xr.open_zarr(tmp_path / "r.zarr", consolidated=False) as ds:
         assert ds["loss"].shape == (4, 3)
