@@ -59,7 +59,11 @@ def run_chunks(
             n_leaves = treedef.num_leaves
             leaves = [z[f"carry_{i}"] for i in range(n_leaves)]
             carry = jax.tree_util.tree_unflatten(
-                treedef, [jax.numpy.asarray(v, dtype=np.asarray(o).dtype) for v, o in zip(leaves, jax.tree_util.tree_leaves(carry))]
+                treedef,
+                [
+                    jax.numpy.asarray(v, dtype=np.asarray(o).dtype)
+                    for v, o in zip(leaves, jax.tree_util.tree_leaves(carry))
+                ],
             )
             out_keys = sorted(k for k in z.files if k.startswith("out_"))
             if out_keys:

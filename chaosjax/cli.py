@@ -94,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         if args.resume and args.force:
             return _die("--resume and --force exclude each other")
-        print(f"chaosjax: running {cfg.name!r} into {out}", file=sys.stderr)
         try:
             run = run_experiment(
-                cfg, out, resume=args.resume, force=args.force, progress=not args.quiet
+                cfg,
+                out,
+                resume=args.resume,
+                force=args.force,
+                progress=not args.quiet,
+                announce=lambda msg: print(msg, file=sys.stderr),
             )
         except KeyboardInterrupt:
             print(

@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.tree_util import Partial
 
 from chaosjax._driver import run_chunks
 from chaosjax._util import as_traceable, check_step_signature, dumps, warn_if_below_resolution
@@ -205,7 +204,9 @@ class LyapunovResult:
             return np.full(self.exponents.shape, np.nan)
         m = (n // nb) * nb
         g = self.log_growth[..., n - m :, :]
-        blocks = g.reshape(*g.shape[:-2], nb, m // nb, g.shape[-1]).mean(axis=-2) / self.renorm_every
+        blocks = (
+            g.reshape(*g.shape[:-2], nb, m // nb, g.shape[-1]).mean(axis=-2) / self.renorm_every
+        )
         return blocks.std(axis=-2, ddof=1) / np.sqrt(nb)
 
     @property
@@ -271,6 +272,7 @@ def _qr_unit(step, lay, args, carry, *, renorm_every, with_det):
 
     def one(c, _):
         v, a, y, t, ld = c
+
         def f(vv):
             return _flat_step(step, lay, vv, a, t, args)
 
@@ -284,7 +286,9 @@ def _qr_unit(step, lay, args, carry, *, renorm_every, with_det):
     ld0 = jnp.zeros((), jnp.result_type(float))
     (vec, aux, y, t, ld), _ = jax.lax.scan(one, (vec, aux, q, t, ld0), None, length=renorm_every)
     q, r = qr_renormalize(y)
-    return (vec, aux, q, t), (jnp.log(jnp.abs(jnp.diagonal(r))), ld)
+    lg = jnp.log(jnp.abs(jnp.diagonal(r)))
+    lg = jnp.where(jnp.all(jnp.isfinite(vec)), lg, jnp.nan)  # a non-finite state invalidates it
+    return (vec, aux, q, t), (lg, ld)
 
 
 def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched):
@@ -331,11 +335,14 @@ def _twin_unit(step, lay, args, carry, *, renorm_every, d0):
         w, b = _flat_step(step, lay, w, b, t, args)
         return (v, a, w, b, t + 1), None
 
-    (vec, aux, vp, auxp, t), _ = jax.lax.scan(one, (vec, aux, vp, auxp, t), None, length=renorm_every)
+    (vec, aux, vp, auxp, t), _ = jax.lax.scan(
+        one, (vec, aux, vp, auxp, t), None, length=renorm_every
+    )
     delta = vp - vec
     d = jnp.linalg.norm(delta)
     vp = vec + delta * (d0 / d)
-    return (vec, aux, vp, auxp, t), jnp.log(d / d0)[None]
+    lg = jnp.where(jnp.all(jnp.isfinite(vec)), jnp.log(d / d0), jnp.nan)
+    return (vec, aux, vp, auxp, t), lg[None]
 
 
 def _twin_chunk(step, lay, args, carry, n, renorm_every, d0, batched):
@@ -353,7 +360,9 @@ def _twin_chunk(step, lay, args, carry, n, renorm_every, d0, batched):
     return jax.lax.scan(body, carry, None, length=n)
 
 
-_twin_chunk_jit = jax.jit(_twin_chunk, static_argnames=("lay", "n", "renorm_every", "d0", "batched"))
+_twin_chunk_jit = jax.jit(
+    _twin_chunk, static_argnames=("lay", "n", "renorm_every", "d0", "batched")
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +383,9 @@ def _prepare(step, x0, batched, args):
         if args is not None:
             for leaf in jax.tree_util.tree_leaves(args):
                 if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != next(iter(sizes)):
-                    raise ValueError("args: with batched=True every leaf needs the leading batch axis of x0")
+                    raise ValueError(
+                        "args: with batched=True every leaf needs the leading batch axis of x0"
+                    )
     else:
         vec, aux = _to_flat(lay, x0)
     if not jnp.issubdtype(vec.dtype, jnp.floating):
@@ -463,7 +474,9 @@ def lyapunov_spectrum(
         log_det = k == dim and dim <= 64
     key = jax.random.PRNGKey(0) if key is None else key
     t = jnp.asarray(t0, jnp.int32)
-    vec, aux, t = _advance(step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup")
+    vec, aux, t = _advance(
+        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    )
     q = random_basis(key, dim, k, vec.dtype)
     if batched:
         q = jnp.broadcast_to(q, (vec.shape[0], dim, k))
@@ -480,24 +493,52 @@ def lyapunov_spectrum(
     carry = (vec, aux, q, t)
     if align:
         n_align = -(-int(align) // renorm_every)
-        carry, _ = run_chunks(chunk_fn(False), carry, n_align, units_per_chunk, progress=progress,
-                              desc="align", steps_per_unit=renorm_every)
+        carry, _ = run_chunks(
+            chunk_fn(False),
+            carry,
+            n_align,
+            units_per_chunk,
+            progress=progress,
+            desc="align",
+            steps_per_unit=renorm_every,
+        )
     t_start = int(carry[3])
-    fingerprint = dumps({"k": k, "steps": steps, "renorm_every": renorm_every, "t_start": t_start,
-                         "dim": dim, "batched": batched, "x0": float(np.asarray(vec, np.float64).sum())})
+    fingerprint = dumps(
+        {
+            "k": k,
+            "steps": steps,
+            "renorm_every": renorm_every,
+            "t_start": t_start,
+            "dim": dim,
+            "batched": batched,
+            "x0": float(np.asarray(vec, np.float64).sum()),
+        }
+    )
     carry, (lg, ld) = run_chunks(
-        chunk_fn(log_det), carry, steps // renorm_every, units_per_chunk, progress=progress,
-        desc="lyapunov", steps_per_unit=renorm_every, checkpoint=checkpoint,
-        fingerprint=fingerprint, resume=resume, out_axis=0,
+        chunk_fn(log_det),
+        carry,
+        steps // renorm_every,
+        units_per_chunk,
+        progress=progress,
+        desc="lyapunov",
+        steps_per_unit=renorm_every,
+        checkpoint=checkpoint,
+        fingerprint=fingerprint,
+        resume=resume,
+        out_axis=0,
     )
     if batched:
         lg = np.moveaxis(lg, 0, 1)
         ld = np.moveaxis(ld, 0, 1)
     res = LyapunovResult(
-        log_growth=lg, renorm_every=int(renorm_every), t_start=t_start,
-        final_state=np.asarray(carry[0]), final_basis=np.asarray(carry[2]),
+        log_growth=lg,
+        renorm_every=int(renorm_every),
+        t_start=t_start,
+        final_state=np.asarray(carry[0]),
+        final_basis=np.asarray(carry[2]),
         log_det=(ld.sum(axis=-1) / steps) if log_det else None,
-        n_blocks=n_blocks, info={"dim": dim, "dtype": str(vec.dtype), "k": int(k)},
+        n_blocks=n_blocks,
+        info={"dim": dim, "dtype": str(vec.dtype), "k": int(k)},
     )
     res.reasons = _reasons(lg)
     _warn_spread(lg, vec.dtype)
@@ -510,7 +551,10 @@ def _reasons(lg: np.ndarray):
         if not bad.any():
             return ""
         i = int(np.argmax(bad))
-        return f"non-finite growth from renormalisation {i}: the state or tangents overflowed or a tangent collapsed"
+        return (
+            f"non-finite growth from renormalisation {i}: the state became non-finite, the "
+            "tangents overflowed or a tangent collapsed"
+        )
 
     if lg.ndim == 2:
         return one(lg)
@@ -519,7 +563,11 @@ def _reasons(lg: np.ndarray):
 
 def _warn_spread(lg: np.ndarray, dtype) -> None:
     with np.errstate(invalid="ignore"):
-        spread = np.nanmax(lg[..., 0] - lg[..., -1]) if lg.shape[-1] > 1 and np.isfinite(lg).any() else 0.0
+        spread = (
+            np.nanmax(lg[..., 0] - lg[..., -1])
+            if lg.shape[-1] > 1 and np.isfinite(lg).any()
+            else 0.0
+        )
     limit = 18.0 if jnp.dtype(dtype) == jnp.float64 else 8.0
     if np.isfinite(spread) and spread > limit:
         warnings.warn(
@@ -576,7 +624,9 @@ def twin_lyapunov(
     warn_if_below_resolution(d0, vec.dtype, max(scale, 1e-30), what="d0")
     key = jax.random.PRNGKey(0) if key is None else key
     t = jnp.asarray(t0, jnp.int32)
-    vec, aux, t = _advance(step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup")
+    vec, aux, t = _advance(
+        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    )
     u = jax.random.normal(key, vec.shape[-1:], vec.dtype)
     u = u / jnp.linalg.norm(u)
     vp = vec + d0 * u
@@ -584,14 +634,29 @@ def twin_lyapunov(
     t_start = int(t)
 
     def chunk(c, m):
-        return _twin_chunk_jit(step, lay, args, c, n=m, renorm_every=renorm_every, d0=d0, batched=batched)
+        return _twin_chunk_jit(
+            step, lay, args, c, n=m, renorm_every=renorm_every, d0=d0, batched=batched
+        )
 
-    carry, lg = run_chunks(chunk, carry, steps // renorm_every, max(1, chunk_steps // renorm_every),
-                           progress=progress, desc="twin", steps_per_unit=renorm_every)
+    carry, lg = run_chunks(
+        chunk,
+        carry,
+        steps // renorm_every,
+        max(1, chunk_steps // renorm_every),
+        progress=progress,
+        desc="twin",
+        steps_per_unit=renorm_every,
+    )
     if batched:
         lg = np.moveaxis(lg, 0, 1)
-    res = LyapunovResult(log_growth=lg, renorm_every=int(renorm_every), t_start=t_start,
-                         final_state=np.asarray(carry[0]), method="twin", info={"d0": d0})
+    res = LyapunovResult(
+        log_growth=lg,
+        renorm_every=int(renorm_every),
+        t_start=t_start,
+        final_state=np.asarray(carry[0]),
+        method="twin",
+        info={"d0": d0},
+    )
     res.reasons = _reasons(lg)
     return res
 
@@ -664,7 +729,11 @@ def best_window_fit(
     d = np.asarray(distances, np.float64)
     if d.ndim == 2:
         with np.errstate(divide="ignore", invalid="ignore"):
-            y = np.log(np.nanmean(d, axis=0)) if average == "mean" else np.nanmean(np.log(d), axis=0)
+            y = (
+                np.log(np.nanmean(d, axis=0))
+                if average == "mean"
+                else np.nanmean(np.log(d), axis=0)
+            )
     elif d.ndim == 1:
         with np.errstate(divide="ignore", invalid="ignore"):
             y = np.log(d)

@@ -95,6 +95,70 @@ def replica_distance(
     return ax
 
 
+def spectrum_by(ds, *, ax=None):
+    """Top-k Lyapunov spectrum per learning rate (mean over seeds, ± standard error), from a
+    run's ``lyapunov`` dataset (dims group × exponent)."""
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    lrs = ds["learning_rate"].values
+    uniq = np.unique(lrs)
+    k = ds.sizes["exponent"]
+    for color, lr in zip(_colors(len(uniq)), uniq):
+        sel = lrs == lr
+        ex = ds["exponents"].values[sel]
+        se = ds["stderr"].values[sel]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = np.nanmean(ex, axis=0)
+            e = np.sqrt(np.nansum(se**2, axis=0)) / max(sel.sum(), 1)
+        ax.errorbar(
+            np.arange(1, k + 1),
+            m,
+            yerr=e,
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=color,
+            label=_label("learning_rate", float(lr)),
+        )
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("exponent index i")
+    ax.set_ylabel("λ_i (per step)")
+    ax.set_xticks(np.arange(1, k + 1))
+    ax.set_title("Lyapunov spectrum (tangent space, QR)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+def ftle_series(ds, *, ax=None):
+    """Finite-time λ1 over training, one line per (seed, η) reference run."""
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    lrs = ds["learning_rate"].values
+    uniq = list(np.unique(lrs))
+    colors = _colors(len(uniq))
+    t = ds["window_end"].values
+    seen = set()
+    for g in range(ds.sizes["group"]):
+        lr = lrs[g]
+        c = colors[uniq.index(lr)]
+        ax.plot(
+            t,
+            ds["ftle"].values[g, :, 0],
+            color=c,
+            lw=1.2,
+            marker=".",
+            label=None if lr in seen else _label("learning_rate", float(lr)),
+        )
+        seen.add(lr)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("step t (end of window)")
+    ax.set_ylabel(f"finite-time λ1 over {ds.attrs['ftle_window']} steps (per step)")
+    ax.set_title("finite-time Lyapunov exponent")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
 def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,4 +186,11 @@ def standard_figures(
     return out
 
 
-__all__ = ["loss_curves", "replica_distance", "save", "standard_figures"]
+__all__ = [
+    "ftle_series",
+    "loss_curves",
+    "replica_distance",
+    "save",
+    "spectrum_by",
+    "standard_figures",
+]

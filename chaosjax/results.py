@@ -107,9 +107,10 @@ class ReplicaResults:
             attrs=attrs,
         )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically to a zarr store at ``path`` (replacing an existing store)."""
-        return write_zarr_atomic(self.to_xarray(), path)
+    def save(self, path: str | os.PathLike, groups: dict[str, xr.Dataset] | None = None) -> Path:
+        """Write atomically to a zarr store at ``path`` (replacing an existing store), with
+        optional analysis datasets as named groups."""
+        return write_zarr_atomic(self.to_xarray(), path, groups=groups)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReplicaResults:
@@ -157,8 +158,20 @@ def open_store(path: str | os.PathLike) -> xr.Dataset:
         return ds.load()
 
 
-def write_zarr_atomic(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to ``path`` through a temporary sibling folder and a rename."""
+def open_group(path: str | os.PathLike, group: str) -> xr.Dataset | None:
+    """Load the analysis group ``group`` of a store, or None when the store has none."""
+    path = Path(path)
+    if not (path / group).is_dir():
+        return None
+    with xr.open_zarr(path, group=group, consolidated=False) as ds:
+        return ds.load()
+
+
+def write_zarr_atomic(
+    ds: xr.Dataset, path: str | os.PathLike, groups: dict[str, xr.Dataset] | None = None
+) -> Path:
+    """Write ``ds`` (and named group datasets) to ``path`` through a temporary sibling
+    folder and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")
@@ -167,6 +180,8 @@ def write_zarr_atomic(ds: xr.Dataset, path: str | os.PathLike) -> Path:
             shutil.rmtree(p)
     ds = ds.assign_attrs(complete=1)
     ds.to_zarr(tmp, mode="w", consolidated=False, zarr_format=2)
+    for name, g in (groups or {}).items():
+        g.to_zarr(tmp, group=name, mode="w", consolidated=False, zarr_format=2)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -200,4 +215,4 @@ class ZarrStream:
             ).to_zarr(self.path, append_dim="step", consolidated=False)
 
 
-__all__ = ["ReplicaResults", "ZarrStream", "open_store", "write_zarr_atomic"]
+__all__ = ["ReplicaResults", "ZarrStream", "open_group", "open_store", "write_zarr_atomic"]

@@ -31,14 +31,15 @@ TINY = [
 def test_run_default_preset_writes_every_file(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet", *TINY]) == 0
-    for name in ("config.toml", "summary.md", "figures/loss.png", "figures/replica_distance.png"):
+    for name in ("config.toml", "summary.md", "figures/loss.png", "figures/replica_distance.png",
+                 "figures/spectrum.png", "figures/ftle.png"):
         assert (out / name).exists(), name
     assert not (out / "checkpoint.npz").exists()
     res = ReplicaResults.load(out / "results.zarr")
     assert res.records["loss"].shape == (4 * 3, 5)
     assert int(res.attrs["complete"]) == 1
     text = (out / "summary.md").read_text()
-    assert "| η |" in text and "quickstart" in text
+    assert "| η |" in text and "quickstart" in text and "## Lyapunov exponents" in text
     assert "results.zarr" in capsys.readouterr().out
     # report re-renders the same summary from the store
     (out / "summary.md").unlink()
@@ -82,6 +83,9 @@ def test_config_prints_resolved_toml(capsys):
         (["run", "/nonexistent/cfg.toml"], "config: cannot read /nonexistent/cfg.toml"),
         (["run", "--set", "novalue"], "--set: expected key=value"),
         (["run", "--bogus"], "unrecognized arguments: --bogus"),
+        (["run", "--set", "lyapunov.k=100000", *TINY], "lyapunov.k: must be <= the state dimension"),
+        (["run", "--set", "lyapunov.renorm_every=3", *TINY], "lyapunov.renorm_every: must divide"),
+        (["run", "--set", "lyapunov.fit_starts=[5,1,1]"], "lyapunov.fit_starts: expected [first, last, stride]"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, msg, capsys, tmp_path):
@@ -174,3 +178,26 @@ def test_killed_run_resumes_to_the_same_arrays(tmp_path):
     np.testing.assert_array_equal(a.final_state, b.final_state)
     for k in b.records:
         np.testing.assert_array_equal(a.records[k], b.records[k])
+
+
+def test_stored_exponents_equal_the_api(tmp_path):
+    import jax.numpy as jnp
+
+    from chaosjax import lyapunov_spectrum
+    from chaosjax.experiments import load_config
+    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.results import open_group
+
+    overrides = [a for a in TINY if a != "--set"] + ["lyapunov.k=3", "lyapunov.ftle_window=20"]
+    args = [x for o in overrides for x in ("--set", o)]
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--quiet", *args]) == 0
+    ds = open_group(out / "results.zarr", "lyapunov")
+    assert ds["exponents"].shape == (4, 3) and ds["ftle"].shape == (4, 2, 3)
+    cfg = load_config(None, overrides)
+    tmap = build_training_map(cfg)
+    g = 2
+    lr = float(ds["learning_rate"].values[g])
+    res = lyapunov_spectrum(tmap.replace(learning_rate=lr).step, tmap.init(), k=3, steps=cfg.steps)
+    np.testing.assert_allclose(ds["exponents"].values[g], res.exponents, rtol=1e-9, atol=1e-12)
+    assert jnp.isfinite(ds["stderr"].values).all()

@@ -98,6 +98,22 @@ class ReplicaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LyapunovConfig:
+    enabled: bool = fld(True, "compute tangent-space exponents of each (seed, η) reference run")
+    k: int = fld(4, "number of exponents (top-k spectrum)", lo=1)
+    steps: int = fld(0, "accumulated steps from t = warmup; 0 = the run's steps", lo=0)
+    warmup: int = fld(0, "steps advanced before the tangents start", lo=0)
+    renorm_every: int = fld(1, "steps between QR renormalisations", lo=1)
+    ftle_window: int = fld(100, "window of the finite-time exponents (steps)", lo=1)
+    fit_starts: tuple[int, ...] = fld(
+        [0, 100, 5], "replica-distance fit: window starts range [first, last, stride]"
+    )
+    fit_widths: tuple[int, ...] = fld(
+        [30, 100, 5], "replica-distance fit: window widths range [first, last, stride]"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = fld("custom", "experiment name")
     description: str = fld("", "one-line description")
@@ -116,12 +132,32 @@ class ExperimentConfig:
     replicas: ReplicaConfig = dataclasses.field(
         default_factory=ReplicaConfig, metadata={"doc": "replica batch"}
     )
+    lyapunov: LyapunovConfig = dataclasses.field(
+        default_factory=LyapunovConfig, metadata={"doc": "Lyapunov exponents"}
+    )
 
     def __post_init__(self):
         if self.steps % self.record_every:
             raise ConfigError(
                 f"record_every: must divide steps={self.steps}, got {self.record_every}"
             )
+        ly = self.lyapunov
+        n = ly.steps or self.steps
+        if n % ly.renorm_every:
+            raise ConfigError(
+                f"lyapunov.renorm_every: must divide the Lyapunov steps ({n}), got {ly.renorm_every}"
+            )
+        if ly.ftle_window % ly.renorm_every:
+            raise ConfigError(
+                f"lyapunov.ftle_window: must be a multiple of renorm_every={ly.renorm_every}"
+            )
+        for name in ("fit_starts", "fit_widths"):
+            r = getattr(ly, name)
+            if len(r) != 3 or r[2] < 1 or r[1] < r[0] or r[0] < 0:
+                raise ConfigError(
+                    f"lyapunov.{name}: expected [first, last, stride] with 0 <= first <= last and "
+                    f"stride >= 1, got {list(r)}"
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +348,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
+    "LyapunovConfig",
     "ModelConfig",
     "ReplicaConfig",
     "TrainingConfig",

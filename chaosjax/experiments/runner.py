@@ -19,6 +19,7 @@ from chaosjax._util import atomic_write_text
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
 
 CHECKPOINT = "checkpoint.npz"
+STAGE_CHECKPOINTS = ("lyapunov_checkpoint.npz",)
 STORE = "results.zarr"
 
 
@@ -184,6 +185,7 @@ def run_experiment(
     force: bool = False,
     progress: bool = True,
     on_chunk=None,
+    announce=None,
 ) -> Run:
     """Run ``cfg`` into ``folder`` and write the results, summary and figures."""
     from chaosjax.replicas import make_replicas, run_replicas
@@ -191,6 +193,12 @@ def run_experiment(
 
     folder = Path(folder)
     cfg_text = to_toml(cfg)
+    set_precision(cfg.precision)
+    tmap = build_training_map(cfg)  # validates model/data choices before touching the folder
+    if cfg.lyapunov.enabled and cfg.lyapunov.k > tmap.dim:
+        raise ConfigError(
+            f"lyapunov.k: must be <= the state dimension {tmap.dim}, got {cfg.lyapunov.k}"
+        )
     continuing = _prepare_folder(folder, cfg_text, resume, force)
     store = folder / STORE
     if continuing and not (folder / CHECKPOINT).exists() and store.exists():
@@ -200,10 +208,9 @@ def run_experiment(
             report(folder)
             return Run(folder, cfg, results)
     atomic_write_text(folder / "config.toml", cfg_text)
-
-    set_precision(cfg.precision)
+    if announce is not None:
+        announce(f"chaosjax: running {cfg.name!r} into {folder}")
     t_start = time.perf_counter()
-    tmap = build_training_map(cfg)
     r = cfg.replicas
     batch = make_replicas(
         tmap,
@@ -239,9 +246,15 @@ def run_experiment(
         attrs={"config": cfg_text, "n_params": tmap.n_params, "dim": tmap.dim},
         on_chunk=on_chunk,
     )
+    groups = {}
+    if cfg.lyapunov.enabled:
+        from chaosjax.experiments.analyses import lyapunov_stage
+
+        groups["lyapunov"] = lyapunov_stage(cfg, tmap, batch, results, folder, progress)
     results.attrs["total_time_s"] = time.perf_counter() - t_start
-    results.save(store)
-    (folder / CHECKPOINT).unlink(missing_ok=True)
+    results.save(store, groups=groups)
+    for name in (CHECKPOINT, *STAGE_CHECKPOINTS):
+        (folder / name).unlink(missing_ok=True)
     report(folder)
     return Run(folder, cfg, results)
 
@@ -342,7 +355,8 @@ def render_summary(results, cfg_text: str) -> str:
 def report(folder: str | Path) -> Path:
     """Re-render ``summary.md`` and ``figures/`` of a run folder from its stored results."""
     from chaosjax import plots
-    from chaosjax.results import ReplicaResults
+    from chaosjax.experiments import analyses
+    from chaosjax.results import ReplicaResults, open_group
 
     folder = Path(folder)
     store = folder / STORE
@@ -352,6 +366,10 @@ def report(folder: str | Path) -> Path:
     cfg_text = results.attrs.get("config") or (folder / "config.toml").read_text()
     plots.standard_figures(results, folder / "figures")
     text = render_summary(results, cfg_text)
+    lyap = open_group(store, "lyapunov")
+    if lyap is not None:
+        analyses.lyapunov_figures(lyap, folder / "figures")
+        text += "\n" + "\n".join(analyses.lyapunov_markdown(lyap))
     if int(results.attrs.get("complete", 0)) != 1:
         text = (
             "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"

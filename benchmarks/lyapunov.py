@@ -1,0 +1,239 @@
+"""Lyapunov engine: time and agreement against lyapynov, batch throughput, tangent cost.
+
+1. Hénon, 1e5 steps, k = 2: chaosjax against lyapynov (``peers`` extra) and the literature.
+2. Hénon, 1000 initial conditions at once (``batched=True``).
+3. Lorenz-96 (N = 40, F = 8, RK4 dt = 0.01), top-10 spectrum: chaosjax against lyapynov.
+4. The quickstart MLP training map: cost of k ∈ {1, 4, 16} tangents relative to one plain
+   step (target ≤ 1.5·k).
+
+Usage:
+    python benchmarks/lyapunov.py [--json benchmarks/out/lyapunov.json] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from _common import best_time, block, table, write_json  # noqa: E402
+
+import chaosjax as cj  # noqa: E402
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def henon_rows(steps: int, n_ics: int, ic_steps: int) -> list[dict]:
+    h = cj.systems.henon()
+    rows = []
+    res, first = timed(lambda: cj.lyapunov_spectrum(h.step, h.x0, k=2, steps=steps, warmup=100))
+    res, again = timed(lambda: cj.lyapunov_spectrum(h.step, h.x0, k=2, steps=steps, warmup=100))
+    rows.append(
+        {
+            "case": f"Hénon k=2, {steps} steps",
+            "tool": "chaosjax",
+            "seconds": again,
+            "seconds_with_compile": first,
+            "lambda1": res.exponents[0],
+            "lambda2": res.exponents[1],
+            "error_vs_literature": float(np.abs(res.exponents - [0.4194, -1.6234]).max()),
+        }
+    )
+    try:
+        import lyapynov
+    except ImportError:
+        lyapynov = None
+    if lyapynov is not None:
+
+        def f(x, t):
+            return np.array([1 - 1.4 * x[0] ** 2 + x[1], 0.3 * x[0]])
+
+        def jac(x, t):
+            return np.array([[-2.8 * x[0], 1.0], [0.3, 0.0]])
+
+        ds = lyapynov.DiscreteDS(np.array([0.1, 0.1]), 0, f, jac)
+        lce, sec = timed(lambda: lyapynov.LCE(ds, 2, 100, steps, False))
+        rows.append(
+            {
+                "case": f"Hénon k=2, {steps} steps",
+                "tool": "lyapynov",
+                "seconds": sec,
+                "lambda1": lce[0],
+                "lambda2": lce[1],
+                "error_vs_literature": float(np.abs(np.asarray(lce) - [0.4194, -1.6234]).max()),
+            }
+        )
+    x0s = jnp.stack([h.x0 * (1 + 0.1 * i / n_ics) for i in range(n_ics)])
+    cj.lyapunov_spectrum(h.step, x0s, k=2, steps=ic_steps, warmup=100, batched=True)
+    res, sec = timed(
+        lambda: cj.lyapunov_spectrum(h.step, x0s, k=2, steps=ic_steps, warmup=100, batched=True)
+    )
+    rows.append(
+        {
+            "case": f"Hénon k=2, {n_ics} ICs × {ic_steps} steps (batched)",
+            "tool": "chaosjax",
+            "seconds": sec,
+            "lambda1": float(res.exponents[:, 0].mean()),
+            "lambda2": float(res.exponents[:, 1].mean()),
+            "error_vs_literature": float(np.abs(res.exponents.mean(0) - [0.4194, -1.6234]).max()),
+        }
+    )
+    return rows
+
+
+def lorenz96_rows(steps: int) -> list[dict]:
+    l96 = cj.systems.lorenz96(n=40, forcing=8.0, dt=0.01)
+    rows = []
+    kw = dict(k=10, steps=steps, warmup=1000, renorm_every=1)
+    cj.lyapunov_spectrum(l96.step, l96.x0, **kw)  # compile
+    res, sec = timed(lambda: cj.lyapunov_spectrum(l96.step, l96.x0, **kw))
+    ours = res.per_time(l96.dt)
+    rows.append(
+        {
+            "case": f"Lorenz-96 N=40 top-10, {steps} steps",
+            "tool": "chaosjax",
+            "seconds": sec,
+            "lambda1": ours[0],
+            "lambda2": ours[1],
+        }
+    )
+    try:
+        import lyapynov
+    except ImportError:
+        return rows
+    F = 8.0
+
+    def f(x, t):
+        return (np.roll(x, -1) - np.roll(x, 2)) * np.roll(x, 1) - x + F
+
+    def jac(x, t):
+        n = x.size
+        j = -np.eye(n)
+        for i in range(n):
+            j[i, (i + 1) % n] += x[(i - 1) % n]
+            j[i, (i - 2) % n] -= x[(i - 1) % n]
+            j[i, (i - 1) % n] += x[(i + 1) % n] - x[(i - 2) % n]
+        return j
+
+    ds = lyapynov.ContinuousDS(np.asarray(l96.x0), 0.0, f, jac, 0.01)
+    lce, sec = timed(lambda: lyapynov.LCE(ds, 10, 1000, steps, False))
+    lce = np.asarray(lce)
+    rows.append(
+        {
+            "case": f"Lorenz-96 N=40 top-10, {steps} steps",
+            "tool": "lyapynov",
+            "seconds": sec,
+            "lambda1": lce[0],
+            "lambda2": lce[1],
+            "max_abs_diff_top10": float(np.abs(lce - ours).max()),
+        }
+    )
+    return rows
+
+
+def tangent_cost_rows(steps: int, ks) -> list[dict]:
+    from chaosjax.experiments import load_config
+    from chaosjax.experiments.runner import build_training_map
+
+    tmap = build_training_map(load_config("quickstart", ["training.learning_rates=[0.2]"]))
+    s0 = tmap.init()
+    step = cj.as_traceable(tmap.step)
+
+    @jax.jit
+    def plain(step, s):
+        return jax.lax.scan(lambda c, t: (step(c, t), None), s, jnp.arange(steps))[0]
+
+    block(plain(step, s0))
+    base = best_time(lambda: plain(step, s0)) / steps
+    rows = [
+        {"k": 0, "renorm_every": None, "seconds_per_step": base, "relative": 1.0, "target": None}
+    ]
+    for k in ks:
+        for renorm in (1, 10):
+
+            def go(k=k, renorm=renorm):
+                return cj.lyapunov_spectrum(
+                    tmap.step, s0, k=k, steps=steps, chunk_steps=steps, renorm_every=renorm
+                ).log_growth
+
+            go()
+            sec = best_time(go) / steps
+            rows.append(
+                {
+                    "k": k,
+                    "renorm_every": renorm,
+                    "seconds_per_step": sec,
+                    "relative": sec / base,
+                    "target": 1.5 * k,
+                }
+            )
+    return rows, tmap.n_params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="benchmarks/out/lyapunov.json")
+    ap.add_argument("--tiny", action="store_true")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        h_steps, n_ics, ic_steps, l96_steps, mlp_steps, ks = 500, 8, 100, 50, 20, (1, 2)
+    else:
+        h_steps, n_ics, ic_steps, l96_steps, mlp_steps, ks = (
+            100_000,
+            1000,
+            10_000,
+            20_000,
+            500,
+            (1, 4, 16),
+        )
+    rows = henon_rows(h_steps, n_ics, ic_steps) + lorenz96_rows(l96_steps)
+    print(
+        table(
+            rows,
+            [
+                ("case", "case", "s"),
+                ("tool", "tool", "s"),
+                ("seconds", "time (s)", ".3g"),
+                ("lambda1", "λ1", ".4f"),
+                ("lambda2", "λ2", ".4f"),
+                ("error_vs_literature", "|err| vs literature", ".1e"),
+                ("max_abs_diff_top10", "max |Δλ| top-10", ".1e"),
+            ],
+        )
+    )
+    cost, n_params = tangent_cost_rows(mlp_steps, ks)
+    print(
+        f"\ntangent cost on the quickstart MLP ({n_params} parameters), per step, relative to a plain step"
+    )
+    print(
+        table(
+            cost,
+            [
+                ("k", "k", "d"),
+                ("renorm_every", "QR every", "d"),
+                ("seconds_per_step", "s / step", ".3g"),
+                ("relative", "× plain step", ".2f"),
+                ("target", "target ≤", ".1f"),
+            ],
+        )
+    )
+    path = write_json(a.json, "lyapunov", rows, {"tangent_cost": cost})
+    print(f"wrote {path}")
+    return rows + cost
+
+
+if __name__ == "__main__":
+    main()
