@@ -64,10 +64,16 @@ def loss_curves(results: ReplicaResults, *, by: str = "learning_rate", name: str
 
 
 def replica_distance(
-    results: ReplicaResults, *, by: str = "learning_rate", name: str = "distance_l1", ax=None
+    results: ReplicaResults,
+    *,
+    by: str = "learning_rate",
+    name: str = "distance_l1",
+    fits=None,
+    ax=None,
 ):
     """Distance of perturbed replicas to their reference over time, log axis: thin lines per
-    replica, a thick line for the geometric mean per ``by`` value."""
+    replica, a thick line for the geometric mean per ``by`` value, and (with ``fits``, a run's
+    ``lyapunov`` dataset) each group's best-window exponential fit as a dashed line."""
     if name not in results.records:
         raise ValueError(f"{name}: not recorded; recorded: {sorted(results.records)}")
     ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
@@ -86,6 +92,21 @@ def replica_distance(
                 )
             mean = np.exp(np.nanmean(logd, axis=0))
         ax.plot(results.steps, mean, color=color, lw=2.0, label=_label(by, v))
+    if fits is not None and "fit_slope" in fits:
+        lrs = list(np.unique(fits["learning_rate"].values))
+        cols = _colors(len(lrs))
+        for g in range(fits.sizes["group"]):
+            slope = float(fits["fit_slope"].values[g])
+            if not np.isfinite(slope):
+                continue
+            a, b = int(fits["fit_start"].values[g]), int(fits["fit_stop"].values[g])
+            icpt = float(fits["fit_intercept"].values[g]) if "fit_intercept" in fits else None
+            if icpt is None:
+                continue
+            tt = np.linspace(a, b, 20)
+            c = cols[lrs.index(fits["learning_rate"].values[g])]
+            ax.plot(tt, np.exp(icpt + slope * tt), ls="--", color=c, lw=1.5)
+        ax.plot([], [], ls="--", color="gray", label="best-window fit")
     ax.set_yscale("log")
     ax.set_xlabel("step t")
     unit = {"distance_l1": "L1 Σ|θ−θ′|", "distance_l2": "L2 ‖θ−θ′‖"}.get(name, name)
@@ -169,7 +190,7 @@ def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
 
 
 def standard_figures(
-    results: ReplicaResults, folder: str | os.PathLike, *, by: str = "learning_rate"
+    results: ReplicaResults, folder: str | os.PathLike, *, by: str = "learning_rate", fits=None
 ) -> Sequence[Path]:
     """Write the standard run figures (loss curves, replica distance) into ``folder``."""
     out = []
@@ -179,7 +200,9 @@ def standard_figures(
         out.append(save(ax.figure, Path(folder) / "loss.png"))
     for name in ("distance_l1", "distance_l2"):
         if name in results.records and (results.coords.get("member", np.zeros(1)) > 0).any():
-            ax = replica_distance(results, by=by, name=name)
+            ax = replica_distance(
+                results, by=by, name=name, fits=fits if name == "distance_l1" else None
+            )
             ax.set_title("separation of perturbed replicas")
             out.append(save(ax.figure, Path(folder) / "replica_distance.png"))
             break

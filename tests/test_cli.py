@@ -31,8 +31,14 @@ TINY = [
 def test_run_default_preset_writes_every_file(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet", *TINY]) == 0
-    for name in ("config.toml", "summary.md", "figures/loss.png", "figures/replica_distance.png",
-                 "figures/spectrum.png", "figures/ftle.png"):
+    for name in (
+        "config.toml",
+        "summary.md",
+        "figures/loss.png",
+        "figures/replica_distance.png",
+        "figures/spectrum.png",
+        "figures/ftle.png",
+    ):
         assert (out / name).exists(), name
     assert not (out / "checkpoint.npz").exists()
     res = ReplicaResults.load(out / "results.zarr")
@@ -83,9 +89,15 @@ def test_config_prints_resolved_toml(capsys):
         (["run", "/nonexistent/cfg.toml"], "config: cannot read /nonexistent/cfg.toml"),
         (["run", "--set", "novalue"], "--set: expected key=value"),
         (["run", "--bogus"], "unrecognized arguments: --bogus"),
-        (["run", "--set", "lyapunov.k=100000", *TINY], "lyapunov.k: must be <= the state dimension"),
+        (
+            ["run", "--set", "lyapunov.k=100000", *TINY],
+            "lyapunov.k: must be <= the state dimension",
+        ),
         (["run", "--set", "lyapunov.renorm_every=3", *TINY], "lyapunov.renorm_every: must divide"),
-        (["run", "--set", "lyapunov.fit_starts=[5,1,1]"], "lyapunov.fit_starts: expected [first, last, stride]"),
+        (
+            ["run", "--set", "lyapunov.fit_starts=[5,1,1]"],
+            "lyapunov.fit_starts: expected [first, last, stride]",
+        ),
     ],
 )
 def test_bad_input_one_line_exit_2(args, msg, capsys, tmp_path):

@@ -312,3 +312,31 @@ def test_danovski_iris_regimes():
         else:
             assert 0.1 <= np.median(slopes) <= 0.4
             assert np.median(lams) > 0.01
+
+
+def test_interrupted_spectrum_resumes_to_the_same_arrays(tmp_path, monkeypatch):
+    import chaosjax.lyapunov as lyap
+
+    h = systems.henon()
+    kw = dict(k=2, steps=600, warmup=10, chunk_steps=100)
+    whole = lyapunov_spectrum(h.step, h.x0, **kw)
+    real = lyap._qr_chunk_jit
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    ck = tmp_path / "ly.npz"
+    monkeypatch.setattr(lyap, "_qr_chunk_jit", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lyapunov_spectrum(h.step, h.x0, checkpoint=ck, **kw)
+    monkeypatch.setattr(lyap, "_qr_chunk_jit", real)
+    assert ck.exists()
+    resumed = lyapunov_spectrum(h.step, h.x0, checkpoint=ck, resume=True, **kw)
+    np.testing.assert_array_equal(resumed.log_growth, whole.log_growth)
+    np.testing.assert_array_equal(resumed.final_basis, whole.final_basis)
+    with pytest.raises(ValueError, match="different computation"):
+        lyapunov_spectrum(h.step, h.x0, checkpoint=ck, resume=True, **{**kw, "k": 1})

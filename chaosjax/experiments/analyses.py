@@ -76,6 +76,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
             "running_lambda1": (("group", "renorm"), res.running[..., 0]),
             "fit_slope": (("group",), [f.slope if f else nan for f in fits]),
             "fit_r2": (("group",), [f.r2 if f else nan for f in fits]),
+            "fit_intercept": (("group",), [f.intercept if f else nan for f in fits]),
             "fit_start": (("group",), [f.start if f else -1 for f in fits]),
             "fit_stop": (("group",), [f.stop if f else -1 for f in fits]),
             "reason": (("group",), np.asarray([r or "" for r in reasons], dtype=str)),

@@ -364,9 +364,9 @@ def report(folder: str | Path) -> Path:
         raise RunFolderError(f"report: {folder} holds no results.zarr")
     results = ReplicaResults.load(store)
     cfg_text = results.attrs.get("config") or (folder / "config.toml").read_text()
-    plots.standard_figures(results, folder / "figures")
-    text = render_summary(results, cfg_text)
     lyap = open_group(store, "lyapunov")
+    plots.standard_figures(results, folder / "figures", fits=lyap)
+    text = render_summary(results, cfg_text)
     if lyap is not None:
         analyses.lyapunov_figures(lyap, folder / "figures")
         text += "\n" + "\n".join(analyses.lyapunov_markdown(lyap))
