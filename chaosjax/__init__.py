@@ -8,6 +8,11 @@ from chaosjax import datasets as datasets
 from chaosjax import models as models
 from chaosjax import systems as systems
 from chaosjax._util import as_traceable as as_traceable
+from chaosjax.clv import CLVResult as CLVResult
+from chaosjax.clv import clv_layer_mass as clv_layer_mass
+from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
+from chaosjax.clv import clv_subspace_overlap as clv_subspace_overlap
+from chaosjax.clv import covariant_lyapunov_vectors as covariant_lyapunov_vectors
 from chaosjax.datasets import Dataset as Dataset
 from chaosjax.lyapunov import LyapunovResult as LyapunovResult
 from chaosjax.lyapunov import WindowFit as WindowFit

@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -267,7 +268,7 @@ class LyapunovResult:
 # chunk functions (module level so jit caches them across calls)
 
 
-def _qr_unit(step, lay, args, carry, *, renorm_every, with_det):
+def _qr_unit(step, lay, args, carry, *, renorm_every, with_det, full_r=False):
     vec, aux, q, t = carry
 
     def one(c, _):
@@ -286,28 +287,28 @@ def _qr_unit(step, lay, args, carry, *, renorm_every, with_det):
     ld0 = jnp.zeros((), jnp.result_type(float))
     (vec, aux, y, t, ld), _ = jax.lax.scan(one, (vec, aux, q, t, ld0), None, length=renorm_every)
     q, r = qr_renormalize(y)
-    lg = jnp.log(jnp.abs(jnp.diagonal(r)))
+    lg = r if full_r else jnp.log(jnp.abs(jnp.diagonal(r)))
     lg = jnp.where(jnp.all(jnp.isfinite(vec)), lg, jnp.nan)  # a non-finite state invalidates it
     return (vec, aux, q, t), (lg, ld)
 
 
-def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched):
+def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched, full_r=False):
+    unit = functools.partial(_qr_unit, renorm_every=renorm_every, with_det=with_det, full_r=full_r)
+
     def body(c, _):
         if batched:
             vec, aux, q, t = c
             (vec, aux, q, t2), out = jax.vmap(
-                lambda v, a, qq, ar: _qr_unit(
-                    step, lay, ar, (v, a, qq, t), renorm_every=renorm_every, with_det=with_det
-                )
+                lambda v, a, qq, ar: unit(step, lay, ar, (v, a, qq, t))
             )(vec, aux, q, args)
             return (vec, aux, q, t2[0] if t2.ndim else t2), out
-        return _qr_unit(step, lay, args, c, renorm_every=renorm_every, with_det=with_det)
+        return unit(step, lay, args, c)
 
     return jax.lax.scan(body, carry, None, length=n)
 
 
 _qr_chunk_jit = jax.jit(
-    _qr_chunk, static_argnames=("lay", "n", "renorm_every", "with_det", "batched")
+    _qr_chunk, static_argnames=("lay", "n", "renorm_every", "with_det", "batched", "full_r")
 )
 
 

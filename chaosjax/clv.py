@@ -1,0 +1,387 @@
+"""Covariant Lyapunov vectors by Ginelli et al.'s method, memory-lean.
+
+Forward pass (device): the QR method of :func:`chaosjax.lyapunov_spectrum`,
+``J_n Q_n = Q_{n+1} R_{n+1}`` for every renormalisation interval n; only the k×k factors
+``R_{n+1}`` go to the host, plus (state, basis) checkpoints at the kept times.
+
+Backward pass (host, float64): CLVs at time n are ``V_n = Q_n C_n`` with C_n upper
+triangular. Covariance ``J_n V_n ∝ V_{n+1}`` gives ``C_n ∝ R_{n+1}^{-1} C_{n+1}`` (each
+column normalised), started from a seeded random upper-triangular matrix after
+``backward_transient`` extra intervals. Note the pairing: the R that takes C_{n+1} back to
+C_n is the one produced by the QR *at the end* of interval n.
+
+Because the Q's are orthonormal, angles between CLVs come from C alone
+(⟨v_i, v_j⟩ = ⟨c_i, c_j⟩), and the local growth of CLV i over interval n is
+‖R_{n+1} c_i(n)‖; vectors are materialised only at kept times.
+
+References:
+    Ginelli, Poggi, Turchi, Chaté, Livi, Politi (2007). Characterizing dynamics with
+    covariant Lyapunov vectors. PRL 99, 130601.
+    Ginelli, Chaté, Livi, Politi (2013). Covariant Lyapunov vectors. J. Phys. A 46, 254005.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chaosjax._driver import run_chunks
+from chaosjax.lyapunov import (
+    _advance,
+    _check_run,
+    _prepare,
+    _qr_chunk_jit,
+    random_basis,
+)
+
+#: default host-memory budget of one call, bytes.
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+def clv_memory_bytes(dim: int, k: int, n_intervals: int, n_kept: int, batch: int = 1) -> int:
+    """Host memory a :func:`covariant_lyapunov_vectors` call needs, in bytes (float64):
+    R and C factors 2·N·k² (N = kept + transient intervals), checkpoints and vectors at the
+    kept times n_kept·dim·(2k + 1), times the batch size."""
+    return 8 * batch * (2 * n_intervals * k * k + n_kept * dim * (2 * k + 1))
+
+
+@dataclasses.dataclass
+class CLVResult:
+    """Covariant Lyapunov vectors and their statistics.
+
+    Attributes:
+        exponents: (k,) time averages of the CLVs' local log growth, per step.
+        qr_exponents: (k,) the QR (Benettin) exponents over the same interval, per step.
+        local_growth: (n, k) log‖J v_i‖ per renormalisation interval (divide by
+            ``renorm_every`` for per-step rates).
+        coefficients: (n, k, k) upper-triangular C_n with unit columns (V_n = Q_n C_n).
+        angles: (n,) smallest angle between any two CLVs at each time, radians in [0, π/2].
+        times: (n_kept,) time index of the kept vectors.
+        vectors: (n_kept, dim, k) unit CLVs (columns) at the kept times.
+        angle_matrix: (n_kept, k, k) all pairwise angles at the kept times, radians.
+        states: (n_kept, dim) the state at the kept times.
+        near_tangencies: number of times with a smallest angle below ``tangency_threshold``.
+    With ``batched=True`` every array gains a leading batch axis.
+    """
+
+    exponents: np.ndarray
+    qr_exponents: np.ndarray
+    local_growth: np.ndarray
+    coefficients: np.ndarray
+    angles: np.ndarray
+    times: np.ndarray
+    vectors: np.ndarray
+    angle_matrix: np.ndarray
+    states: np.ndarray
+    near_tangencies: Any
+    tangency_threshold: float
+    renorm_every: int
+    t_start: int
+    all_times: np.ndarray
+    info: dict = dataclasses.field(default_factory=dict)
+    _replay: Callable | None = dataclasses.field(default=None, repr=False)
+
+    def vectors_at(self, index: int) -> np.ndarray:
+        """CLVs (dim, k) at interval ``index`` (any time of the kept range), by deterministic
+        replay of the forward pass from the nearest earlier checkpoint."""
+        if self._replay is None:
+            raise ValueError("vectors_at: not available for batched results")
+        return self._replay(int(index))
+
+
+def _angles_from_c(c: np.ndarray):
+    """Pairwise angles between unit columns of C (..., k, k) → (..., k, k) radians."""
+    g = np.abs(np.einsum("...ij,...ik->...jk", c, c))
+    return np.arccos(np.clip(g, 0.0, 1.0))
+
+
+def _min_angle(ang: np.ndarray) -> np.ndarray:
+    k = ang.shape[-1]
+    if k < 2:
+        return np.full(ang.shape[:-2], np.nan)
+    iu = np.triu_indices(k, 1)
+    return ang[..., iu[0], iu[1]].min(axis=-1)
+
+
+def _backward(r: np.ndarray, n_keep: int, key, k: int):
+    """Backward Ginelli iteration over R factors r (N, k, k) (N = n_keep + transient).
+
+    Returns C (n_keep, k, k) with unit columns and the local log growth (n_keep, k)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    c = np.triu(rng.normal(size=(k, k)))
+    c[np.diag_indices(k)] = np.abs(c[np.diag_indices(k)]) + 0.5
+    c /= np.linalg.norm(c, axis=0, keepdims=True)
+    n_total = r.shape[0]
+    cs = np.empty((n_keep, k, k))
+    growth = np.empty((n_keep, k))
+    for n in range(n_total - 1, -1, -1):
+        # C_n ∝ R_{n+1}^{-1} C_{n+1}: r[n] is the R produced at the end of interval n
+        c_new = _solve_upper(r[n], c)
+        norms = np.linalg.norm(c_new, axis=0)
+        c = c_new / norms
+        if n < n_keep:
+            cs[n] = c
+            growth[n] = -np.log(norms)
+    return cs, growth
+
+
+def _solve_upper(r: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve R X = B for upper-triangular R (back substitution, exact zeros kept)."""
+    k = r.shape[0]
+    x = np.zeros_like(b)
+    for i in range(k - 1, -1, -1):
+        x[i] = (b[i] - r[i, i + 1 :] @ x[i + 1 :]) / r[i, i]
+    return x
+
+
+def covariant_lyapunov_vectors(
+    step: Callable,
+    x0,
+    *,
+    k: int,
+    steps: int,
+    warmup: int = 0,
+    align: int = 0,
+    backward_transient: int,
+    keep_every: int | None = None,
+    key=None,
+    renorm_every: int = 1,
+    batched: bool = False,
+    args=None,
+    t0: int = 0,
+    tangency_threshold: float = math.radians(1.0),
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    chunk_steps: int = 10_000,
+    progress: bool = False,
+) -> CLVResult:
+    """Covariant Lyapunov vectors (Ginelli) of ``step`` over ``steps`` steps.
+
+    Args:
+        step: ``step(x, t) -> x`` (``step(x, t, args)`` with ``args``) on an array state.
+        x0: initial state (dim,) (leading batch axis with ``batched=True``).
+        k: number of vectors.
+        steps: steps over which CLVs are computed (a multiple of ``renorm_every``).
+        warmup: state-only transient steps.
+        align: forward QR steps before the kept range (converges the backward vectors).
+        backward_transient: extra forward steps after the kept range, iterated backwards to
+            converge C before the kept range is reached (a multiple of ``renorm_every``).
+        keep_every: materialise vectors every this many steps (default: 10 evenly spaced
+            times, or every renormalisation if there are fewer).
+        key: PRNG key of the initial basis and of the backward start.
+        renorm_every: steps between QR renormalisations.
+        batched: a leading batch axis of initial conditions / replicas (vmapped forward pass).
+        args: extra step argument (batched like x0), e.g. training hyper-parameters.
+        t0: time index of ``x0``.
+        tangency_threshold: angle (radians) below which a time counts as a near-tangency.
+        memory_budget: refuse (before running) a call whose host memory estimate
+            :func:`clv_memory_bytes` exceeds this many bytes.
+        chunk_steps: steps per jitted forward chunk.
+        progress: show progress bars.
+
+    Memory: the device holds the state and a (dim, k) basis per batch element; the host holds
+    ``clv_memory_bytes(dim, k, N, n_kept, batch)`` bytes — R and C factors for every interval
+    (2·N·k² floats, N = (steps + backward_transient) / renorm_every) and (state, basis,
+    vectors) at the n_kept kept times — never the basis at every step.
+
+    Returns:
+        :class:`CLVResult`.
+    """
+    step, lay, vec, aux = _prepare(step, x0, batched, args)
+    if not lay.trivial:
+        raise TypeError("x0: covariant_lyapunov_vectors needs a flat array state (dim,)")
+    dim = int(vec.shape[-1])
+    _check_run(steps, renorm_every, k, dim)
+    if (
+        int(backward_transient) != backward_transient
+        or backward_transient < 0
+        or backward_transient % renorm_every
+    ):
+        raise ValueError(
+            f"backward_transient: must be a non-negative multiple of renorm_every={renorm_every}, "
+            f"got {backward_transient!r}"
+        )
+    n_keep = steps // renorm_every
+    n_bt = int(backward_transient) // renorm_every
+    if keep_every is None:
+        keep_per = max(1, n_keep // 10)
+    else:
+        if int(keep_every) != keep_every or keep_every < renorm_every or keep_every % renorm_every:
+            raise ValueError(
+                f"keep_every: must be a positive multiple of renorm_every={renorm_every}, got {keep_every!r}"
+            )
+        keep_per = int(keep_every) // renorm_every
+    kept = np.arange(0, n_keep, keep_per)
+    batch = int(vec.shape[0]) if batched else 1
+    need = clv_memory_bytes(dim, k, n_keep + n_bt, len(kept), batch)
+    if need > memory_budget:
+        raise ValueError(
+            f"memory_budget: this call needs about {need / 2**20:.0f} MiB of host memory "
+            f"(budget {memory_budget / 2**20:.0f} MiB); raise keep_every, lower k or steps, or "
+            "raise memory_budget"
+        )
+    key = jax.random.PRNGKey(0) if key is None else key
+    k_basis, k_back = jax.random.split(key)
+    t = jnp.asarray(t0, jnp.int32)
+    vec, aux, t = _advance(
+        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    )
+    q = random_basis(k_basis, dim, k, vec.dtype)
+    if batched:
+        q = jnp.broadcast_to(q, (batch, dim, k))
+    upc = max(1, chunk_steps // renorm_every)
+
+    def chunk(c, m):
+        carry, (lg, _) = _qr_chunk_jit(
+            step,
+            lay,
+            args,
+            c,
+            n=m,
+            renorm_every=renorm_every,
+            with_det=False,
+            batched=batched,
+            full_r=True,
+        )
+        return carry, lg
+
+    carry = (vec, aux, q, t)
+    if align:
+        carry, _ = run_chunks(
+            chunk,
+            carry,
+            -(-int(align) // renorm_every),
+            upc,
+            progress=progress,
+            desc="align",
+            steps_per_unit=renorm_every,
+        )
+    t_start = int(carry[3])
+    # forward pass over the kept range, segment by segment between kept times
+    states, bases, rs = [], [], []
+    bounds = [*kept.tolist(), n_keep]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        states.append(np.asarray(carry[0], np.float64))
+        bases.append(np.asarray(carry[2], np.float64))
+        carry, r = run_chunks(chunk, carry, b - a, upc, progress=False)
+        rs.append(r)
+    if n_bt:
+        carry, r = run_chunks(
+            chunk,
+            carry,
+            n_bt,
+            upc,
+            progress=progress,
+            desc="backward transient",
+            steps_per_unit=renorm_every,
+        )
+        rs.append(r)
+    r_all = np.concatenate(rs, axis=0)  # (N, [batch,] k, k)
+    if batched:
+        r_all = np.moveaxis(r_all, 1, 0)  # (batch, N, k, k)
+        states_a = np.moveaxis(np.stack(states), 1, 0)
+        bases_a = np.moveaxis(np.stack(bases), 1, 0)
+    else:
+        states_a, bases_a = np.stack(states), np.stack(bases)
+
+    def finish(r, st, bs):
+        cs, growth = _backward(r, n_keep, k_back, k)
+        qr_exp = np.log(np.abs(np.diagonal(r[:n_keep], axis1=-2, axis2=-1))).mean(0) / renorm_every
+        ang_all = _angles_from_c(cs)
+        mins = _min_angle(ang_all)
+        vectors = np.einsum("tdk,tkj->tdj", bs, cs[kept])
+        return dict(
+            exponents=growth.mean(0) / renorm_every,
+            qr_exponents=qr_exp,
+            local_growth=growth,
+            coefficients=cs,
+            angles=mins,
+            vectors=vectors,
+            angle_matrix=ang_all[kept],
+            states=st,
+            near_tangencies=int((mins < tangency_threshold).sum()),
+        )
+
+    if batched:
+        parts = [finish(r_all[i], states_a[i], bases_a[i]) for i in range(batch)]
+        out = {key_: np.stack([p[key_] for p in parts]) for key_ in parts[0]}
+    else:
+        out = finish(r_all, states_a, bases_a)
+    times = t_start + renorm_every * kept
+    res = CLVResult(
+        **out,
+        times=times,
+        tangency_threshold=float(tangency_threshold),
+        renorm_every=int(renorm_every),
+        t_start=t_start,
+        all_times=t_start + renorm_every * np.arange(n_keep),
+        info={
+            "dim": dim,
+            "k": int(k),
+            "memory_estimate_bytes": need,
+            "backward_transient": int(backward_transient),
+        },
+    )
+    if not batched:
+        coeffs = out["coefficients"]
+
+        def replay(index: int) -> np.ndarray:
+            if not 0 <= index < n_keep:
+                raise ValueError(f"index: must lie in [0, {n_keep}), got {index}")
+            j = int(np.searchsorted(kept, index, side="right") - 1)
+            c = (
+                jnp.asarray(states_a[j], vec.dtype),
+                aux,
+                jnp.asarray(bases_a[j], vec.dtype),
+                jnp.asarray(t_start + renorm_every * kept[j], jnp.int32),
+            )
+            if index > kept[j]:
+                c, _ = run_chunks(chunk, c, index - int(kept[j]), upc)
+            return np.asarray(c[2], np.float64) @ coeffs[index]
+
+        res._replay = replay
+    return res
+
+
+def clv_layer_mass(
+    vectors: np.ndarray, layers: dict[str, tuple[int, int]], n_params: int | None = None
+):
+    """Share of each CLV's squared norm per parameter layer (and in optimizer moments).
+
+    Args:
+        vectors: (..., dim, k) unit CLVs.
+        layers: {name: (start, stop)} parameter ranges (``TrainingMap.layers``).
+        n_params: parameters in the state; entries beyond are optimizer moments.
+
+    Returns:
+        {name: (..., k)} masses summing to 1 over the names (with ``"optimizer"`` when the
+        state holds moments).
+    """
+    v2 = np.asarray(vectors) ** 2
+    total = v2.sum(axis=-2)
+    out = {name: v2[..., a:b, :].sum(axis=-2) / total for name, (a, b) in layers.items()}
+    if n_params is not None and n_params < v2.shape[-2]:
+        out["optimizer"] = v2[..., n_params:, :].sum(axis=-2) / total
+    return out
+
+
+def clv_subspace_overlap(vectors: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """Squared overlap of each CLV with the span of orthonormal columns ``basis`` (dim, m),
+    e.g. the top Hessian eigenvectors padded to the state: ‖Bᵀ v_i‖² ∈ [0, 1], shape (..., k)."""
+    proj = np.einsum("dm,...dk->...mk", np.asarray(basis), np.asarray(vectors))
+    return (proj**2).sum(axis=-2)
+
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "CLVResult",
+    "clv_layer_mass",
+    "clv_memory_bytes",
+    "clv_subspace_overlap",
+    "covariant_lyapunov_vectors",
+]
