@@ -23,6 +23,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -87,12 +88,16 @@ class CLVResult:
     info: dict = dataclasses.field(default_factory=dict)
     _replay: Callable | None = dataclasses.field(default=None, repr=False)
 
-    def vectors_at(self, index: int) -> np.ndarray:
-        """CLVs (dim, k) at interval ``index`` (any time of the kept range), by deterministic
-        replay of the forward pass from the nearest earlier checkpoint."""
+    def backward_vectors_at(self, index: int) -> np.ndarray:
+        """The Gram–Schmidt (backward Lyapunov) basis Q_n (dim, k) at interval ``index``, by
+        deterministic replay of the forward pass from the nearest earlier checkpoint."""
         if self._replay is None:
-            raise ValueError("vectors_at: not available for batched results")
+            raise ValueError("backward_vectors_at: not available for batched results")
         return self._replay(int(index))
+
+    def vectors_at(self, index: int) -> np.ndarray:
+        """CLVs V_n = Q_n C_n (dim, k) at interval ``index`` (any time of the kept range)."""
+        return self.backward_vectors_at(index) @ self.coefficients[int(index)]
 
 
 def _angles_from_c(c: np.ndarray):
@@ -265,7 +270,7 @@ def covariant_lyapunov_vectors(
     # forward pass over the kept range, segment by segment between kept times
     states, bases, rs = [], [], []
     bounds = [*kept.tolist(), n_keep]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         states.append(np.asarray(carry[0], np.float64))
         bases.append(np.asarray(carry[2], np.float64))
         carry, r = run_chunks(chunk, carry, b - a, upc, progress=False)
@@ -328,7 +333,6 @@ def covariant_lyapunov_vectors(
         },
     )
     if not batched:
-        coeffs = out["coefficients"]
 
         def replay(index: int) -> np.ndarray:
             if not 0 <= index < n_keep:
@@ -342,7 +346,7 @@ def covariant_lyapunov_vectors(
             )
             if index > kept[j]:
                 c, _ = run_chunks(chunk, c, index - int(kept[j]), upc)
-            return np.asarray(c[2], np.float64) @ coeffs[index]
+            return np.asarray(c[2], np.float64)
 
         res._replay = replay
     return res

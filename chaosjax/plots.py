@@ -180,6 +180,32 @@ def ftle_series(ds, *, ax=None):
     return ax
 
 
+def clv_angle_distribution(ds, *, ax=None):
+    """Histogram of the smallest CLV angle per step, one curve per learning rate (log-spaced
+    bins so near-tangencies are visible), from a run's ``clv`` dataset."""
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    lrs = ds["learning_rate"].values
+    uniq = np.unique(lrs)
+    bins = np.logspace(-3, np.log10(90.0), 40)
+    for color, lr in zip(_colors(len(uniq)), uniq):
+        a = ds["min_angle_deg"].values[lrs == lr].ravel()
+        a = a[np.isfinite(a)]
+        if a.size == 0:
+            continue
+        h, _ = np.histogram(np.clip(a, bins[0], 90.0), bins=bins, density=True)
+        ax.step(bins[:-1], h, where="post", color=color, label=_label("learning_rate", float(lr)))
+    ax.axvline(
+        float(ds.attrs.get("tangency_deg", 1.0)), color="gray", ls=":", label="near-tangency"
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("smallest angle between CLVs (degrees)")
+    ax.set_ylabel("density")
+    ax.set_title("CLV angle distribution")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
 def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +236,7 @@ def standard_figures(
 
 
 __all__ = [
+    "clv_angle_distribution",
     "ftle_series",
     "loss_curves",
     "replica_distance",

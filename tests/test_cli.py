@@ -213,3 +213,29 @@ def test_stored_exponents_equal_the_api(tmp_path):
     res = lyapunov_spectrum(tmap.replace(learning_rate=lr).step, tmap.init(), k=3, steps=cfg.steps)
     np.testing.assert_allclose(ds["exponents"].values[g], res.exponents, rtol=1e-9, atol=1e-12)
     assert jnp.isfinite(ds["stderr"].values).all()
+
+
+def test_clv_stage_in_run(tmp_path):
+    from chaosjax.results import open_group
+
+    out = tmp_path / "run"
+    extra = [
+        "--set",
+        "clv.enabled=true",
+        "--set",
+        "clv.k=2",
+        "--set",
+        "clv.align=10",
+        "--set",
+        "clv.steps=40",
+        "--set",
+        "clv.backward_transient=20",
+        "--set",
+        "lyapunov.enabled=false",
+    ]
+    assert main(["run", "--out", str(out), "--quiet", *TINY, *extra]) == 0
+    ds = open_group(out / "results.zarr", "clv")
+    assert ds["exponents"].shape == (4, 2) and ds["min_angle_deg"].shape == (4, 40)
+    assert (out / "figures" / "clv_angles.png").exists()
+    text = (out / "summary.md").read_text()
+    assert "## Covariant Lyapunov vectors" in text and "## Lyapunov exponents" not in text

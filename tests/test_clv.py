@@ -60,13 +60,14 @@ def henon_clv():
 
 
 def test_henon_clv1_is_first_backward_vector(henon_clv):
-    h, res = henon_clv
-    x = jnp.asarray(res.states[5])
-    # replay: the basis stored at the checkpoint is the Gram–Schmidt basis; CLV1 = its first column
-    gs = res.vectors_at(5)
-    assert abs(unit(gs[:, 0]) @ unit(res.vectors[5][:, 0])) > 1 - 1e-12
-    assert np.allclose(res.vectors_at(5), res.vectors[5], atol=1e-12)
-    del x
+    _, res = henon_clv
+    for n in (5, 1234, 19_999):
+        gs = res.backward_vectors_at(n)
+        np.testing.assert_allclose(gs.T @ gs, np.eye(2), atol=1e-12)
+        assert abs(gs[:, 0] @ res.vectors[n][:, 0]) > 1 - 1e-12
+        # the second backward vector is orthogonal to the first, the second CLV is not
+        assert abs(gs[:, 1] @ res.vectors[n][:, 1]) < 1 - 1e-6
+        np.testing.assert_allclose(res.vectors_at(n), res.vectors[n], atol=1e-12)
 
 
 def test_henon_covariance_and_growth(henon_clv):

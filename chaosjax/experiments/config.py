@@ -114,6 +114,25 @@ class LyapunovConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CLVConfig:
+    enabled: bool = fld(False, "compute covariant Lyapunov vectors of each (seed, η) reference run")
+    k: int = fld(4, "number of covariant vectors", lo=1)
+    steps: int = fld(
+        0, "steps over which CLVs are computed, from t = align; 0 = the run's steps", lo=0
+    )
+    align: int = fld(100, "forward QR steps before the kept range", lo=0)
+    backward_transient: int = fld(
+        200, "extra forward steps iterated backwards to converge the CLVs", lo=0
+    )
+    keep_every: int = fld(
+        0, "store vectors every this many steps; 0 = 10 evenly spaced times", lo=0
+    )
+    tangency_deg: float = fld(
+        1.0, "angles below this (degrees) count as near-tangencies", positive=True
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = fld("custom", "experiment name")
     description: str = fld("", "one-line description")
@@ -134,6 +153,9 @@ class ExperimentConfig:
     )
     lyapunov: LyapunovConfig = dataclasses.field(
         default_factory=LyapunovConfig, metadata={"doc": "Lyapunov exponents"}
+    )
+    clv: CLVConfig = dataclasses.field(
+        default_factory=CLVConfig, metadata={"doc": "covariant Lyapunov vectors"}
     )
 
     def __post_init__(self):
@@ -345,6 +367,7 @@ def describe(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str
 
 
 __all__ = [
+    "CLVConfig",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",

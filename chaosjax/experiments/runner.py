@@ -195,10 +195,12 @@ def run_experiment(
     cfg_text = to_toml(cfg)
     set_precision(cfg.precision)
     tmap = build_training_map(cfg)  # validates model/data choices before touching the folder
-    if cfg.lyapunov.enabled and cfg.lyapunov.k > tmap.dim:
-        raise ConfigError(
-            f"lyapunov.k: must be <= the state dimension {tmap.dim}, got {cfg.lyapunov.k}"
-        )
+    for section in ("lyapunov", "clv"):
+        sub = getattr(cfg, section)
+        if sub.enabled and sub.k > tmap.dim:
+            raise ConfigError(
+                f"{section}.k: must be <= the state dimension {tmap.dim}, got {sub.k}"
+            )
     continuing = _prepare_folder(folder, cfg_text, resume, force)
     store = folder / STORE
     if continuing and not (folder / CHECKPOINT).exists() and store.exists():
@@ -251,6 +253,10 @@ def run_experiment(
         from chaosjax.experiments.analyses import lyapunov_stage
 
         groups["lyapunov"] = lyapunov_stage(cfg, tmap, batch, results, folder, progress)
+    if cfg.clv.enabled:
+        from chaosjax.experiments.analyses import clv_stage
+
+        groups["clv"] = clv_stage(cfg, tmap, batch, progress)
     results.attrs["total_time_s"] = time.perf_counter() - t_start
     results.save(store, groups=groups)
     for name in (CHECKPOINT, *STAGE_CHECKPOINTS):
@@ -370,6 +376,10 @@ def report(folder: str | Path) -> Path:
     if lyap is not None:
         analyses.lyapunov_figures(lyap, folder / "figures")
         text += "\n" + "\n".join(analyses.lyapunov_markdown(lyap))
+    clv = open_group(store, "clv")
+    if clv is not None:
+        analyses.clv_figures(clv, folder / "figures")
+        text += "\n" + "\n".join(analyses.clv_markdown(clv))
     if int(results.attrs.get("complete", 0)) != 1:
         text = (
             "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"
