@@ -246,6 +246,7 @@ class _Spec(NamedTuple):
     state_bound: float
     layers: tuple[tuple[int, int], ...]
     n_params: int
+    trackers: tuple = ()
 
 
 def _generic_step_and_loss(step, x, t, hparams):
@@ -281,6 +282,11 @@ def _observe(model, states, alive, ref, spec: _Spec):
         out[name] = v
     for name, fn in spec.custom:
         out[name] = jax.vmap(fn)(states)
+    return _mask(out, alive, ref)
+
+
+def _mask(out, alive, ref):
+    """NaN for replicas that diverged (and distances to a reference that diverged)."""
     dead_ref = ~alive[ref]
     for name, v in out.items():
         bad = ~alive
@@ -291,7 +297,18 @@ def _observe(model, states, alive, ref, spec: _Spec):
     return out
 
 
-def _chunk(stepper, model, hparams, ref, states, alive, div_step, t0, spec: _Spec):
+def _observe_first(model, hparams, states, alive, ref, t, spec: _Spec):
+    """Observables at the first record, with the trackers' cold starts."""
+    out = _observe(model, states, alive, ref, spec)
+    tstates = []
+    for tr in spec.trackers:
+        vals, ts = tr.init(model, states, hparams, t)
+        out.update(_mask(dict(vals), alive, ref))
+        tstates.append(ts)
+    return out, tuple(tstates)
+
+
+def _chunk(stepper, model, hparams, ref, states, alive, div_step, tstates, t0, spec: _Spec):
     step_b = jax.vmap(stepper, in_axes=(0, None, 0))
 
     def inner(carry, t):
@@ -305,16 +322,23 @@ def _chunk(stepper, model, hparams, ref, states, alive, div_step, t0, spec: _Spe
         return (s, a, d), None
 
     def outer(carry, tr):
-        carry, _ = jax.lax.scan(inner, carry, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
-        return carry, _observe(model, carry[0], carry[1], ref, spec)
+        (s, a, d), ts = carry
+        (s, a, d), _ = jax.lax.scan(inner, (s, a, d), tr + jnp.arange(spec.record_every, dtype=tr.dtype))
+        obs = _observe(model, s, a, ref, spec)
+        new_ts = []
+        for tracker, st in zip(spec.trackers, ts):
+            vals, st = tracker.update(model, s, hparams, st, tr + spec.record_every)
+            obs.update(_mask(dict(vals), a, ref))
+            new_ts.append(st)
+        return ((s, a, d), tuple(new_ts)), obs
 
     times = t0 + spec.record_every * jnp.arange(spec.n_records, dtype=t0.dtype)
-    return jax.lax.scan(outer, (states, alive, div_step), times)
+    return jax.lax.scan(outer, ((states, alive, div_step), tstates), times)
 
 
 _chunk_jit = jax.jit(_chunk, static_argnames=("spec",))
 _chunk_jit_donate = jax.jit(_chunk, static_argnames=("spec",), donate_argnums=(4,))
-_observe_jit = jax.jit(_observe, static_argnames=("spec",))
+_observe_first_jit = jax.jit(_observe_first, static_argnames=("spec",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +382,7 @@ def run_replicas(
     record_every: int = 1,
     observables: Sequence[str] | None = None,
     custom_observables: Mapping[str, Callable] | None = None,
+    trackers: Sequence = (),
     chunk_steps: int | None = None,
     loss_bound: float = 1e8,
     state_bound: float = np.inf,
@@ -381,6 +406,10 @@ def run_replicas(
             the reference replica), ``layer_distance`` / ``layer_distance_l1`` (per layer).
             Plain maps: ``norm``, ``distance_l1``, ``distance_l2``.
         custom_observables: {name: fn(state) -> scalar or vector}, vmapped over replicas.
+        trackers: stateful observables with ``init(model, states, hparams, t)`` and
+            ``update(model, states, hparams, tracker_state, t)`` returning (values, state),
+            e.g. :class:`chaosjax.curvature.CurvatureTracker` (training maps only); their
+            state (warm starts) is carried between records and checkpointed.
         chunk_steps: steps per jitted chunk (default about 500, a multiple of record_every).
         loss_bound: a replica whose batch loss exceeds this (or is not finite) diverges.
         state_bound: a replica whose largest |state entry| exceeds this diverges.
@@ -416,6 +445,16 @@ def run_replicas(
         if is_tm and "accuracy" in name and model.task != "classification":
             raise ValueError(f"observables: {name!r} needs a classification dataset")
     custom = tuple(sorted((custom_observables or {}).items()))
+    trackers = tuple(trackers)
+    if trackers and not is_tm:
+        raise ValueError("trackers: curvature trackers need a TrainingMap")
+    taken = set(observables) | {c[0] for c in custom}
+    for tr in trackers:
+        tr.validate(model)
+        clash = taken & set(tr.NAMES)
+        if clash:
+            raise ValueError(f"trackers: record names {sorted(clash)} are used twice")
+        taken |= set(tr.NAMES)
     for name, fn in custom:
         if name in observables or not callable(fn):
             raise ValueError(f"custom_observables: {name!r} must be a new name with a callable")
@@ -450,6 +489,7 @@ def run_replicas(
             float(state_bound),
             layers,
             n_params,
+            trackers,
         )
 
     fingerprint = dumps(
@@ -460,6 +500,7 @@ def run_replicas(
             "t0": int(t0),
             "observables": observables,
             "custom": [c[0] for c in custom],
+            "trackers": [repr(tr) for tr in trackers],
             "R": R,
             "shape": list(replicas.states.shape),
             "coords": {k: np.asarray(v).tolist() for k, v in replicas.coords.items()},
@@ -502,14 +543,16 @@ def run_replicas(
         states = jnp.asarray(arrays["states"])
         alive = jnp.asarray(arrays["alive"])
         div_step = jnp.asarray(arrays["div_step"])
+        tstates = tuple(jnp.asarray(arrays[f"tracker__{i}"]) for i in range(len(trackers)))
         rec_steps = [arrays["rec_steps"]]
         records = {k[len("record__") :]: [arrays[k]] for k in arrays if k.startswith("record__")}
         resumed = True
         if stream is not None:
             stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
     else:
-        obs0 = _observe_jit(
-            model if is_tm else None, states, alive, ref, spec=spec_for(record_every)
+        obs0, tstates = _observe_first_jit(
+            model if is_tm else None, hparams, states, alive, ref, jnp.asarray(t, jnp.int32),
+            spec=spec_for(record_every),
         )
         records = {k: [np.asarray(v)[:, None]] for k, v in obs0.items()}
         rec_steps = [np.asarray([t])]
@@ -531,7 +574,7 @@ def run_replicas(
     try:
         while t < end:
             n = min(chunk_steps, end - t)
-            (states, alive, div_step), obs = chunk_fn(
+            ((states, alive, div_step), tstates), obs = chunk_fn(
                 stepper,
                 model if is_tm else None,
                 hparams,
@@ -539,6 +582,7 @@ def run_replicas(
                 states,
                 alive,
                 div_step,
+                tstates,
                 jnp.asarray(t, jnp.int32),
                 spec=spec_for(n),
             )
@@ -569,6 +613,7 @@ def run_replicas(
                         "states": np.asarray(states),
                         "alive": np.asarray(alive),
                         "div_step": np.asarray(div_step),
+                        **{f"tracker__{i}": np.asarray(ts) for i, ts in enumerate(tstates)},
                         "rec_steps": np.concatenate(rec_steps),
                         **{f"record__{k}": np.concatenate(v, axis=1) for k, v in records.items()},
                     },

@@ -22,7 +22,16 @@ import xarray as xr
 from chaosjax._util import dumps
 
 #: extra dimension names of known records (beyond replica, step).
-RECORD_DIMS = {"layer_distance": ("layer",), "layer_distance_l1": ("layer",)}
+RECORD_DIMS = {
+    "layer_distance": ("layer",),
+    "layer_distance_l1": ("layer",),
+    "top_layer_mass": ("layer",),
+    "sharpness": ("eig",),
+    "subspace_angle": ("eig",),
+    "grad_overlap": ("eig",),
+    "update_overlap": ("eig",),
+    "eig_residual": ("eig",),
+}
 
 
 @dataclasses.dataclass

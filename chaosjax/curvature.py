@@ -1,0 +1,650 @@
+"""Curvature: matrix-free Hessian, Gauss–Newton and preconditioned operators; eigenvalues,
+trace and spectral density; stability thresholds of optimizers.
+
+One operator layer serves every algorithm: an operator is a function ``matvec(v) -> A v``
+on flat vectors (shape (dim,)), evaluated at the highest matmul precision.
+
+* :func:`hessian_operator` — forward-over-reverse HVP ``jvp(grad(loss))``;
+* :func:`ggn_operator` — Gauss–Newton ``Jᵀ H_ℓ J`` of a loss ℓ(f(θ));
+* :func:`preconditioned_operator` — ``P^{-1/2} A P^{-1/2}`` for a diagonal P, e.g. the
+  Adam / RMSProp preconditioner :func:`adaptive_preconditioner` reads from an optax state.
+
+Algorithms (all jit/vmap friendly, fixed matvec counts):
+
+* :func:`lanczos_eigs` / :func:`hessian_eigs` — Lanczos with full reorthogonalisation; the
+  k largest (or smallest) *algebraic* eigenvalues, unit eigenvectors, residual norms and
+  converged flags;
+* :func:`block_krylov_eigs` — a warm-startable block Krylov / Rayleigh–Ritz solver for
+  tracking eigenvectors during training (exact residuals, no extra matvecs);
+* :func:`hessian_trace` — Hutchinson or Hutch++ with a standard error;
+* :func:`hessian_density` — stochastic Lanczos quadrature nodes and weights, with
+  :func:`smooth_density`;
+* :func:`dense_hessian` — the dense matrix from chunked HVP columns (tiny models; the test
+  oracle).
+
+References:
+    Ghorbani, Krishnan, Xiao (2019). An investigation into neural net optimization via
+    Hessian eigenvalue density. ICML.
+    Meyer, Musco, Musco, Woodruff (2021). Hutch++: optimal stochastic trace estimation.
+    Cohen, Kaur, Li, Kolter, Talwalkar (2021). Gradient descent on neural networks typically
+    occurs at the edge of stability. ICLR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+PRECISION = "highest"
+
+# ---------------------------------------------------------------------------------------------
+# operators
+
+
+def _flat(loss: Callable, params):
+    """(loss on flat vectors, flat params, unravel)."""
+    if isinstance(params, jax.Array | np.ndarray) and jnp.ndim(params) == 1:
+        p = jnp.asarray(params)
+        return loss, p, lambda v: v
+    flat, unravel = ravel_pytree(params)
+    return (lambda v: loss(unravel(v))), flat, unravel
+
+
+def hvp(loss: Callable, params, v):
+    """Hessian-vector product H v of ``loss`` at ``params`` (forward-over-reverse).
+
+    Args:
+        loss: scalar function of a parameter pytree (or of a flat vector).
+        params: where the Hessian is taken.
+        v: a vector shaped like ``params`` (pytree of the same structure, or flat).
+
+    Returns:
+        H v, shaped like ``v``.
+    """
+    with jax.default_matmul_precision(PRECISION):
+        return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+
+
+def hessian_operator(loss: Callable, params) -> tuple[Callable, jax.Array]:
+    """``(matvec, flat_params)``: the Hessian of ``loss`` at ``params`` on flat vectors."""
+    f, p, _ = _flat(loss, params)
+    g = jax.grad(f)
+
+    def matvec(v):
+        with jax.default_matmul_precision(PRECISION):
+            return jax.jvp(g, (p,), (v,))[1]
+
+    return matvec, p
+
+
+def ggn_operator(apply_fn: Callable, out_loss: Callable, params, x, y) -> tuple[Callable, jax.Array]:
+    """Gauss–Newton operator ``Jᵀ H_ℓ J`` of ``out_loss(apply_fn(params, x), y)``.
+
+    J is the Jacobian of the outputs with respect to the (flat) parameters and H_ℓ the Hessian
+    of the loss with respect to the outputs. Equals the Hessian when the model is linear in its
+    parameters.
+    """
+    flat, unravel = ravel_pytree(params) if not (isinstance(params, jax.Array) and params.ndim == 1) else (params, lambda v: v)
+
+    def f(v):
+        return apply_fn(unravel(v), x)
+
+    def matvec(v):
+        with jax.default_matmul_precision(PRECISION):
+            out, jv = jax.jvp(f, (flat,), (v,))
+            hjv = jax.jvp(jax.grad(lambda o: out_loss(o, y)), (out,), (jv,))[1]
+            _, vjp = jax.vjp(f, flat)
+            return vjp(hjv)[0]
+
+    return matvec, flat
+
+
+def preconditioned_operator(matvec: Callable, p_diag) -> Callable:
+    """``v -> P^{-1/2} A P^{-1/2} v`` for a positive diagonal preconditioner ``p_diag`` (dim,)."""
+    s = 1.0 / jnp.sqrt(p_diag)
+
+    def op(v):
+        return s * matvec(s * v)
+
+    return op
+
+
+def adaptive_preconditioner(opt_state) -> tuple[jax.Array, str]:
+    """The diagonal preconditioner P (flat, parameter order) of an Adam or RMSProp optax state.
+
+    Adam (``ScaleByAdamState``): P = sqrt(ν̂) + ε with ν̂ = ν / (1 − β2^t) (t = the state's
+    count, at least 1). RMSProp (``ScaleByRmsState``): P = sqrt(ν + ε). The hyper-parameters
+    (β2, ε) are not in the state; pass them through :func:`training_preconditioner`.
+
+    Returns:
+        ``(nu_flat, kind, count)``: the flat second moments, ``"adam"`` or ``"rmsprop"``, and
+        Adam's step count (None for RMSProp); raises ``ValueError`` when the state has neither.
+    """
+    import optax
+
+    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")):
+        if isinstance(leaf, optax.ScaleByAdamState):
+            return ravel_pytree(leaf.nu)[0], "adam", leaf.count
+        if isinstance(leaf, optax.ScaleByRmsState):
+            return ravel_pytree(leaf.nu)[0], "rmsprop", None
+    raise ValueError("optimizer: the state holds no Adam or RMSProp second moments to precondition with")
+
+
+def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
+    """P (n_params,) of an Adam/AdamW/RMSProp :class:`TrainingMap` state at step t."""
+    hp = tmap.hparams if hparams is None else hparams
+    nu, kind, count = adaptive_preconditioner(tmap.opt_state(state, t))
+    if kind == "adam":
+        b2, eps = hp["b2"], hp["eps"]
+        c = jnp.maximum(count, 1).astype(nu.dtype)
+        return jnp.sqrt(nu / (1.0 - b2**c)) + eps
+    return jnp.sqrt(nu + hp["eps"])
+
+
+LOSS_MODES = ("full", "subset", "batch")
+
+
+def training_loss(tmap, state, t=0, *, mode: str = "full", subset: int | None = None, hparams=None):
+    """``(loss(params), params, info)`` of a :class:`TrainingMap` state for curvature.
+
+    Args:
+        mode: ``"full"`` (the whole training set), ``"subset"`` (the first ``subset``
+            training examples, recorded in ``info``) or ``"batch"`` (the minibatch of step t).
+    """
+    if mode not in LOSS_MODES:
+        raise ValueError(f"mode: unknown {mode!r}; allowed: {', '.join(LOSS_MODES)}")
+    x, y = tmap.data["x_train"], tmap.data["y_train"]
+    info = {"mode": mode}
+    if mode == "subset":
+        n = x.shape[0] if subset is None else int(subset)
+        if not 1 <= n <= x.shape[0]:
+            raise ValueError(f"subset: must be in [1, {x.shape[0]}], got {subset!r}")
+        x, y = x[:n], y[:n]
+        info["indices"] = (0, n)
+    elif mode == "batch":
+        idx = tmap.batch_indices(t)
+        x, y = x[idx], y[idx]
+        info["t"] = t
+    params = tmap.flat_params(state)
+
+    def loss(p):
+        return tmap.loss_of_params(tmap.params(jnp.concatenate([p, state[tmap.n_params :]])), x, y)
+
+    return loss, params, info
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+class EigResult(NamedTuple):
+    """Eigenpairs: ``eigenvalues`` (k,), ``eigenvectors`` (k, dim) unit rows, ``residuals``
+    (k,) ‖A v − λ v‖, ``converged`` (k,) bool, ``num_matvecs`` used."""
+
+    eigenvalues: jax.Array
+    eigenvectors: jax.Array
+    residuals: jax.Array
+    converged: jax.Array
+    num_matvecs: int
+
+
+class TraceResult(NamedTuple):
+    """``estimate`` of tr(A), its ``stderr``, and the per-probe ``samples``."""
+
+    estimate: jax.Array
+    stderr: jax.Array
+    samples: jax.Array
+
+
+class DensityResult(NamedTuple):
+    """Stochastic Lanczos quadrature: ``nodes`` and ``weights`` (each (runs·m,)); the weights
+    sum to 1 and ``Σ w δ(λ − node)`` approximates the spectral density."""
+
+    nodes: jax.Array
+    weights: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanczos
+
+
+def _default_tol(dtype) -> float:
+    return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-3
+
+
+def lanczos(matvec: Callable, v0, num_matvecs: int, key=None):
+    """Lanczos with full reorthogonalisation (classical Gram–Schmidt applied twice).
+
+    On breakdown (an invariant subspace found) the iteration continues from a random vector
+    orthogonal to the basis, with a zero off-diagonal, so ``num_matvecs`` stays fixed.
+
+    Returns:
+        ``(alphas (m,), betas (m,), Q (m, dim))``: T = tridiag(betas[:-1], alphas, betas[:-1]),
+        A Q[:m]ᵀ ≈ Q[:m]ᵀ T; ``betas[-1]`` is the residual coupling.
+    """
+    m = int(num_matvecs)
+    n = v0.shape[0]
+    key = jax.random.PRNGKey(0) if key is None else key
+    dtype = v0.dtype
+    q0 = v0 / jnp.linalg.norm(v0)
+    basis = jnp.zeros((m + 1, n), dtype).at[0].set(q0)
+    rows = jnp.arange(m + 1)
+
+    def orth(basis, w, mask):
+        for _ in range(2):
+            w = w - basis.T @ ((basis @ w) * mask)
+        return w
+
+    def body(carry, j):
+        basis, alphas, betas, scale = carry
+        q = basis[j]
+        w = matvec(q)
+        a = q @ w
+        mask = (rows <= j).astype(dtype)
+        w = orth(basis, w - a * q, mask)
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.abs(a) + b)
+        r = orth(basis, jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), mask)
+        r = orth(basis, r, mask)
+        r = r / jnp.linalg.norm(r)
+        good = b > 1e3 * jnp.finfo(dtype).eps * scale
+        qn = jnp.where(good, w / jnp.where(good, b, 1.0), r)
+        b = jnp.where(good, b, 0.0)
+        basis = basis.at[j + 1].set(qn)
+        return (basis, alphas.at[j].set(a), betas.at[j].set(b), scale), None
+
+    init = (basis, jnp.zeros((m,), dtype), jnp.zeros((m,), dtype), jnp.zeros((), dtype))
+    (basis, alphas, betas, _), _ = jax.lax.scan(body, init, jnp.arange(m))
+    return alphas, betas, basis[:m]
+
+
+def _tridiag(alphas, betas):
+    return jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+
+
+def lanczos_eigs(
+    matvec: Callable,
+    dim: int,
+    k: int,
+    *,
+    num_matvecs: int | None = None,
+    key=None,
+    which: str = "largest",
+    dtype=None,
+    tol: float | None = None,
+    v0=None,
+) -> EigResult:
+    """k extreme algebraic eigenpairs of a symmetric operator by Lanczos.
+
+    Args:
+        matvec: ``v -> A v`` on (dim,) vectors.
+        dim: the operator's dimension.
+        k: number of eigenpairs.
+        num_matvecs: Lanczos steps m (default min(dim, max(4k, 64))); fixed, so the call is
+            jit and vmap friendly.
+        which: ``"largest"`` (algebraic; sharpness) or ``"smallest"``.
+        tol: a pair is converged when its residual estimate |β_m s_mi| ≤ tol·max|θ| (default
+            1e-6 in float64, 1e-3 in float32).
+        v0: start vector (default random).
+
+    Returns:
+        :class:`EigResult`, largest first for ``"largest"``, smallest first for ``"smallest"``.
+    """
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
+    if int(k) != k or not 1 <= k <= dim:
+        raise ValueError(f"k: must be an integer in [1, {dim}], got {k!r}")
+    m = int(min(dim, max(4 * k, 64)) if num_matvecs is None else num_matvecs)
+    if not k <= m <= dim:
+        raise ValueError(f"num_matvecs: must lie in [k={k}, dim={dim}], got {m}")
+    dtype = dtype or jnp.asarray(0.0).dtype
+    key = jax.random.PRNGKey(0) if key is None else key
+    k_start, k_lan = jax.random.split(key)
+    if v0 is None:
+        v0 = jax.random.normal(k_start, (dim,), dtype)
+    alphas, betas, q = lanczos(matvec, jnp.asarray(v0, dtype), m, k_lan)
+    theta, s = jnp.linalg.eigh(_tridiag(alphas, betas))
+    if which == "largest":
+        theta, s = theta[::-1], s[:, ::-1]
+    theta, s = theta[:k], s[:, :k]
+    vecs = (q.T @ s).T
+    vecs = vecs / jnp.linalg.norm(vecs, axis=1, keepdims=True)
+    res = jnp.abs(betas[-1] * s[-1, :])
+    tol = _default_tol(dtype) if tol is None else tol
+    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dtype).tiny)
+    return EigResult(theta, vecs, res, res <= tol * scale, m)
+
+
+def block_krylov_eigs(
+    matvec: Callable,
+    v0,
+    *,
+    num_blocks: int = 2,
+    which: str = "largest",
+    tol: float | None = None,
+) -> EigResult:
+    """Top-k eigenpairs by Rayleigh–Ritz on the block Krylov space span{V, AV, …, A^p V}.
+
+    Warm-started from ``v0`` (dim, k) — e.g. the previous eigenvectors while tracking — it
+    needs few blocks. Uses k·(p + 1) matvecs (p = ``num_blocks``) and returns exact residuals.
+    """
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
+    v = jnp.asarray(v0)
+    dim, k = v.shape
+    mv = jax.vmap(matvec, in_axes=1, out_axes=1)
+    blocks = [jnp.linalg.qr(v)[0]]
+    images = []
+    for _ in range(int(num_blocks)):
+        w = mv(blocks[-1])
+        images.append(w)
+        b = jnp.concatenate(blocks, axis=1)
+        for _ in range(2):
+            w = w - b @ (b.T @ w)
+        blocks.append(jnp.linalg.qr(w)[0])
+    images.append(mv(blocks[-1]))
+    b = jnp.concatenate(blocks, axis=1)
+    ab = jnp.concatenate(images, axis=1)
+    h = b.T @ ab
+    theta, s = jnp.linalg.eigh(0.5 * (h + h.T))
+    if which == "largest":
+        theta, s = theta[::-1], s[:, ::-1]
+    theta, s = theta[:k], s[:, :k]
+    y = b @ s
+    ay = ab @ s
+    norms = jnp.linalg.norm(y, axis=0)
+    y, ay = y / norms, ay / norms
+    res = jnp.linalg.norm(ay - y * theta, axis=0)
+    tol = _default_tol(v.dtype) if tol is None else tol
+    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(v.dtype).tiny)
+    return EigResult(theta, y.T, res, res <= tol * scale, k * (int(num_blocks) + 1))
+
+
+def hessian_eigs(loss: Callable, params, k: int, *, num_matvecs=None, key=None, which="largest", tol=None) -> EigResult:
+    """The k largest algebraic Hessian eigenvalues of ``loss`` at ``params`` (Lanczos).
+
+    ``loss`` maps a parameter pytree (or a flat vector) to a scalar. Eigenvectors are flat
+    unit rows in ``ravel_pytree`` order. See :func:`lanczos_eigs`.
+    """
+    matvec, p = hessian_operator(loss, params)
+    return lanczos_eigs(matvec, p.shape[0], k, num_matvecs=num_matvecs, key=key, which=which, dtype=p.dtype, tol=tol)
+
+
+def dense_hessian(loss: Callable, params, *, chunk_size: int = 64) -> jax.Array:
+    """The dense Hessian (dim, dim) from HVP columns, ``chunk_size`` columns per vmap."""
+    matvec, p = hessian_operator(loss, params)
+    n = p.shape[0]
+    eye = jnp.eye(n, dtype=p.dtype)
+    cols = [jax.vmap(matvec)(eye[i : i + chunk_size]) for i in range(0, n, chunk_size)]
+    h = jnp.concatenate(cols, axis=0).T
+    return 0.5 * (h + h.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# trace and density
+
+TRACE_METHODS = ("hutchinson", "hutch++")
+
+
+def trace_estimate(matvec: Callable, dim: int, *, num_probes: int, key, method: str = "hutchinson", dtype=None) -> TraceResult:
+    """Stochastic trace of a symmetric operator with Rademacher probes.
+
+    ``"hutchinson"``: mean of zᵀAz over ``num_probes`` probes. ``"hutch++"``: a third of the
+    probes build a sketch Q = orth(A S); tr(QᵀAQ) is exact and the rest estimate the
+    remainder tr((I − QQᵀ) A (I − QQᵀ)). The standard error is that of the stochastic part.
+    """
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method: unknown {method!r}; allowed: {', '.join(TRACE_METHODS)}")
+    if int(num_probes) != num_probes or num_probes < 2:
+        raise ValueError(f"num_probes: must be an integer >= 2, got {num_probes!r}")
+    dtype = dtype or jnp.asarray(0.0).dtype
+    mv = jax.vmap(matvec)
+    if method == "hutchinson":
+        z = jax.random.rademacher(key, (num_probes, dim), dtype)
+        samples = jnp.sum(z * mv(z), axis=1)
+        return TraceResult(samples.mean(), samples.std(ddof=1) / jnp.sqrt(num_probes), samples)
+    m = max(1, num_probes // 3)
+    g_n = max(2, num_probes - 2 * m)
+    ks, kg = jax.random.split(key)
+    s = jax.random.rademacher(ks, (m, dim), dtype)
+    q = jnp.linalg.qr(mv(s).T)[0]
+    exact = jnp.trace(q.T @ mv(q.T).T)
+    g = jax.random.rademacher(kg, (g_n, dim), dtype)
+    g = g - (g @ q) @ q.T
+    samples = jnp.sum(g * mv(g), axis=1)
+    return TraceResult(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(g_n), exact + samples)
+
+
+def hessian_trace(loss: Callable, params, *, num_probes: int, key, method: str = "hutchinson") -> TraceResult:
+    """tr(H) of ``loss`` at ``params`` by :func:`trace_estimate`."""
+    matvec, p = hessian_operator(loss, params)
+    return trace_estimate(matvec, p.shape[0], num_probes=num_probes, key=key, method=method, dtype=p.dtype)
+
+
+def density_estimate(matvec: Callable, dim: int, *, num_matvecs: int, num_runs: int, key, dtype=None) -> DensityResult:
+    """Stochastic Lanczos quadrature: for each of ``num_runs`` random unit starts, the Ritz
+    values of an m-step Lanczos run are nodes with weights (first eigenvector component)²/runs."""
+    m = int(min(num_matvecs, dim))
+    dtype = dtype or jnp.asarray(0.0).dtype
+
+    def one(key):
+        k1, k2 = jax.random.split(key)
+        v0 = jax.random.rademacher(k1, (dim,), dtype)
+        a, b, _ = lanczos(matvec, v0, m, k2)
+        theta, s = jnp.linalg.eigh(_tridiag(a, b))
+        return theta, s[0, :] ** 2
+
+    nodes, weights = jax.lax.map(one, jax.random.split(key, int(num_runs)))
+    return DensityResult(nodes.ravel(), weights.ravel() / num_runs)
+
+
+def hessian_density(loss: Callable, params, *, num_matvecs: int, num_runs: int, key) -> DensityResult:
+    """Spectral density of the Hessian by stochastic Lanczos quadrature (nodes, weights)."""
+    matvec, p = hessian_operator(loss, params)
+    return density_estimate(matvec, p.shape[0], num_matvecs=num_matvecs, num_runs=num_runs, key=key, dtype=p.dtype)
+
+
+def smooth_density(nodes, weights, grid=None, *, width: float | None = None, n_grid: int = 512):
+    """Gaussian-smoothed density on a grid from SLQ nodes and weights.
+
+    The default width is 1% of the node range (at least 1e-12 of the largest |node|), wide
+    enough to merge Ritz values from different runs, narrow enough to keep outliers apart.
+
+    Returns:
+        ``(grid, density)`` with ∫ density ≈ Σ weights.
+    """
+    nodes = np.asarray(nodes, np.float64)
+    weights = np.asarray(weights, np.float64)
+    lo, hi = float(nodes.min()), float(nodes.max())
+    span = max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    width = 0.01 * span if width is None else float(width)
+    if not width > 0:
+        raise ValueError(f"width: must be > 0, got {width!r}")
+    if grid is None:
+        grid = np.linspace(lo - 5 * width, hi + 5 * width, n_grid)
+    grid = np.asarray(grid, np.float64)
+    z = (grid[:, None] - nodes[None, :]) / width
+    dens = (weights[None, :] * np.exp(-0.5 * z**2)).sum(1) / (width * math.sqrt(2 * math.pi))
+    return grid, dens
+
+
+# ---------------------------------------------------------------------------------------------
+# stability thresholds
+
+
+def stability_threshold(optimizer: str, hparams: dict[str, Any]) -> tuple[Any, str]:
+    """The optimizer's stability threshold on the largest curvature, and its operator.
+
+    GD 2/η; heavy ball (2 + 2β)/η; Nesterov (2 + 2β)/(η(1 + 2β)); Adam/AdamW
+    (2 + 2β1)/((1 − β1)η) and RMSProp 2/η on the preconditioned operator P^{-1/2} H P^{-1/2}.
+
+    Returns:
+        ``(threshold, operator)`` with operator ``"hessian"`` or ``"preconditioned"``;
+        ``(nan, "unknown")`` for optimizers without a known threshold.
+    """
+    lr = hparams.get("learning_rate")
+    if lr is None:
+        return float("nan"), "unknown"
+    if optimizer == "sgd":
+        return 2.0 / lr, "hessian"
+    if optimizer == "momentum":
+        b = hparams["momentum"]
+        return (2.0 + 2.0 * b) / lr, "hessian"
+    if optimizer == "nesterov":
+        b = hparams["momentum"]
+        return (2.0 + 2.0 * b) / (lr * (1.0 + 2.0 * b)), "hessian"
+    if optimizer in ("adam", "adamw"):
+        b1 = hparams["b1"]
+        return (2.0 + 2.0 * b1) / ((1.0 - b1) * lr), "preconditioned"
+    if optimizer == "rmsprop":
+        return 2.0 / lr, "preconditioned"
+    return float("nan"), "unknown"
+
+
+__all__ = [
+    "LOSS_MODES",
+    "TRACE_METHODS",
+    "DensityResult",
+    "EigResult",
+    "TraceResult",
+    "adaptive_preconditioner",
+    "block_krylov_eigs",
+    "dense_hessian",
+    "density_estimate",
+    "ggn_operator",
+    "hessian_density",
+    "hessian_eigs",
+    "hessian_operator",
+    "hessian_trace",
+    "hvp",
+    "lanczos",
+    "lanczos_eigs",
+    "preconditioned_operator",
+    "smooth_density",
+    "stability_threshold",
+    "trace_estimate",
+    "training_loss",
+    "training_preconditioner",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking during training (a stateful observable of the replica engine)
+
+
+def _principal_angles(a, b):
+    """Principal angles (k,) between the column spans of orthonormal a, b (dim, k)."""
+    s = jnp.linalg.svd(a.T @ b, compute_uv=False)
+    return jnp.arccos(jnp.clip(s, 0.0, 1.0))
+
+
+class CurvatureTracker(NamedTuple):
+    """Track the top-k curvature of every replica at each record of :func:`run_replicas`.
+
+    The first record runs a cold Lanczos (``cold_matvecs``); later records warm-start a block
+    Krylov solve (``num_blocks`` blocks, k·(num_blocks + 1) matvecs) from the previous
+    eigenvectors, sign-aligned to them. Recorded per replica:
+
+    * ``sharpness`` (k,): top algebraic eigenvalues of the operator;
+    * ``threshold``: the optimizer's stability threshold (:func:`stability_threshold`);
+    * ``sharpness_ratio``: sharpness / threshold (1 = edge of stability);
+    * ``rotation``: 1 − |⟨v1(prev), v1⟩| between consecutive records (NaN at the first);
+    * ``subspace_angle`` (k,): principal angles between consecutive top-k subspaces (radians);
+    * ``grad_overlap`` / ``update_overlap`` (k,): ⟨ĝ, v_i⟩² and ⟨û, v_i⟩² of the unit
+      gradient and of the unit parameter update of the next step;
+    * ``top_layer_mass`` (layers,): share of v1's squared norm per layer;
+    * ``eig_residual`` (k,): ‖A v − λ v‖.
+
+    Args:
+        k: number of eigenpairs.
+        operator: ``"hessian"``, ``"preconditioned"`` (P^{-1/2} H P^{-1/2} of Adam/RMSProp)
+            or ``"auto"`` (the operator of the optimizer's threshold).
+        mode: loss for the curvature: ``"full"``, ``"subset"`` (first ``subset`` examples)
+            or ``"batch"`` (the minibatch of the record step).
+        num_blocks: warm-start blocks; cold_matvecs: Lanczos steps of the first record.
+    """
+
+    k: int = 1
+    operator: str = "auto"
+    mode: str = "full"
+    subset: int | None = None
+    num_blocks: int = 2
+    cold_matvecs: int = 64
+
+    NAMES = ("sharpness", "threshold", "sharpness_ratio", "rotation", "subspace_angle",
+             "grad_overlap", "update_overlap", "top_layer_mass", "eig_residual")
+
+    def validate(self, tmap) -> None:
+        if self.operator not in ("auto", "hessian", "preconditioned"):
+            raise ValueError(f"operator: unknown {self.operator!r}; allowed: auto, hessian, preconditioned")
+        if self.mode not in LOSS_MODES:
+            raise ValueError(f"mode: unknown {self.mode!r}; allowed: {', '.join(LOSS_MODES)}")
+        if int(self.k) != self.k or not 1 <= self.k <= tmap.n_params:
+            raise ValueError(f"k: must be an integer in [1, {tmap.n_params}], got {self.k!r}")
+        if self._operator(tmap) == "preconditioned" and tmap.optimizer_name not in ("adam", "adamw", "rmsprop"):
+            raise ValueError(
+                f"operator: 'preconditioned' needs an adam/adamw/rmsprop optimizer, got {tmap.optimizer_name!r}"
+            )
+
+    def _operator(self, tmap) -> str:
+        if self.operator != "auto":
+            return self.operator
+        _, op = stability_threshold(tmap.optimizer_name, {"learning_rate": 1.0, "momentum": 0.0, "b1": 0.0})
+        return "preconditioned" if op == "preconditioned" else "hessian"
+
+    def _one(self, tmap, state, hparams, t, v_prev, cold: bool):
+        loss, p, _ = training_loss(tmap, state, t, mode=self.mode, subset=self.subset)
+        matvec, _ = hessian_operator(loss, p)
+        if self._operator(tmap) == "preconditioned":
+            matvec = preconditioned_operator(matvec, training_preconditioner(tmap, state, t, hparams))
+        dim = p.shape[0]
+        if cold:
+            m = int(min(dim, max(self.cold_matvecs, 2 * self.k)))
+            r = lanczos_eigs(matvec, dim, self.k, num_matvecs=m, dtype=p.dtype)
+            vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
+        else:
+            r = block_krylov_eigs(matvec, v_prev, num_blocks=self.num_blocks)
+            vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
+            sign = jnp.sign(jnp.sum(vecs * v_prev, axis=0))
+            vecs = vecs * jnp.where(sign == 0, 1.0, sign)
+        thr, _ = stability_threshold(tmap.optimizer_name, hparams)
+        thr = jnp.asarray(thr, p.dtype)
+        g = jax.grad(loss)(p)
+        u = tmap.flat_params(tmap.step_with(state, t, hparams)) - p
+        gu = g / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(p.dtype).tiny)
+        uu = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(p.dtype).tiny)
+        v1 = vecs[:, 0] ** 2
+        layers = jnp.stack([jnp.sum(v1[a:b]) for a, b in tmap.layers.values()])
+        nan = jnp.full((), jnp.nan, p.dtype)
+        values = {
+            "sharpness": vals,
+            "threshold": thr,
+            "sharpness_ratio": vals[0] / thr,
+            "rotation": nan if cold else 1.0 - jnp.abs(v_prev[:, 0] @ vecs[:, 0]),
+            "subspace_angle": jnp.full((self.k,), jnp.nan, p.dtype) if cold else _principal_angles(v_prev, vecs),
+            "grad_overlap": (gu @ vecs) ** 2,
+            "update_overlap": (uu @ vecs) ** 2,
+            "top_layer_mass": layers / jnp.sum(v1),
+            "eig_residual": res,
+        }
+        return values, vecs
+
+    def init(self, tmap, states, hparams, t):
+        """Cold start at the first record; returns (values, tracker state (R, n_params, k))."""
+        return jax.vmap(lambda s, h: self._one(tmap, s, h, t, None, True))(states, hparams)
+
+    def update(self, tmap, states, hparams, vecs, t):
+        """Warm-started update at a later record."""
+        return jax.vmap(lambda s, h, v: self._one(tmap, s, h, t, v, False))(states, hparams, vecs)
+
+    def matvecs(self, first: bool) -> int:
+        return self.cold_matvecs if first else self.k * (self.num_blocks + 1)
+
+
+__all__ += ["CurvatureTracker"]
