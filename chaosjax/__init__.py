@@ -13,7 +13,6 @@ from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
 from chaosjax.clv import clv_subspace_overlap as clv_subspace_overlap
 from chaosjax.clv import covariant_lyapunov_vectors as covariant_lyapunov_vectors
-from chaosjax.datasets import Dataset as Dataset
 from chaosjax.curvature import CurvatureTracker as CurvatureTracker
 from chaosjax.curvature import DensityResult as DensityResult
 from chaosjax.curvature import EigResult as EigResult
@@ -25,6 +24,7 @@ from chaosjax.curvature import hessian_trace as hessian_trace
 from chaosjax.curvature import hvp as hvp
 from chaosjax.curvature import smooth_density as smooth_density
 from chaosjax.curvature import stability_threshold as stability_threshold
+from chaosjax.datasets import Dataset as Dataset
 from chaosjax.lyapunov import LyapunovResult as LyapunovResult
 from chaosjax.lyapunov import WindowFit as WindowFit
 from chaosjax.lyapunov import best_window_fit as best_window_fit

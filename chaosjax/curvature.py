@@ -83,14 +83,20 @@ def hessian_operator(loss: Callable, params) -> tuple[Callable, jax.Array]:
     return matvec, p
 
 
-def ggn_operator(apply_fn: Callable, out_loss: Callable, params, x, y) -> tuple[Callable, jax.Array]:
+def ggn_operator(
+    apply_fn: Callable, out_loss: Callable, params, x, y
+) -> tuple[Callable, jax.Array]:
     """Gauss–Newton operator ``Jᵀ H_ℓ J`` of ``out_loss(apply_fn(params, x), y)``.
 
     J is the Jacobian of the outputs with respect to the (flat) parameters and H_ℓ the Hessian
     of the loss with respect to the outputs. Equals the Hessian when the model is linear in its
     parameters.
     """
-    flat, unravel = ravel_pytree(params) if not (isinstance(params, jax.Array) and params.ndim == 1) else (params, lambda v: v)
+    flat, unravel = (
+        ravel_pytree(params)
+        if not (isinstance(params, jax.Array) and params.ndim == 1)
+        else (params, lambda v: v)
+    )
 
     def f(v):
         return apply_fn(unravel(v), x)
@@ -128,12 +134,16 @@ def adaptive_preconditioner(opt_state) -> tuple[jax.Array, str]:
     """
     import optax
 
-    for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")):
+    for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")
+    ):
         if isinstance(leaf, optax.ScaleByAdamState):
             return ravel_pytree(leaf.nu)[0], "adam", leaf.count
         if isinstance(leaf, optax.ScaleByRmsState):
             return ravel_pytree(leaf.nu)[0], "rmsprop", None
-    raise ValueError("optimizer: the state holds no Adam or RMSProp second moments to precondition with")
+    raise ValueError(
+        "optimizer: the state holds no Adam or RMSProp second moments to precondition with"
+    )
 
 
 def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
@@ -337,7 +347,7 @@ def block_krylov_eigs(
     if which not in ("largest", "smallest"):
         raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
     v = jnp.asarray(v0)
-    dim, k = v.shape
+    k = v.shape[1]
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
     blocks = [jnp.linalg.qr(v)[0]]
     images = []
@@ -366,14 +376,18 @@ def block_krylov_eigs(
     return EigResult(theta, y.T, res, res <= tol * scale, k * (int(num_blocks) + 1))
 
 
-def hessian_eigs(loss: Callable, params, k: int, *, num_matvecs=None, key=None, which="largest", tol=None) -> EigResult:
+def hessian_eigs(
+    loss: Callable, params, k: int, *, num_matvecs=None, key=None, which="largest", tol=None
+) -> EigResult:
     """The k largest algebraic Hessian eigenvalues of ``loss`` at ``params`` (Lanczos).
 
     ``loss`` maps a parameter pytree (or a flat vector) to a scalar. Eigenvectors are flat
     unit rows in ``ravel_pytree`` order. See :func:`lanczos_eigs`.
     """
     matvec, p = hessian_operator(loss, params)
-    return lanczos_eigs(matvec, p.shape[0], k, num_matvecs=num_matvecs, key=key, which=which, dtype=p.dtype, tol=tol)
+    return lanczos_eigs(
+        matvec, p.shape[0], k, num_matvecs=num_matvecs, key=key, which=which, dtype=p.dtype, tol=tol
+    )
 
 
 def dense_hessian(loss: Callable, params, *, chunk_size: int = 64) -> jax.Array:
@@ -392,7 +406,9 @@ def dense_hessian(loss: Callable, params, *, chunk_size: int = 64) -> jax.Array:
 TRACE_METHODS = ("hutchinson", "hutch++")
 
 
-def trace_estimate(matvec: Callable, dim: int, *, num_probes: int, key, method: str = "hutchinson", dtype=None) -> TraceResult:
+def trace_estimate(
+    matvec: Callable, dim: int, *, num_probes: int, key, method: str = "hutchinson", dtype=None
+) -> TraceResult:
     """Stochastic trace of a symmetric operator with Rademacher probes.
 
     ``"hutchinson"``: mean of zᵀAz over ``num_probes`` probes. ``"hutch++"``: a third of the
@@ -421,13 +437,19 @@ def trace_estimate(matvec: Callable, dim: int, *, num_probes: int, key, method: 
     return TraceResult(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(g_n), exact + samples)
 
 
-def hessian_trace(loss: Callable, params, *, num_probes: int, key, method: str = "hutchinson") -> TraceResult:
+def hessian_trace(
+    loss: Callable, params, *, num_probes: int, key, method: str = "hutchinson"
+) -> TraceResult:
     """tr(H) of ``loss`` at ``params`` by :func:`trace_estimate`."""
     matvec, p = hessian_operator(loss, params)
-    return trace_estimate(matvec, p.shape[0], num_probes=num_probes, key=key, method=method, dtype=p.dtype)
+    return trace_estimate(
+        matvec, p.shape[0], num_probes=num_probes, key=key, method=method, dtype=p.dtype
+    )
 
 
-def density_estimate(matvec: Callable, dim: int, *, num_matvecs: int, num_runs: int, key, dtype=None) -> DensityResult:
+def density_estimate(
+    matvec: Callable, dim: int, *, num_matvecs: int, num_runs: int, key, dtype=None
+) -> DensityResult:
     """Stochastic Lanczos quadrature: for each of ``num_runs`` random unit starts, the Ritz
     values of an m-step Lanczos run are nodes with weights (first eigenvector component)²/runs."""
     m = int(min(num_matvecs, dim))
@@ -444,10 +466,14 @@ def density_estimate(matvec: Callable, dim: int, *, num_matvecs: int, num_runs: 
     return DensityResult(nodes.ravel(), weights.ravel() / num_runs)
 
 
-def hessian_density(loss: Callable, params, *, num_matvecs: int, num_runs: int, key) -> DensityResult:
+def hessian_density(
+    loss: Callable, params, *, num_matvecs: int, num_runs: int, key
+) -> DensityResult:
     """Spectral density of the Hessian by stochastic Lanczos quadrature (nodes, weights)."""
     matvec, p = hessian_operator(loss, params)
-    return density_estimate(matvec, p.shape[0], num_matvecs=num_matvecs, num_runs=num_runs, key=key, dtype=p.dtype)
+    return density_estimate(
+        matvec, p.shape[0], num_matvecs=num_matvecs, num_runs=num_runs, key=key, dtype=p.dtype
+    )
 
 
 def smooth_density(nodes, weights, grid=None, *, width: float | None = None, n_grid: int = 512):
@@ -577,17 +603,32 @@ class CurvatureTracker(NamedTuple):
     num_blocks: int = 2
     cold_matvecs: int = 64
 
-    NAMES = ("sharpness", "threshold", "sharpness_ratio", "rotation", "subspace_angle",
-             "grad_overlap", "update_overlap", "top_layer_mass", "eig_residual")
+    NAMES = (
+        "sharpness",
+        "threshold",
+        "sharpness_ratio",
+        "rotation",
+        "subspace_angle",
+        "grad_overlap",
+        "update_overlap",
+        "top_layer_mass",
+        "eig_residual",
+    )
 
     def validate(self, tmap) -> None:
         if self.operator not in ("auto", "hessian", "preconditioned"):
-            raise ValueError(f"operator: unknown {self.operator!r}; allowed: auto, hessian, preconditioned")
+            raise ValueError(
+                f"operator: unknown {self.operator!r}; allowed: auto, hessian, preconditioned"
+            )
         if self.mode not in LOSS_MODES:
             raise ValueError(f"mode: unknown {self.mode!r}; allowed: {', '.join(LOSS_MODES)}")
         if int(self.k) != self.k or not 1 <= self.k <= tmap.n_params:
             raise ValueError(f"k: must be an integer in [1, {tmap.n_params}], got {self.k!r}")
-        if self._operator(tmap) == "preconditioned" and tmap.optimizer_name not in ("adam", "adamw", "rmsprop"):
+        if self._operator(tmap) == "preconditioned" and tmap.optimizer_name not in (
+            "adam",
+            "adamw",
+            "rmsprop",
+        ):
             raise ValueError(
                 f"operator: 'preconditioned' needs an adam/adamw/rmsprop optimizer, got {tmap.optimizer_name!r}"
             )
@@ -595,14 +636,18 @@ class CurvatureTracker(NamedTuple):
     def _operator(self, tmap) -> str:
         if self.operator != "auto":
             return self.operator
-        _, op = stability_threshold(tmap.optimizer_name, {"learning_rate": 1.0, "momentum": 0.0, "b1": 0.0})
+        _, op = stability_threshold(
+            tmap.optimizer_name, {"learning_rate": 1.0, "momentum": 0.0, "b1": 0.0}
+        )
         return "preconditioned" if op == "preconditioned" else "hessian"
 
     def _one(self, tmap, state, hparams, t, v_prev, cold: bool):
         loss, p, _ = training_loss(tmap, state, t, mode=self.mode, subset=self.subset)
         matvec, _ = hessian_operator(loss, p)
         if self._operator(tmap) == "preconditioned":
-            matvec = preconditioned_operator(matvec, training_preconditioner(tmap, state, t, hparams))
+            matvec = preconditioned_operator(
+                matvec, training_preconditioner(tmap, state, t, hparams)
+            )
         dim = p.shape[0]
         if cold:
             m = int(min(dim, max(self.cold_matvecs, 2 * self.k)))
@@ -627,7 +672,9 @@ class CurvatureTracker(NamedTuple):
             "threshold": thr,
             "sharpness_ratio": vals[0] / thr,
             "rotation": nan if cold else 1.0 - jnp.abs(v_prev[:, 0] @ vecs[:, 0]),
-            "subspace_angle": jnp.full((self.k,), jnp.nan, p.dtype) if cold else _principal_angles(v_prev, vecs),
+            "subspace_angle": jnp.full((self.k,), jnp.nan, p.dtype)
+            if cold
+            else _principal_angles(v_prev, vecs),
             "grad_overlap": (gu @ vecs) ** 2,
             "update_overlap": (uu @ vecs) ** 2,
             "top_layer_mass": layers / jnp.sum(v1),

@@ -206,6 +206,101 @@ def clv_angle_distribution(ds, *, ax=None):
     return ax
 
 
+def sharpness_vs_threshold(results: ReplicaResults, *, by: str = "learning_rate"):
+    """λ1 of each reference replica over time against its stability threshold, one panel per
+    ``by`` value (log y)."""
+    vals = np.unique(results.coords[by])
+    fig, axes = plt.subplots(
+        1, len(vals), figsize=(3.2 * len(vals) + 0.8, 3.6), squeeze=False, sharey=False
+    )
+    ref = results.coords.get("member", np.zeros(results.n_replicas)) == 0
+    for ax, v in zip(axes[0], vals):
+        sel = np.flatnonzero((results.coords[by] == v) & ref)
+        for i, r in enumerate(sel):
+            y = results.records["sharpness"][r, :, 0]
+            few = np.isfinite(y).sum() < 3  # diverged early: show the points
+            ax.plot(
+                results.steps,
+                y,
+                lw=1.0,
+                marker="o" if few else None,
+                ms=4,
+                label="λ1 (seeds)" if i == 0 else None,
+                color=f"C{i}",
+            )
+        thr = results.records["threshold"][sel[0]] if len(sel) else np.array([np.nan])
+        if np.isfinite(thr).any():
+            ax.axhline(
+                float(np.nanmax(thr)), color="k", ls="--", lw=1.0, label="threshold (2/η for GD)"
+            )
+        ax.set_yscale("log")
+        ax.set_title(_label(by, float(v)), fontsize=9)
+        ax.set_xlabel("step t")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("sharpness λ1 (largest Hessian eigenvalue)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("sharpness against the stability threshold", fontsize=10)
+    return axes[0][0]
+
+
+def rotation_series(results: ReplicaResults, *, by: str = "learning_rate", ax=None):
+    """Rotation 1 − |cos| of the top Hessian eigenvector between records (log y)."""
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    vals = np.unique(results.coords[by])
+    ref = results.coords.get("member", np.zeros(results.n_replicas)) == 0
+    for color, v in zip(_colors(len(vals)), vals):
+        sel = np.flatnonzero((results.coords[by] == v) & ref)
+        for i, r in enumerate(sel):
+            y = results.records["rotation"][r]
+            ax.plot(
+                results.steps,
+                np.where(y > 0, y, np.nan),
+                color=color,
+                lw=0.9,
+                label=_label(by, float(v)) if i == 0 else None,
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("step t")
+    ax.set_ylabel("1 − |⟨v1(t − Δ), v1(t)⟩|")
+    ax.set_title("rotation of the top Hessian eigenvector")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return ax
+
+
+def spectral_density(ds, *, ax=None):
+    """Smoothed SLQ Hessian spectral density at the start (dashed) and end (solid) of the
+    first seed's run per learning rate, from a run's ``curvature`` dataset."""
+    from chaosjax.curvature import smooth_density
+
+    ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
+    lrs = ds["learning_rate"].values
+    uniq = np.unique(lrs)
+    for color, lr in zip(_colors(len(uniq)), uniq):
+        g = int(np.flatnonzero(lrs == lr)[0])
+        for w, ls in ((0, "--"), (1, "-")):
+            nodes = ds["density_nodes"].values[g, w]
+            weights = ds["density_weights"].values[g, w]
+            ok = np.isfinite(nodes) & np.isfinite(weights)
+            if not ok.any():
+                continue
+            grid, dens = smooth_density(nodes[ok], weights[ok])
+            ax.plot(
+                grid,
+                np.maximum(dens, 1e-8),
+                ls=ls,
+                color=color,
+                label=f"{_label('learning_rate', float(lr))}, {'start' if w == 0 else 'end'}",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("spectral density (SLQ, smoothed)")
+    ax.set_title("Hessian spectral density")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return ax
+
+
 def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +335,10 @@ __all__ = [
     "ftle_series",
     "loss_curves",
     "replica_distance",
+    "rotation_series",
     "save",
+    "sharpness_vs_threshold",
+    "spectral_density",
     "spectrum_by",
     "standard_figures",
 ]

@@ -323,7 +323,9 @@ def _chunk(stepper, model, hparams, ref, states, alive, div_step, tstates, t0, s
 
     def outer(carry, tr):
         (s, a, d), ts = carry
-        (s, a, d), _ = jax.lax.scan(inner, (s, a, d), tr + jnp.arange(spec.record_every, dtype=tr.dtype))
+        (s, a, d), _ = jax.lax.scan(
+            inner, (s, a, d), tr + jnp.arange(spec.record_every, dtype=tr.dtype)
+        )
         obs = _observe(model, s, a, ref, spec)
         new_ts = []
         for tracker, st in zip(spec.trackers, ts):
@@ -551,7 +553,12 @@ def run_replicas(
             stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
     else:
         obs0, tstates = _observe_first_jit(
-            model if is_tm else None, hparams, states, alive, ref, jnp.asarray(t, jnp.int32),
+            model if is_tm else None,
+            hparams,
+            states,
+            alive,
+            ref,
+            jnp.asarray(t, jnp.int32),
             spec=spec_for(record_every),
         )
         records = {k: [np.asarray(v)[:, None]] for k, v in obs0.items()}

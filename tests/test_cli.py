@@ -38,6 +38,9 @@ def test_run_default_preset_writes_every_file(tmp_path, capsys):
         "figures/replica_distance.png",
         "figures/spectrum.png",
         "figures/ftle.png",
+        "figures/sharpness.png",
+        "figures/rotation.png",
+        "figures/density.png",
     ):
         assert (out / name).exists(), name
     assert not (out / "checkpoint.npz").exists()
@@ -46,6 +49,8 @@ def test_run_default_preset_writes_every_file(tmp_path, capsys):
     assert int(res.attrs["complete"]) == 1
     text = (out / "summary.md").read_text()
     assert "| η |" in text and "quickstart" in text and "## Lyapunov exponents" in text
+    assert "## Curvature and the edge of stability" in text and "Verdict from" in text
+    assert res.records["sharpness"].shape == (12, 5, 2)
     assert "results.zarr" in capsys.readouterr().out
     # report re-renders the same summary from the store
     (out / "summary.md").unlink()

@@ -114,6 +114,30 @@ class LyapunovConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CurvatureConfig:
+    enabled: bool = fld(True, "track the top Hessian eigenvalues of every replica at each record")
+    k: int = fld(2, "tracked eigenpairs", lo=1)
+    operator: str = fld(
+        "auto",
+        "operator (auto: preconditioned for Adam/RMSProp)",
+        choices=("auto", "hessian", "preconditioned"),
+    )
+    mode: str = fld("full", "loss of the curvature", choices=("full", "subset", "batch"))
+    subset: int = fld(
+        0, "examples of the 'subset' mode (first n of the training set); 0 = all", lo=0
+    )
+    num_blocks: int = fld(2, "warm-start Krylov blocks per record", lo=1)
+    cold_matvecs: int = fld(64, "Lanczos steps of the first record", lo=2)
+    trace_probes: int = fld(
+        30, "Hutchinson probes of the trace at the start and end; 0 = off", lo=0
+    )
+    density_matvecs: int = fld(
+        40, "Lanczos steps per SLQ run of the spectral density; 0 = off", lo=0
+    )
+    density_runs: int = fld(4, "SLQ runs", lo=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class CLVConfig:
     enabled: bool = fld(False, "compute covariant Lyapunov vectors of each (seed, η) reference run")
     k: int = fld(4, "number of covariant vectors", lo=1)
@@ -153,6 +177,9 @@ class ExperimentConfig:
     )
     lyapunov: LyapunovConfig = dataclasses.field(
         default_factory=LyapunovConfig, metadata={"doc": "Lyapunov exponents"}
+    )
+    curvature: CurvatureConfig = dataclasses.field(
+        default_factory=CurvatureConfig, metadata={"doc": "curvature and the edge of stability"}
     )
     clv: CLVConfig = dataclasses.field(
         default_factory=CLVConfig, metadata={"doc": "covariant Lyapunov vectors"}
@@ -369,6 +396,7 @@ def describe(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str
 __all__ = [
     "CLVConfig",
     "ConfigError",
+    "CurvatureConfig",
     "DataConfig",
     "ExperimentConfig",
     "LyapunovConfig",

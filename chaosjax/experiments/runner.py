@@ -233,9 +233,15 @@ def run_experiment(
     ]
     if tmap.task == "classification":
         observables += ["accuracy", "test_accuracy"]
+    trackers = []
+    if cfg.curvature.enabled:
+        from chaosjax.experiments.analyses import curvature_tracker
+
+        trackers.append(curvature_tracker(cfg))
     results = run_replicas(
         tmap,
         batch,
+        trackers=trackers,
         steps=cfg.steps,
         record_every=cfg.record_every,
         observables=observables,
@@ -249,6 +255,10 @@ def run_experiment(
         on_chunk=on_chunk,
     )
     groups = {}
+    if cfg.curvature.enabled:
+        from chaosjax.experiments.analyses import curvature_stage
+
+        groups["curvature"] = curvature_stage(cfg, tmap, batch, results)
     if cfg.lyapunov.enabled:
         from chaosjax.experiments.analyses import lyapunov_stage
 
@@ -376,6 +386,10 @@ def report(folder: str | Path) -> Path:
     if lyap is not None:
         analyses.lyapunov_figures(lyap, folder / "figures")
         text += "\n" + "\n".join(analyses.lyapunov_markdown(lyap))
+    curv = open_group(store, "curvature")
+    if curv is not None and "sharpness" in results.records:
+        analyses.curvature_figures(curv, results, folder / "figures")
+        text += "\n" + "\n".join(analyses.curvature_markdown(curv, results))
     clv = open_group(store, "clv")
     if clv is not None:
         analyses.clv_figures(clv, folder / "figures")
