@@ -242,5 +242,8 @@ def test_clv_stage_in_run(tmp_path):
     ds = open_group(out / "results.zarr", "clv")
     assert ds["exponents"].shape == (4, 2) and ds["min_angle_deg"].shape == (4, 40)
     assert (out / "figures" / "clv_angles.png").exists()
+    ov = ds["hessian_overlap"].values
+    assert ov.shape == (4, 10, 2)
+    assert np.all((ov[np.isfinite(ov)] >= 0) & (ov[np.isfinite(ov)] <= 1 + 1e-9))
     text = (out / "summary.md").read_text()
     assert "## Covariant Lyapunov vectors" in text and "## Lyapunov exponents" not in text

@@ -130,6 +130,7 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
     )
     mass = clv_layer_mass(res.vectors, tmap.layers, tmap.n_params)
     names = list(mass)
+    overlap = hessian_overlap(tmap, res, c.k)
     return xr.Dataset(
         {
             "exponents": (("group", "exponent"), res.exponents),
@@ -144,6 +145,7 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
                 ("group", "kept", "exponent", "exponent2"),
                 np.degrees(res.angle_matrix),
             ),
+            "hessian_overlap": (("group", "kept", "exponent"), overlap),
         },
         coords={
             "group": np.arange(len(refs)),
@@ -165,6 +167,35 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
     )
 
 
+def hessian_overlap(tmap, res, k: int) -> np.ndarray:
+    """Squared overlap of each CLV's parameter part with the span of the top-k Hessian
+    eigenvectors at the same state, shape (group, kept, k) (NaN where not finite)."""
+    import jax
+    import jax.numpy as jnp
+
+    from chaosjax.clv import clv_subspace_overlap
+    from chaosjax.curvature import hessian_eigs, training_loss
+
+    k_h = min(k, tmap.n_params)
+    m = min(tmap.n_params, max(4 * k_h, 32))
+
+    @jax.jit
+    def top(state, t):
+        loss, p, _ = training_loss(tmap, state, t)
+        return hessian_eigs(loss, p, k_h, num_matvecs=m).eigenvectors
+
+    out = np.full((*res.vectors.shape[:2], res.vectors.shape[-1]), np.nan)
+    for g in range(res.vectors.shape[0]):
+        for j, t in enumerate(res.times):
+            st = res.states[g, j]
+            if not np.isfinite(st).all():
+                continue
+            basis = np.zeros((tmap.dim, k_h))
+            basis[: tmap.n_params] = np.asarray(top(jnp.asarray(st, tmap.state_dtype), int(t))).T
+            out[g, j] = clv_subspace_overlap(res.vectors[g, j], basis)
+    return out
+
+
 def clv_markdown(ds: xr.Dataset) -> list[str]:
     def f(x, spec=".3g"):
         return "n/a" if not np.isfinite(x) else format(x, spec)
@@ -176,10 +207,12 @@ def clv_markdown(ds: xr.Dataset) -> list[str]:
         f"Ginelli CLVs of each reference run over {a['steps']} steps (k = {a['k']}, backward "
         f"transient {a['backward_transient']} steps). Angles: the smallest angle between any two "
         f"CLVs at each step; near-tangency: below {a['tangency_deg']:g}°. Layer mass: share of "
-        "CLV 1's squared norm per layer, averaged over kept times and seeds.",
+        "CLV 1's squared norm per layer, averaged over kept times and seeds. Hessian overlap: "
+        "squared projection of CLV i onto the span of the top-k Hessian eigenvectors "
+        "(parameters only), averaged over kept times and seeds.",
         "",
-        "| η | CLV exponents (per step) | median min angle (°) | 5th pct (°) | near-tangent steps | CLV 1 mass by part |",
-        "|---|---|---|---|---|---|",
+        "| η | CLV exponents (per step) | median min angle (°) | 5th pct (°) | near-tangent steps | CLV 1 mass by part | Hessian overlap |",
+        "|---|---|---|---|---|---|---|",
     ]
     lrs = ds["learning_rate"].values
     parts = [str(p) for p in ds["part"].values]
@@ -194,9 +227,12 @@ def clv_markdown(ds: xr.Dataset) -> list[str]:
         n_all = int(ds["min_angle_deg"].values[sel].size)
         m = np.nanmean(ds["layer_mass"].values[sel][..., 0], axis=(0, 1))
         mass = ", ".join(f"{p} {f(v, '.2f')}" for p, v in zip(parts, m))
+        ov = ds["hessian_overlap"].values[sel]
+        ok = np.isfinite(ov).all(axis=-1)
+        ov = ov[ok].mean(axis=0) if ok.any() else np.full(ov.shape[-1], np.nan)
         lines.append(
             f"| {lr:.4g} | {', '.join(f(v) for v in ex)} | {f(med, '.1f')} | {f(p5, '.1f')} | "
-            f"{n_t}/{n_all} | {mass} |"
+            f"{n_t}/{n_all} | {mass} | {', '.join(f(v, '.2f') for v in ov)} |"
         )
     lines += ["", "![CLV angles](figures/clv_angles.png)", ""]
     return lines
