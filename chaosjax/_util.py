@@ -150,5 +150,17 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def fmt(x, spec: str = ".3g") -> str:
+    """A number for a report: ``format(x, spec)``, or ``"n/a"`` for None and non-finite values."""
+    if x is None:
+        return "n/a"
+    try:
+        if not np.isfinite(x):
+            return "n/a"
+    except TypeError:
+        pass
+    return format(x, spec)
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from chaosjax._util import fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig
 
 
@@ -197,9 +198,6 @@ def hessian_overlap(tmap, res, k: int) -> np.ndarray:
 
 
 def clv_markdown(ds: xr.Dataset) -> list[str]:
-    def f(x, spec=".3g"):
-        return "n/a" if not np.isfinite(x) else format(x, spec)
-
     a = ds.attrs
     lines = [
         "## Covariant Lyapunov vectors",
@@ -226,13 +224,13 @@ def clv_markdown(ds: xr.Dataset) -> list[str]:
         n_t = int(ds["near_tangencies"].values[sel].sum())
         n_all = int(ds["min_angle_deg"].values[sel].size)
         m = np.nanmean(ds["layer_mass"].values[sel][..., 0], axis=(0, 1))
-        mass = ", ".join(f"{p} {f(v, '.2f')}" for p, v in zip(parts, m))
+        mass = ", ".join(f"{p} {fmt(v, '.2f')}" for p, v in zip(parts, m))
         ov = ds["hessian_overlap"].values[sel]
         ok = np.isfinite(ov).all(axis=-1)
         ov = ov[ok].mean(axis=0) if ok.any() else np.full(ov.shape[-1], np.nan)
         lines.append(
-            f"| {lr:.4g} | {', '.join(f(v) for v in ex)} | {f(med, '.1f')} | {f(p5, '.1f')} | "
-            f"{n_t}/{n_all} | {mass} | {', '.join(f(v, '.2f') for v in ov)} |"
+            f"| {lr:.4g} | {', '.join(fmt(v) for v in ex)} | {fmt(med, '.1f')} | {fmt(p5, '.1f')} | "
+            f"{n_t}/{n_all} | {mass} | {', '.join(fmt(v, '.2f') for v in ov)} |"
         )
     lines += ["", "![CLV angles](figures/clv_angles.png)", ""]
     return lines
@@ -357,9 +355,6 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
 
 
 def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
-    def f(x, spec=".3g"):
-        return "n/a" if not np.isfinite(x) else format(x, spec)
-
     lines = [
         "## Curvature and the edge of stability",
         "",
@@ -382,11 +377,11 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
         tr = ds["trace"].values[g]
         lines.append(
             f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
-            f"{f(float(np.nanmax(thr)) if np.isfinite(thr).any() else np.nan)} | {f(float(sh[0]))} | "
-            f"{f(float(fin[-1]) if fin.size else np.nan)} | {f(float(ds['max_ratio'].values[g]), '.2f')} | "
-            f"{f(float(ds['late_ratio'].values[g]), '.2f')} | "
-            f"{f(float(np.nanmedian(rot)) if np.isfinite(rot).any() else np.nan, '.2e')} | "
-            f"{f(tr[0])} → {f(tr[1])} | {ds['verdict'].values[g]} |"
+            f"{fmt(float(np.nanmax(thr)) if np.isfinite(thr).any() else np.nan)} | {fmt(float(sh[0]))} | "
+            f"{fmt(float(fin[-1]) if fin.size else np.nan)} | {fmt(float(ds['max_ratio'].values[g]), '.2f')} | "
+            f"{fmt(float(ds['late_ratio'].values[g]), '.2f')} | "
+            f"{fmt(float(np.nanmedian(rot)) if np.isfinite(rot).any() else np.nan, '.2e')} | "
+            f"{fmt(tr[0])} → {fmt(tr[1])} | {ds['verdict'].values[g]} |"
         )
     lines += [
         "",
@@ -454,9 +449,6 @@ def lyapunov_rows(ds: xr.Dataset) -> list[dict]:
 
 
 def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
-    def f(x, spec=".3g"):
-        return "n/a" if not np.isfinite(x) else format(x, spec)
-
     a = ds.attrs
     lines = [
         "## Lyapunov exponents",
@@ -472,11 +464,11 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
     ]
     notes = []
     for r in lyapunov_rows(ds):
-        spec = ", ".join(f(v, ".3g") for v in r["spectrum"])
+        spec = ", ".join(fmt(v, ".3g") for v in r["spectrum"])
         lines.append(
-            f"| {r['learning_rate']:.4g} | {f(r['lambda1'], '.3g')} ± {f(r['lambda1_stderr'], '.1g')} | "
-            f"{r['lambda1_sign']} | {f(r['lambda1_per_eta_t'], '.3g')} | {spec} | "
-            f"{f(r['fit_slope'], '.3g')} | {f(r['fit_r2'], '.3f')} | {r['n_valid']}/{r['n']} |"
+            f"| {r['learning_rate']:.4g} | {fmt(r['lambda1'], '.3g')} ± {fmt(r['lambda1_stderr'], '.1g')} | "
+            f"{r['lambda1_sign']} | {fmt(r['lambda1_per_eta_t'], '.3g')} | {spec} | "
+            f"{fmt(r['fit_slope'], '.3g')} | {fmt(r['fit_r2'], '.3f')} | {r['n_valid']}/{r['n']} |"
         )
         for reason in r["reasons"]:
             notes.append(f"- η = {r['learning_rate']:.4g}: NaN because {reason}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chaosjax._util import atomic_write_text
+from chaosjax._util import atomic_write_text, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
 
 CHECKPOINT = "checkpoint.npz"
@@ -279,12 +279,6 @@ def run_experiment(
 # report
 
 
-def _fmt(x, spec=".3g") -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "n/a"
-    return format(x, spec)
-
-
 def summary_rows(results) -> list[dict]:
     """Per learning rate: final losses and accuracies (median over reference replicas), the
     separation d(T)/d(0) of perturbed replicas (geometric mean) and divergences."""
@@ -332,7 +326,7 @@ def render_summary(results, cfg_text: str) -> str:
         f" × (1 reference + {cfg['replicas']['n_perturbed']} perturbed per ε {cfg['replicas']['eps']},"
         f" {cfg['replicas']['distribution']} on {cfg['replicas']['target']})",
         f"- precision {cfg['precision']}; device {env.get('device', '?')} ({env.get('backend', '?')});"
-        f" jax {env.get('jax', '?')}; runtime {_fmt(attrs.get('total_time_s'), '.1f')} s",
+        f" jax {env.get('jax', '?')}; runtime {fmt(attrs.get('total_time_s'), '.1f')} s",
         "",
         "## Results per learning rate",
         "",
@@ -355,7 +349,7 @@ def render_summary(results, cfg_text: str) -> str:
     lines.append("| " + " | ".join(c[1] for c in cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(c[0]), c[2]) for c in cols) + " |")
     lines += [
         "",
         "## Figures",
