@@ -1,0 +1,352 @@
+"""Diagnostics of a scalar series (e.g. a logged training loss): numbers, not only plots.
+
+* :func:`fraction_increasing` — share of steps where the series goes up;
+* :func:`spikes` — episodes above ``factor`` × the running minimum (spikes, catapults);
+* :func:`autocorrelation` — ACF with a band from shuffled surrogates;
+* :func:`power_spectrum` — periodogram of the detrended series;
+* :func:`laminar_segments` — laminar/burst segmentation and laminar-length statistics
+  (intermittency);
+* :func:`zero_one_test` — Gottwald & Melbourne's 0–1 test for chaos (K ≈ 0 regular, ≈ 1
+  chaotic);
+* :func:`expansion_rate` — local expansion rates by the method of analogues (Danovski et al.).
+
+All inputs are 1-D arrays; NaN entries are not allowed (divergent runs should be cut first).
+
+References:
+    Gottwald, Melbourne (2009). On the implementation of the 0–1 test for chaos. SIAM J.
+    Appl. Dyn. Syst. 8.
+    Danovski, Soriano, Lacasa (2024). arXiv:2404.05782.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+def _series(x, name: str = "x", min_len: int = 3) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D series, got shape {x.shape}")
+    if x.size < min_len:
+        raise ValueError(f"{name}: needs at least {min_len} values, got {x.size}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or inf; cut the series before a divergence")
+    return x
+
+
+def fraction_increasing(x) -> float:
+    """Fraction of steps with x[t+1] > x[t]."""
+    x = _series(x, min_len=2)
+    return float(np.mean(np.diff(x) > 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Episodes:
+    """Contiguous episodes: ``start``/``stop`` (stop exclusive), ``peak`` index and
+    ``height`` (x[peak] / reference at the start)."""
+
+    start: np.ndarray
+    stop: np.ndarray
+    peak: np.ndarray
+    height: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.start.size)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop (exclusive) of the runs of True in a boolean mask."""
+    m = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    d = np.diff(m)
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+
+
+def spikes(x, *, factor: float = 2.0, min_length: int = 1) -> Episodes:
+    """Episodes where x exceeds ``factor`` × its running minimum (spikes, catapults).
+
+    Returns:
+        :class:`Episodes`; ``height`` is the peak over the running minimum at the start.
+    """
+    x = _series(x, min_len=2)
+    if not factor > 1:
+        raise ValueError(f"factor: must be > 1, got {factor!r}")
+    runmin = np.minimum.accumulate(x)
+    above = x > factor * runmin
+    start, stop = _runs(above)
+    keep = (stop - start) >= min_length
+    start, stop = start[keep], stop[keep]
+    peak = np.array([s + int(np.argmax(x[s:e])) for s, e in zip(start, stop)], dtype=int)
+    height = np.array([x[p] / runmin[s] for p, s in zip(peak, start)])
+    return Episodes(start, stop, peak, height)
+
+
+@dataclasses.dataclass(frozen=True)
+class ACF:
+    """Autocorrelation ``acf`` (max_lag + 1,) and the surrogate band ``low``/``high``."""
+
+    lags: np.ndarray
+    acf: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+    @property
+    def significant(self) -> np.ndarray:
+        """Lags whose ACF lies outside the surrogate band."""
+        return self.lags[(self.acf < self.low) | (self.acf > self.high)]
+
+
+def _acf(x: np.ndarray, max_lag: int) -> np.ndarray:
+    x = x - x.mean()
+    n = x.size
+    f = np.fft.rfft(x, 2 * n)
+    c = np.fft.irfft(f * np.conj(f))[: max_lag + 1]
+    return c / c[0] if c[0] > 0 else np.full(max_lag + 1, np.nan)
+
+
+def autocorrelation(
+    x,
+    max_lag: int = 50,
+    *,
+    start: int = 0,
+    n_surrogates: int = 1000,
+    band: tuple[float, float] = (3.0, 97.0),
+    seed: int = 0,
+) -> ACF:
+    """Autocorrelation of x[start:] with a band from shuffled surrogates.
+
+    The band is the (band[0], band[1]) percentile range of the ACF of ``n_surrogates``
+    random permutations of the series (Danovski et al. use 1000 surrogates, 3rd–97th).
+    """
+    x = _series(x)[int(start) :]
+    if x.size < 3:
+        raise ValueError(f"start: leaves fewer than 3 values of the series, got start={start}")
+    max_lag = int(min(max_lag, x.size - 1))
+    acf = _acf(x, max_lag)
+    rng = np.random.default_rng(seed)
+    sur = np.stack([_acf(rng.permutation(x), max_lag) for _ in range(int(n_surrogates))])
+    lo, hi = np.percentile(sur, band, axis=0)
+    return ACF(np.arange(max_lag + 1), acf, lo, hi)
+
+
+def power_spectrum(x, dt: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Periodogram of the linearly detrended series: ``(frequencies, power)``."""
+    x = _series(x)
+    t = np.arange(x.size)
+    x = x - np.polyval(np.polyfit(t, x, 1), t)
+    p = np.abs(np.fft.rfft(x)) ** 2 / x.size
+    return np.fft.rfftfreq(x.size, dt), p
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+    """Laminar/burst segmentation.
+
+    Attributes:
+        laminar: (n, 2) start/stop (exclusive, in steps of the series) of laminar phases.
+        bursts: (m, 2) start/stop of bursts.
+        threshold: |Δx| threshold used.
+    """
+
+    laminar: np.ndarray
+    bursts: np.ndarray
+    threshold: float
+
+    @property
+    def laminar_lengths(self) -> np.ndarray:
+        return self.laminar[:, 1] - self.laminar[:, 0]
+
+    @property
+    def burst_lengths(self) -> np.ndarray:
+        return self.bursts[:, 1] - self.bursts[:, 0]
+
+    def stats(self) -> dict[str, float]:
+        """Mean, median and max laminar length, laminar fraction, counts."""
+        ll = self.laminar_lengths
+        total = ll.sum() + self.burst_lengths.sum()
+        return {
+            "n_laminar": int(ll.size),
+            "n_bursts": int(self.bursts.shape[0]),
+            "mean_laminar": float(ll.mean()) if ll.size else float("nan"),
+            "median_laminar": float(np.median(ll)) if ll.size else float("nan"),
+            "max_laminar": float(ll.max()) if ll.size else float("nan"),
+            "laminar_fraction": float(ll.sum() / total) if total else float("nan"),
+        }
+
+
+def laminar_segments(x, *, threshold: float | None = None, min_length: int = 5) -> Segmentation:
+    """Segment a series into laminar phases (|x[t+1] − x[t]| ≤ threshold for at least
+    ``min_length`` consecutive steps) and bursts (everything else).
+
+    Args:
+        threshold: default 1% of the standard deviation of the increments — laminar means
+            nearly frozen relative to the typical step.
+        min_length: shortest laminar phase, in increments.
+
+    Lengths count increments (a laminar phase of length L spans L + 1 values).
+    """
+    x = _series(x)
+    dx = np.abs(np.diff(x))
+    thr = 0.01 * float(np.std(np.diff(x))) if threshold is None else float(threshold)
+    if thr < 0:
+        raise ValueError(f"threshold: must be >= 0, got {threshold!r}")
+    start, stop = _runs(dx <= thr)
+    keep = (stop - start) >= int(min_length)
+    lam = np.stack([start[keep], stop[keep]], axis=1) if keep.any() else np.zeros((0, 2), int)
+    bursts = []
+    pos = 0
+    for s, e in lam:
+        if s > pos:
+            bursts.append((pos, s))
+        pos = e
+    if pos < dx.size:
+        bursts.append((pos, dx.size))
+    return Segmentation(lam, np.asarray(bursts, int).reshape(-1, 2), thr)
+
+
+def zero_one_test(x, *, n_c: int = 100, ncut: int | None = None, seed: int = 0) -> float:
+    """Gottwald & Melbourne's 0–1 test for chaos (correlation method).
+
+    For random frequencies c ∈ (π/5, 4π/5), the translation variables
+    p(n) = Σ φ_j cos(jc), q(n) = Σ φ_j sin(jc) of the demeaned series φ are formed; K_c is
+    the correlation between n and their mean-square displacement M(n), n ≤ ncut (default
+    N/10). Returns K = median over c: ≈ 0 for regular dynamics, ≈ 1 for chaos.
+    """
+    x = _series(x, min_len=20)
+    phi = x - x.mean()
+    n = phi.size
+    ncut = max(2, n // 10) if ncut is None else int(ncut)
+    j = np.arange(1, n + 1)
+    m_len = n - ncut
+    nn = np.arange(1, ncut + 1)
+    rng = np.random.default_rng(seed)
+    ks = []
+    for c in rng.uniform(math.pi / 5, 4 * math.pi / 5, int(n_c)):
+        z = np.cumsum(phi * np.exp(1j * j * c))  # p + i q
+        # M(n) = mean_{i < m_len} |z[i+n] − z[i]|² via sums and an FFT cross-correlation
+        a = z[:m_len]
+        f = np.fft.fft(np.concatenate([a, np.zeros(n)]))
+        g = np.fft.fft(np.concatenate([z, np.zeros(m_len)]))
+        cross = np.fft.ifft(np.conj(f) * g)[: ncut + 1]  # Σ_i conj(z_i) z_{i+n}
+        abs2 = np.abs(z) ** 2
+        csum = np.concatenate([[0.0], np.cumsum(abs2)])
+        shifted = csum[nn + m_len] - csum[nn]
+        m = (shifted + csum[m_len] - 2 * cross[1:].real) / m_len
+        if np.std(m) == 0:
+            ks.append(0.0)
+            continue
+        ks.append(float(np.corrcoef(nn, m)[0, 1]))
+    return float(np.median(ks))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpansionRate:
+    """Method of analogues: ``slope`` of ln⟨|x(t0+k) − x(t1+k)|⟩ against k (per step) over the
+    best window k = 1…``m`` (highest R²), its ``pvalue`` (slope ≠ 0, two-sided t test),
+    ``expanding`` (slope > 0 and p ≤ 0.05), the mean divergence ``curve`` for k = 0…m_max and
+    the number of analogue pairs."""
+
+    slope: float
+    r2: float
+    m: int
+    pvalue: float
+    expanding: bool
+    curve: np.ndarray
+    n_pairs: int
+
+
+def _t_pvalue(t: float, df: int) -> float:
+    if not np.isfinite(t):
+        return 0.0
+    from jax.scipy.special import betainc
+
+    return float(betainc(df / 2.0, 0.5, df / (df + t * t)))
+
+
+def expansion_rate(
+    x,
+    *,
+    e: float = 5e-5,
+    n_samples: int = 1000,
+    m_range=range(5, 26),
+    exclude: int = 1,
+    seed: int = 0,
+) -> ExpansionRate:
+    """Local expansion rate of a scalar series by the method of analogues.
+
+    ``n_samples`` reference times t0 are drawn; their analogues are the times t1 with
+    |x(t1) − x(t0)| < ``e`` and |t1 − t0| > ``exclude``; the divergence
+    D(k) = ⟨|x(t0+k) − x(t1+k)|⟩ over all pairs is fitted as ln D(k) = a + s·k on
+    k = 1…m for every m in ``m_range``, keeping the best R² (Danovski et al.).
+
+    Returns:
+        :class:`ExpansionRate`; NaN slope when no analogue pair exists (raise ``e``).
+    """
+    x = _series(x)
+    m_max = int(max(m_range))
+    n = x.size - m_max
+    if n < 2:
+        raise ValueError(f"x: needs more than max(m_range) + 1 = {m_max + 1} values")
+    rng = np.random.default_rng(seed)
+    t0s = rng.choice(n, size=min(int(n_samples), n), replace=False)
+    order = np.argsort(x[:n])
+    xs = x[:n][order]
+    sums = np.zeros(m_max + 1)
+    pairs = 0
+    for t0 in t0s:
+        lo = np.searchsorted(xs, x[t0] - e, side="right")
+        hi = np.searchsorted(xs, x[t0] + e, side="left")
+        t1 = order[lo:hi]
+        t1 = t1[np.abs(t1 - t0) > exclude]
+        if t1.size == 0:
+            continue
+        ks = np.arange(m_max + 1)
+        d = np.abs(x[t0 + ks][None, :] - x[t1[:, None] + ks[None, :]])
+        sums += d.sum(axis=0)
+        pairs += t1.size
+    if pairs == 0:
+        nan = float("nan")
+        return ExpansionRate(nan, nan, -1, nan, False, np.full(m_max + 1, np.nan), 0)
+    curve = sums / pairs
+    with np.errstate(divide="ignore"):
+        y = np.log(curve)
+    best = (np.nan, -np.inf, -1, np.nan)
+    for m in m_range:
+        k = np.arange(1, int(m) + 1, dtype=float)
+        yy = y[1 : int(m) + 1]
+        if not np.isfinite(yy).all() or k.size < 3:
+            continue
+        slope, icpt = np.polyfit(k, yy, 1)
+        resid = yy - (icpt + slope * k)
+        ss_res, ss_tot = float(resid @ resid), float(((yy - yy.mean()) ** 2).sum())
+        r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 0.0
+        if r2 > best[1]:
+            df = k.size - 2
+            se = (
+                math.sqrt(ss_res / df) / math.sqrt(((k - k.mean()) ** 2).sum())
+                if df > 0
+                else np.nan
+            )
+            t = slope / se if se and se > 0 else np.inf
+            best = (float(slope), r2, int(m), _t_pvalue(t, df))
+    slope, r2, m, p = best
+    return ExpansionRate(
+        slope, r2, m, p, bool(np.isfinite(slope) and slope > 0 and p <= 0.05), curve, pairs
+    )
+
+
+__all__ = [
+    "ACF",
+    "Episodes",
+    "ExpansionRate",
+    "Segmentation",
+    "autocorrelation",
+    "expansion_rate",
+    "fraction_increasing",
+    "laminar_segments",
+    "power_spectrum",
+    "spikes",
+    "zero_one_test",
+]
