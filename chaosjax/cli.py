@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from chaosjax.experiments import (
         ConfigError,
         RunFolderError,
-        load_config,
+        load_plan,
         preset_dict,
         preset_names,
         report,
-        run_experiment,
+        run_plan,
         to_toml,
     )
 
@@ -88,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                 for key, default, doc in describe():
                     print(f"{key:28s} {default:24s} {doc}")
                 return 0
-            print(to_toml(load_config(args.target, args.overrides)), end="")
+            for name, cfg in load_plan(args.target, args.overrides):
+                if name is not None:
+                    print(f"# variant: {name}")
+                print(to_toml(cfg), end="")
             return 0
-        cfg = load_config(args.target, args.overrides)
-        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        plan = load_plan(args.target, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / plan[0][1].name.split("/")[0]
         if args.resume and args.force:
             return _die("--resume and --force exclude each other")
         try:
-            run = run_experiment(
-                cfg,
+            runs = run_plan(
+                plan,
                 out,
                 resume=args.resume,
                 force=args.force,
@@ -112,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 130
-        print(f"results: {run.folder / 'results.zarr'}")
-        print(f"summary: {run.summary}")
-        print(f"figures: {run.folder / 'figures'}")
+        for run in runs:
+            print(f"results: {run.folder / 'results.zarr'}")
+        print(f"summary: {out / 'summary.md'}")
+        print(f"figures: {', '.join(str(run.folder / 'figures') for run in runs)}")
         return 0
     except (ConfigError, RunFolderError) as e:
         return _die(str(e))

@@ -24,7 +24,7 @@ ACTIVATIONS: dict[str, Callable] = {
     "identity": lambda x: x,
 }
 
-INITS = ("lecun", "xavier", "he", "normal")
+INITS = ("lecun", "xavier", "he", "normal", "uniform")
 
 
 def activation(name: str) -> Callable:
@@ -52,6 +52,7 @@ def _per_layer(name: str, value, n_layers: int) -> tuple:
 
 
 def _init_std(scheme: str, scale: float, fan_in: int, fan_out: int) -> float:
+    """Standard deviation (normal schemes) or half-width (``"uniform"``) of a weight init."""
     if scheme not in INITS:
         raise ValueError(f"init: unknown scheme {scheme!r}; allowed: {', '.join(INITS)}")
     var = {
@@ -59,13 +60,20 @@ def _init_std(scheme: str, scale: float, fan_in: int, fan_out: int) -> float:
         "he": 2.0 / fan_in,
         "xavier": 2.0 / (fan_in + fan_out),
         "normal": 1.0,
+        "uniform": 1.0 / fan_in,
     }[scheme]
     return float(scale) * var**0.5
 
 
-def _normal_init(std: float):
+def _kernel_init(scheme: str, scale: float, fan_in: int, fan_out: int):
+    """Initialiser ``init(key, shape, dtype)``: N(0, std²), or U(−b, b) for ``"uniform"``
+    (b = s/√fan_in, PyTorch's default for linear layers when s = 1)."""
+    width = _init_std(scheme, scale, fan_in, fan_out)
+
     def init(key, shape, dtype=jnp.float32):
-        return std * jax.random.normal(key, shape, dtype)
+        if scheme == "uniform":
+            return jax.random.uniform(key, shape, dtype, minval=-width, maxval=width)
+        return width * jax.random.normal(key, shape, dtype)
 
     return init
 
@@ -76,10 +84,12 @@ class MLP(nnx.Module):
     Args:
         widths: layer widths including input and output, e.g. (4, 10, 3).
         activation: hidden activation name (see :data:`ACTIVATIONS`); the output is linear.
-        init: weight scheme ``"lecun"`` (N(0, s²/fan_in)), ``"he"``, ``"xavier"`` or
-            ``"normal"`` (N(0, s²)); a tuple gives one per layer.
+        init: weight scheme ``"lecun"`` (N(0, s²/fan_in)), ``"he"``, ``"xavier"``,
+            ``"normal"`` (N(0, s²)) or ``"uniform"`` (U(±s/√fan_in)); a tuple gives one per
+            layer.
         init_scale: the gain s (per layer with a tuple).
         bias: whether layers have biases (initialised to zero).
+        output_bias: whether the output layer has a bias (default: ``bias``).
         rngs: ``nnx.Rngs`` for the initialisation.
         dtype: parameter dtype.
 
@@ -94,10 +104,12 @@ class MLP(nnx.Module):
         init: str | Sequence[str] = "lecun",
         init_scale: float | Sequence[float] = 1.0,
         bias: bool = True,
+        output_bias: bool | None = None,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
         widths = _check_widths(widths)
+        output_bias = bias if output_bias is None else output_bias
         globals()["activation"](activation)  # validate the name
         n = len(widths) - 1
         inits = _per_layer("init", init, n)
@@ -108,10 +120,8 @@ class MLP(nnx.Module):
                 nnx.Linear(
                     widths[i],
                     widths[i + 1],
-                    use_bias=bias,
-                    kernel_init=_normal_init(
-                        _init_std(inits[i], scales[i], widths[i], widths[i + 1])
-                    ),
+                    use_bias=bias if i < n - 1 else output_bias,
+                    kernel_init=_kernel_init(inits[i], scales[i], widths[i], widths[i + 1]),
                     bias_init=nnx.initializers.zeros_init(),
                     param_dtype=dtype,
                     dtype=dtype,
@@ -205,6 +215,7 @@ class PureMLP:
     init_scale: float | tuple[float, ...] = 1.0
     bias: bool = True
     output: str = "linear"
+    output_bias: bool | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "widths", _check_widths(self.widths))
@@ -222,9 +233,10 @@ class PureMLP:
         params = {}
         keys = jax.random.split(key, len(self.widths) - 1)
         for i, (a, b) in enumerate(zip(self.widths[:-1], self.widths[1:])):
-            std = _init_std(self.init[i], self.init_scale[i], a, b)
-            layer = {"kernel": std * jax.random.normal(keys[i], (a, b), dtype)}
-            if self.bias:
+            init = _kernel_init(self.init[i], self.init_scale[i], a, b)
+            layer = {"kernel": init(keys[i], (a, b), dtype)}
+            last = i == len(self.widths) - 2
+            if self.bias if not last or self.output_bias is None else self.output_bias:
                 layer["bias"] = jnp.zeros((b,), dtype)
             params[f"layer_{i}"] = layer
         return params

@@ -14,7 +14,7 @@ from chaosjax.experiments.config import (
     parse_toml,
     to_toml,
 )
-from chaosjax.experiments.runner import Run, RunFolderError, report, run_experiment
+from chaosjax.experiments.runner import Run, RunFolderError, report, run_experiment, run_plan
 
 DEFAULT_PRESET = "quickstart"
 
@@ -32,14 +32,52 @@ def preset_dict(name: str) -> dict:
     return parse_toml(text, f"preset {name}")
 
 
-def load_config(target: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """The config of a preset name or a TOML file path, with ``a.b=value`` overrides applied."""
+def _source(target: str | None) -> dict:
     target = target or DEFAULT_PRESET
     if target.endswith(".toml") or Path(target).exists():
-        data = load_file(target)
-    else:
-        data = preset_dict(target)
-    return from_dict(ExperimentConfig, apply_overrides(data, list(overrides or [])))
+        return load_file(target)
+    return preset_dict(target)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_plan(
+    target: str | None = None, overrides: list[str] | None = None
+) -> list[tuple[str | None, ExperimentConfig]]:
+    """The runs of a preset or TOML file: ``[(None, config)]``, or one ``(variant, config)``
+    per ``[variants.NAME]`` table (merged over the base; overrides apply to every variant)."""
+    data = _source(target)
+    variants = data.pop("variants", None)
+    overrides = list(overrides or [])
+    if not variants:
+        return [(None, from_dict(ExperimentConfig, apply_overrides(data, overrides)))]
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError("variants: expected tables [variants.NAME] of config overrides")
+    plan = []
+    for name, extra in variants.items():
+        merged = _merge(data, extra)
+        merged["name"] = f"{data.get('name', 'custom')}/{name}"
+        try:
+            plan.append((name, from_dict(ExperimentConfig, apply_overrides(merged, overrides))))
+        except ConfigError as e:
+            raise ConfigError(f"variant {name}: {e}") from None
+    return plan
+
+
+def load_config(target: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The config of a preset name or a TOML file path, with ``a.b=value`` overrides applied
+    (a preset with variants: use :func:`load_plan`)."""
+    plan = load_plan(target, overrides)
+    if len(plan) != 1 or plan[0][0] is not None:
+        raise ConfigError(
+            f"preset: {target!r} has variants ({', '.join(n for n, _ in plan)}); use load_plan"
+        )
+    return plan[0][1]
 
 
 __all__ = [
@@ -49,9 +87,11 @@ __all__ = [
     "Run",
     "RunFolderError",
     "load_config",
+    "load_plan",
     "preset_dict",
     "preset_names",
     "report",
     "run_experiment",
+    "run_plan",
     "to_toml",
 ]

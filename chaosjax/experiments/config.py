@@ -53,13 +53,16 @@ class ModelConfig:
         "hidden activation",
         choices=("tanh", "relu", "sigmoid", "gelu", "silu", "elu", "softplus", "identity"),
     )
-    init: str = fld(
-        "lecun",
-        "weight init: N(0, s²/fan_in), He, Xavier or N(0, s²)",
-        choices=("lecun", "he", "xavier", "normal"),
+    init: tuple[str, ...] = fld(
+        ["lecun"],
+        "weight init per layer (one value: all layers): N(0, s²/fan_in), He, Xavier, N(0, s²) or U(±s/√fan_in)",
+        choices=("lecun", "he", "xavier", "normal", "uniform"),
     )
-    init_scale: float = fld(1.0, "init gain s", positive=True)
+    init_scale: tuple[float, ...] = fld(
+        [1.0], "init gain s per layer (one value: all layers)", positive=True
+    )
     bias: bool = fld(True, "layers have biases (initialised to 0)")
+    output_bias: bool = fld(True, "the output layer has a bias (mlp)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,53 @@ class LyapunovConfig:
     )
     fit_widths: tuple[int, ...] = fld(
         [30, 100, 5], "replica-distance fit: window widths range [first, last, stride]"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesConfig:
+    enabled: bool = fld(False, "loss-series diagnostics of each reference run (per seed)")
+    start: int = fld(0, "first step of the series used for the ACF and laminar statistics", lo=0)
+    max_lag: int = fld(50, "largest ACF lag (records)", lo=1)
+    n_surrogates: int = fld(
+        1000, "shuffled surrogates of the ACF band (3rd–97th percentile)", lo=10
+    )
+    spike_factor: float = fld(2.0, "spike: loss above this × its running minimum", positive=True)
+    laminar_min_length: int = fld(20, "shortest laminar phase (records)", lo=1)
+    analogue_e: float = fld(5e-5, "analogue radius e of the expansion-rate method", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceConfig:
+    enabled: bool = fld(
+        False, "best-window fits per (seed, η, ε) with Danovski et al.'s acceptance rule"
+    )
+    min_r2: float = fld(0.9, "accept a fit only with R² above this", lo=0.0, hi=1.0)
+    min_slope: float = fld(0.05, "accept a fit only with a slope above this (per step)")
+    histogram_eps: float = fld(1e-8, "ε whose slope histogram is drawn", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MarginalConfig:
+    enabled: bool = fld(
+        False, "perturb each reference run's state `before_end` steps before the end"
+    )
+    before_end: int = fld(1000, "steps before the end where the perturbation is applied", lo=1)
+    eps: tuple[float, ...] = fld([1e-12, 1e-8, 1e-4], "perturbation sizes", positive=True)
+    n_perturbed: int = fld(5, "perturbed copies per ε", lo=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    test_accuracy: float = fld(
+        0.0, "report the first step each run reaches this test accuracy; 0 = off", lo=0.0, hi=1.0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionConfig:
+    enabled: bool = fld(
+        False, "correlate the early FTLE (lyapunov stage) with the final training loss across seeds"
     )
 
 
@@ -178,6 +228,21 @@ class ExperimentConfig:
     lyapunov: LyapunovConfig = dataclasses.field(
         default_factory=LyapunovConfig, metadata={"doc": "Lyapunov exponents"}
     )
+    series: SeriesConfig = dataclasses.field(
+        default_factory=SeriesConfig, metadata={"doc": "loss-series diagnostics"}
+    )
+    divergence: DivergenceConfig = dataclasses.field(
+        default_factory=DivergenceConfig, metadata={"doc": "replica-divergence fits per ε"}
+    )
+    marginal: MarginalConfig = dataclasses.field(
+        default_factory=MarginalConfig, metadata={"doc": "marginal-stability test"}
+    )
+    target: TargetConfig = dataclasses.field(
+        default_factory=TargetConfig, metadata={"doc": "time to a target accuracy"}
+    )
+    prediction: PredictionConfig = dataclasses.field(
+        default_factory=PredictionConfig, metadata={"doc": "early FTLE against final loss"}
+    )
     curvature: CurvatureConfig = dataclasses.field(
         default_factory=CurvatureConfig, metadata={"doc": "curvature and the edge of stability"}
     )
@@ -200,6 +265,12 @@ class ExperimentConfig:
             raise ConfigError(
                 f"lyapunov.ftle_window: must be a multiple of renorm_every={ly.renorm_every}"
             )
+        if self.marginal.enabled and self.marginal.before_end >= self.steps:
+            raise ConfigError(
+                f"marginal.before_end: must be < steps={self.steps}, got {self.marginal.before_end}"
+            )
+        if self.prediction.enabled and not self.lyapunov.enabled:
+            raise ConfigError("prediction.enabled: needs lyapunov.enabled = true (the early FTLE)")
         for name in ("fit_starts", "fit_widths"):
             r = getattr(ly, name)
             if len(r) != 3 or r[2] < 1 or r[1] < r[0] or r[0] < 0:
@@ -398,10 +469,15 @@ __all__ = [
     "ConfigError",
     "CurvatureConfig",
     "DataConfig",
+    "DivergenceConfig",
     "ExperimentConfig",
     "LyapunovConfig",
+    "MarginalConfig",
     "ModelConfig",
+    "PredictionConfig",
     "ReplicaConfig",
+    "SeriesConfig",
+    "TargetConfig",
     "TrainingConfig",
     "apply_overrides",
     "describe",

@@ -93,13 +93,24 @@ def build_training_map(cfg: ExperimentConfig, ds=None):
     if m.kind == "mlp":
         widths = (ds.n_features, *m.hidden, n_out)
 
+        def per_layer(values, name):
+            n = len(widths) - 1
+            if len(values) == 1:
+                return values[0]
+            if len(values) != n:
+                raise ConfigError(
+                    f"{name}: give one value or one per layer ({n}), got {list(values)}"
+                )
+            return tuple(values)
+
         def factory(rngs):
             return models.MLP(
                 widths,
                 activation=m.activation,
-                init=m.init,
-                init_scale=m.init_scale,
+                init=per_layer(m.init, "model.init"),
+                init_scale=per_layer(m.init_scale, "model.init_scale"),
                 bias=m.bias,
+                output_bias=m.output_bias,
                 rngs=rngs,
                 dtype=dtype,
             )
@@ -144,6 +155,24 @@ def build_training_map(cfg: ExperimentConfig, ds=None):
         dtype=dtype,
         name=cfg.name,
     )
+
+
+def protocol_stages(cfg, tmap, batch, results, groups, progress) -> dict:
+    """The optional protocol stages of the seed studies (see ``experiments.protocols``)."""
+    from chaosjax.experiments import protocols as pr
+
+    out = {}
+    if cfg.series.enabled:
+        out["series"] = pr.series_stage(cfg, batch, results)
+    if cfg.divergence.enabled:
+        out["divergence"] = pr.divergence_stage(cfg, batch, results)
+    if cfg.marginal.enabled:
+        out["marginal"] = pr.marginal_stage(cfg, tmap, batch, results, progress)
+    if cfg.target.test_accuracy > 0:
+        out["target"] = pr.target_stage(cfg, batch, results)
+    if cfg.prediction.enabled:
+        out["prediction"] = pr.prediction_stage(cfg, batch, results, groups["lyapunov"])
+    return out
 
 
 def _prepare_folder(folder: Path, cfg_text: str, resume: bool, force: bool) -> bool:
@@ -267,6 +296,7 @@ def run_experiment(
         from chaosjax.experiments.analyses import clv_stage
 
         groups["clv"] = clv_stage(cfg, tmap, batch, progress)
+    groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress))
     results.attrs["total_time_s"] = time.perf_counter() - t_start
     results.save(store, groups=groups)
     for name in (CHECKPOINT, *STAGE_CHECKPOINTS):
@@ -362,8 +392,112 @@ def render_summary(results, cfg_text: str) -> str:
     return "\n".join(lines)
 
 
+def protocol_report(store: Path, lyap, figures: Path) -> str:
+    from chaosjax.experiments import protocols as pr
+    from chaosjax.results import open_group
+
+    parts = []
+    ds = open_group(store, "series")
+    if ds is not None:
+        pr.series_figures(ds, figures)
+        parts += pr.series_markdown(ds)
+    div = open_group(store, "divergence")
+    if div is not None:
+        pr.divergence_figures(div, figures)
+        parts += pr.divergence_markdown(div)
+    ds = open_group(store, "marginal")
+    if ds is not None:
+        parts += pr.marginal_markdown(ds)
+    ds = open_group(store, "target")
+    if ds is not None:
+        parts += pr.target_markdown(ds, lyap, div)
+    ds = open_group(store, "prediction")
+    if ds is not None:
+        pr.prediction_figures(ds, figures)
+        parts += pr.prediction_markdown(ds)
+    return ("\n" + "\n".join(parts)) if parts else ""
+
+
+def plan_text(plan) -> str:
+    return "\n".join(f"# variant: {name}\n{to_toml(cfg)}" for name, cfg in plan)
+
+
+def run_plan(
+    plan, folder, *, resume=False, force=False, progress=True, announce=None, on_chunk=None
+):
+    """Run a plan from :func:`chaosjax.experiments.load_plan`: a single config into ``folder``,
+    or each variant into ``folder/<variant>`` with an index ``summary.md``. Returns the runs."""
+    folder = Path(folder)
+    if len(plan) == 1 and plan[0][0] is None:
+        return [
+            run_experiment(
+                plan[0][1],
+                folder,
+                resume=resume,
+                force=force,
+                progress=progress,
+                announce=announce,
+                on_chunk=on_chunk,
+            )
+        ]
+    for _, cfg in plan:  # validate every variant before touching the folder
+        set_precision(cfg.precision)
+        build_training_map(cfg)
+    continuing = _prepare_folder(folder, plan_text(plan), resume, force)
+    atomic_write_text(folder / "config.toml", plan_text(plan))
+    runs = []
+    for name, cfg in plan:
+        sub = folder / name
+        runs.append(
+            run_experiment(
+                cfg,
+                sub,
+                resume=continuing and sub.exists(),
+                progress=progress,
+                announce=announce,
+                on_chunk=on_chunk,
+            )
+        )
+    write_index(folder, [name for name, _ in plan])
+    return runs
+
+
+def write_index(folder: Path, names: list[str]) -> Path:
+    """``summary.md`` of a preset with variants: each variant's summary, figures relinked."""
+    import tomllib
+
+    first = (folder / names[0] / "config.toml").read_text()
+    meta = tomllib.loads(first)
+    lines = [
+        f"# chaosjax preset: {meta['name'].split('/')[0]}",
+        "",
+        meta.get("description", ""),
+        "",
+        "Variants: " + ", ".join(f"[{n}]({n}/summary.md)" for n in names),
+        "",
+    ]
+    for n in names:
+        text = (folder / n / "summary.md").read_text().replace("](figures/", f"]({n}/figures/")
+        text = text.replace("\n## ", "\n### ").replace("# chaosjax run: ", "## variant: ", 1)
+        lines += [text, ""]
+    path = folder / "summary.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
 def report(folder: str | Path) -> Path:
     """Re-render ``summary.md`` and ``figures/`` of a run folder from its stored results."""
+    folder = Path(folder)
+    if not (folder / STORE).exists():
+        subs = (
+            sorted(p.name for p in folder.iterdir() if (p / STORE).exists())
+            if folder.is_dir()
+            else []
+        )
+        if subs:
+            for name in subs:
+                report(folder / name)
+            return write_index(folder, subs)
     from chaosjax import plots
     from chaosjax.experiments import analyses
     from chaosjax.results import ReplicaResults, open_group
@@ -388,6 +522,7 @@ def report(folder: str | Path) -> Path:
     if clv is not None:
         analyses.clv_figures(clv, folder / "figures")
         text += "\n" + "\n".join(analyses.clv_markdown(clv))
+    text += protocol_report(store, lyap, folder / "figures")
     if int(results.attrs.get("complete", 0)) != 1:
         text = (
             "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"

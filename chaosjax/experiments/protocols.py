@@ -1,0 +1,549 @@
+"""Protocol stages of the seed studies: loss-series diagnostics (per seed), divergence fits
+per ε with Danovski et al.'s acceptance rule, the marginal-stability test, time to a target
+accuracy, and the early-FTLE prediction of the final loss (Sharafi et al.). Each stage returns
+an ``xarray.Dataset`` stored as a group of ``results.zarr``; each has a markdown renderer and
+figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from chaosjax._util import fmt
+from chaosjax.experiments.analyses import reference_groups
+from chaosjax.experiments.config import ExperimentConfig
+
+
+def _group_coords(batch, refs):
+    return {
+        "group": np.arange(len(refs)),
+        "reference": ("group", refs),
+        "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
+        "learning_rate": ("group", np.asarray(batch.hparams["learning_rate"], np.float64)[refs]),
+    }
+
+
+def _finite_prefix(x: np.ndarray) -> np.ndarray:
+    bad = ~np.isfinite(x)
+    return x[: int(np.argmax(bad))] if bad.any() else x
+
+
+def _last_finite(x: np.ndarray) -> float:
+    """The last value before the series stops being finite (NaN if it never was)."""
+    p = _finite_prefix(np.asarray(x, np.float64))
+    return float(p[-1]) if p.size else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# loss-series diagnostics
+
+
+def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+    """Series diagnostics of each reference run's recorded training loss."""
+    from chaosjax import series
+
+    c = cfg.series
+    refs = reference_groups(batch)
+    keys = [
+        "frac_increasing",
+        "n_spikes",
+        "max_spike",
+        "k01",
+        "acf1",
+        "acf1_low",
+        "acf1_high",
+        "n_laminar",
+        "mean_laminar",
+        "max_laminar",
+        "laminar_fraction",
+        "expansion_rate",
+        "expansion_r2",
+        "expansion_p",
+        "expanding",
+    ]
+    vals = {k: np.full(len(refs), np.nan) for k in keys}
+    max_lag = c.max_lag
+    acf = np.full((len(refs), max_lag + 1), np.nan)
+    low, high = np.full_like(acf, np.nan), np.full_like(acf, np.nan)
+    start_idx = int(np.searchsorted(results.steps, c.start))
+    for g, r in enumerate(refs):
+        x = _finite_prefix(results.records["loss"][r])
+        if x.size < 30:
+            continue
+        vals["frac_increasing"][g] = series.fraction_increasing(x)
+        ep = series.spikes(x, factor=c.spike_factor)
+        vals["n_spikes"][g] = len(ep)
+        vals["max_spike"][g] = float(ep.height.max()) if len(ep) else np.nan
+        vals["k01"][g] = series.zero_one_test(x)
+        tail = x[start_idx:]
+        if tail.size >= 10:
+            a = series.autocorrelation(tail, max_lag, n_surrogates=c.n_surrogates, seed=int(r))
+            n = a.acf.size
+            acf[g, :n], low[g, :n], high[g, :n] = a.acf, a.low, a.high
+            vals["acf1"][g], vals["acf1_low"][g], vals["acf1_high"][g] = (
+                a.acf[1],
+                a.low[1],
+                a.high[1],
+            )
+            st = series.laminar_segments(tail, min_length=c.laminar_min_length).stats()
+            for k in ("n_laminar", "mean_laminar", "max_laminar", "laminar_fraction"):
+                vals[k][g] = st[k]
+        if x.size > 40:
+            er = series.expansion_rate(x, e=c.analogue_e, m_range=range(5, min(26, x.size // 2)))
+            vals["expansion_rate"][g], vals["expansion_r2"][g] = er.slope, er.r2
+            vals["expansion_p"][g], vals["expanding"][g] = er.pvalue, float(er.expanding)
+    data = {k: (("group",), v) for k, v in vals.items()}
+    data.update(
+        {
+            "acf": (("group", "lag"), acf),
+            "acf_low": (("group", "lag"), low),
+            "acf_high": (("group", "lag"), high),
+        }
+    )
+    return xr.Dataset(
+        data,
+        coords={**_group_coords(batch, refs), "lag": np.arange(max_lag + 1)},
+        attrs={
+            "start": c.start,
+            "record_every": cfg.record_every,
+            "spike_factor": c.spike_factor,
+            "analogue_e": c.analogue_e,
+            "laminar_min_length": c.laminar_min_length,
+        },
+    )
+
+
+def series_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    lines = [
+        "## Loss-series diagnostics (per seed)",
+        "",
+        f"On each reference run's loss recorded every {a['record_every']} step(s): share of "
+        f"increasing records; spikes above {a['spike_factor']:g}× the running minimum (largest "
+        "ratio); the 0–1 test K (≈ 0 regular, ≈ 1 chaotic); lag-1 autocorrelation from step "
+        f"{a['start']} with the 3rd–97th percentile band of shuffled surrogates; laminar phases "
+        f"(|Δloss| ≤ 1% of its std for ≥ {a['laminar_min_length']} records) as count, mean and max "
+        f"length and share of time; expansion rate by the method of analogues (e = {a['analogue_e']:g}) "
+        "per record with its p-value.",
+        "",
+        "| η | seed | increasing | spikes (max ×) | 0–1 K | ACF(1) [band] | laminar n / mean / max / share | expansion rate (p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in range(ds.sizes["group"]):
+        v = {k: float(ds[k].values[g]) for k in ds.data_vars if ds[k].dims == ("group",)}
+        lines.append(
+            f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
+            f"{fmt(v['frac_increasing'], '.2f')} | {fmt(v['n_spikes'], '.0f')} ({fmt(v['max_spike'], '.2g')}) | "
+            f"{fmt(v['k01'], '.2f')} | {fmt(v['acf1'], '.2f')} [{fmt(v['acf1_low'], '.2f')}, {fmt(v['acf1_high'], '.2f')}] | "
+            f"{fmt(v['n_laminar'], '.0f')} / {fmt(v['mean_laminar'], '.1f')} / {fmt(v['max_laminar'], '.0f')} / "
+            f"{fmt(v['laminar_fraction'], '.2f')} | {fmt(v['expansion_rate'], '.3g')} ({fmt(v['expansion_p'], '.1g')}) |"
+        )
+    return [*lines, "", "![ACF](figures/acf.png)", ""]
+
+
+def series_figures(ds: xr.Dataset, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from chaosjax import plots
+
+    n = ds.sizes["group"]
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.6, 3.0), squeeze=False, sharey=True)
+    for g, ax in enumerate(axes[0]):
+        lag = ds["lag"].values
+        ax.fill_between(
+            lag,
+            ds["acf_low"].values[g],
+            ds["acf_high"].values[g],
+            color="0.85",
+            label="surrogates 3–97%",
+        )
+        ax.plot(lag, ds["acf"].values[g], color="C0", lw=1.0, label="ACF")
+        ax.set_title(
+            f"η = {float(ds['learning_rate'].values[g]):g}, seed {int(ds['seed'].values[g])}",
+            fontsize=8,
+        )
+        ax.set_xlabel("lag (records)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("loss autocorrelation")
+    axes[0][0].legend(fontsize=7)
+    plots.save(fig, folder / "acf.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# divergence fits per ε
+
+
+def divergence_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+    """Best-window fit of the mean L1 distance for every (reference run, ε), with acceptance."""
+    from chaosjax.lyapunov import best_window_fit
+
+    ly, c = cfg.lyapunov, cfg.divergence
+    refs = reference_groups(batch)
+    eps_vals = np.unique(np.asarray(batch.coords["eps"])[np.asarray(batch.coords["member"]) > 0])
+    starts = range(ly.fit_starts[0], ly.fit_starts[1] + 1, ly.fit_starts[2])
+    widths = range(ly.fit_widths[0], ly.fit_widths[1] + 1, ly.fit_widths[2])
+    shape = (len(refs), len(eps_vals))
+    slope, r2 = np.full(shape, np.nan), np.full(shape, np.nan)
+    growth = np.full(shape, np.nan)
+    ref_of = np.asarray(results.coords["reference"])
+    eps_of = np.asarray(results.coords["eps"])
+    for g, r in enumerate(refs):
+        for e, eps in enumerate(eps_vals):
+            sel = (
+                (ref_of == r) & np.isclose(eps_of, eps) & (np.asarray(results.coords["member"]) > 0)
+            )
+            if not sel.any():
+                continue
+            d = results.records["distance_l1"][sel]
+            f = best_window_fit(results.steps, d, starts=starts, widths=widths)
+            slope[g, e], r2[g, e] = f.slope, f.r2
+            m = np.nanmean(d, axis=0)
+            if np.isfinite(m).any() and m[0] > 0:
+                growth[g, e] = float(np.nanmax(m) / m[0])
+    accepted = (r2 > c.min_r2) & (slope > c.min_slope)
+    return xr.Dataset(
+        {
+            "slope": (("group", "eps"), slope),
+            "r2": (("group", "eps"), r2),
+            "accepted": (("group", "eps"), accepted.astype(np.int8)),
+            "max_growth": (("group", "eps"), growth),
+        },
+        coords={**_group_coords(batch, refs), "eps": eps_vals},
+        attrs={"min_r2": c.min_r2, "min_slope": c.min_slope, "histogram_eps": c.histogram_eps},
+    )
+
+
+def divergence_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    lines = [
+        "## Replica divergence against ε",
+        "",
+        "For every initialisation, η and ε: Danovski et al.'s best-window fit of ln of the mean L1 "
+        f"distance of its perturbed replicas. Accepted when R² > {a['min_r2']:g} and slope > "
+        f"{a['min_slope']:g} per step; mean ± std over the accepted initialisations. Growth: "
+        "largest mean distance over the initial one (median over initialisations).",
+        "",
+        "| η | ε | accepted | slope mean ± std (per step) | median max growth |",
+        "|---|---|---|---|---|",
+    ]
+    lrs = ds["learning_rate"].values
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        for e, eps in enumerate(ds["eps"].values):
+            acc = ds["accepted"].values[sel, e].astype(bool)
+            s = ds["slope"].values[sel, e][acc]
+            gr = ds["max_growth"].values[sel, e]
+            mean = float(s.mean()) if s.size else float("nan")
+            std = float(s.std()) if s.size > 1 else float("nan")
+            med = float(np.nanmedian(gr)) if np.isfinite(gr).any() else float("nan")
+            lines.append(
+                f"| {lr:.4g} | {eps:.0e} | {acc.sum()}/{sel.sum()} | {fmt(mean)} ± {fmt(std, '.2g')} | {fmt(med, '.3g')} |"
+            )
+    return [*lines, "", "![slope against ε](figures/divergence_eps.png)", ""]
+
+
+def divergence_figures(ds: xr.Dataset, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from chaosjax import plots
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
+    lrs = ds["learning_rate"].values
+    eps = ds["eps"].values
+    target = int(np.argmin(np.abs(np.log(eps) - np.log(ds.attrs["histogram_eps"]))))
+    for i, lr in enumerate(np.unique(lrs)):
+        sel = lrs == lr
+        acc = ds["accepted"].values[sel].astype(bool)
+        s = np.where(acc, ds["slope"].values[sel], np.nan)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m, sd = np.nanmean(s, axis=0), np.nanstd(s, axis=0)
+        ax.errorbar(
+            eps, m, yerr=sd, marker="o", ms=3, capsize=2, color=f"C{i}", label=f"η = {lr:g}"
+        )
+        h = s[:, target]
+        h = h[np.isfinite(h)]
+        if h.size:
+            bx.hist(h, bins=10, alpha=0.6, color=f"C{i}", label=f"η = {lr:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("perturbation size ε")
+    ax.set_ylabel("accepted best-window slope (per step)")
+    ax.set_title("replica exponent against ε")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    bx.set_xlabel(f"slope at ε = {eps[target]:.0e}")
+    bx.set_ylabel("initialisations")
+    bx.set_title("histogram of accepted slopes")
+    bx.legend(fontsize=7)
+    plots.save(fig, folder / "divergence_eps.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# marginal stability
+
+
+def marginal_stage(cfg: ExperimentConfig, tmap, batch, results, progress: bool) -> xr.Dataset:
+    """Perturb each reference run `before_end` steps before the end and continue it."""
+    import jax.numpy as jnp
+
+    from chaosjax.replicas import ReplicaBatch, make_replicas, run_replicas
+
+    c = cfg.marginal
+    refs = reference_groups(batch)
+    t_pert = cfg.steps - c.before_end
+    eps = np.asarray(c.eps, np.float64)
+    ratio_end = np.full((len(refs), eps.size), np.nan)
+    ratio_max = np.full_like(ratio_end, np.nan)
+    ratio_min = np.full_like(ratio_end, np.nan)
+    every = max(1, c.before_end // 50)
+    every = next(d for d in range(every, 0, -1) if c.before_end % d == 0)
+    for g, r in enumerate(refs):
+        if results.diverged_step[r] >= 0:
+            continue
+        hp = {k: v[r : r + 1] for k, v in batch.hparams.items()}
+        one = ReplicaBatch(
+            batch.states[r : r + 1],
+            hp,
+            np.zeros(1, np.int32),
+            {"seed": np.zeros(1), "eps": np.zeros(1), "member": np.zeros(1)},
+        )
+        pre = run_replicas(
+            tmap, one, steps=t_pert, record_every=t_pert, observables=("loss",), progress=False
+        )
+        if pre.diverged_step[0] >= 0:
+            continue
+        tm_g = tmap.replace(**{k: float(v[0]) for k, v in hp.items()})
+        rb = make_replicas(
+            tm_g,
+            base=jnp.asarray(pre.final_state[0]),
+            n_perturbed=c.n_perturbed,
+            eps=list(eps),
+            distribution=cfg.replicas.distribution,
+            target=cfg.replicas.target,
+        )
+        post = run_replicas(
+            tm_g,
+            rb,
+            steps=c.before_end,
+            record_every=every,
+            t0=t_pert,
+            observables=("distance_l1",),
+            progress=False,
+        )
+        for e, ev in enumerate(eps):
+            sel = np.isclose(post.coords["eps"], ev) & (post.coords["member"] > 0)
+            d = post.records["distance_l1"][sel]
+            rel = d / d[:, :1]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lg = np.log(rel)
+            ratio_end[g, e] = float(np.exp(np.nanmean(lg[:, -1])))
+            ratio_max[g, e] = float(np.exp(np.nanmax(np.nanmean(lg, axis=0))))
+            ratio_min[g, e] = float(np.exp(np.nanmin(np.nanmean(lg, axis=0))))
+    return xr.Dataset(
+        {
+            "ratio_end": (("group", "eps"), ratio_end),
+            "ratio_max": (("group", "eps"), ratio_max),
+            "ratio_min": (("group", "eps"), ratio_min),
+        },
+        coords={**_group_coords(batch, refs), "eps": eps},
+        attrs={"before_end": c.before_end, "t_perturb": t_pert, "n_perturbed": c.n_perturbed},
+    )
+
+
+def marginal_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    lines = [
+        "## Marginal stability at the trained state",
+        "",
+        f"Each reference run's state at step {a['t_perturb']} ({a['before_end']} steps before the "
+        f"end) was perturbed ({a['n_perturbed']} copies per ε) and trained on; d(t)/d(0) is the L1 "
+        "distance to the unperturbed continuation relative to its start (geometric mean over "
+        "copies, median over initialisations). Values near 1: perturbations neither grow nor decay.",
+        "",
+        "| η | ε | d(end)/d(0) | min over time | max over time |",
+        "|---|---|---|---|---|",
+    ]
+    lrs = ds["learning_rate"].values
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        for e, eps in enumerate(ds["eps"].values):
+
+            def med(name, sel=sel, e=e):
+                v = ds[name].values[sel, e]
+                return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+
+            lines.append(
+                f"| {lr:.4g} | {eps:.0e} | {fmt(med('ratio_end'))} | {fmt(med('ratio_min'))} | {fmt(med('ratio_max'))} |"
+            )
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# time to a target accuracy
+
+
+def target_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+    """First record step at which each reference run reaches the target test accuracy."""
+    refs = reference_groups(batch)
+    acc = results.records["test_accuracy"][refs]
+    hit = acc >= cfg.target.test_accuracy
+    first = np.where(hit.any(axis=1), results.steps[np.argmax(hit, axis=1)], np.nan).astype(float)
+    final = np.array([_last_finite(a) for a in acc])
+    return xr.Dataset(
+        {"steps_to_target": (("group",), first), "final_test_accuracy": (("group",), final)},
+        coords=_group_coords(batch, refs),
+        attrs={"target": cfg.target.test_accuracy},
+    )
+
+
+def target_markdown(ds: xr.Dataset, lyap: xr.Dataset | None, div: xr.Dataset | None) -> list[str]:
+    lines = [
+        "## Time to target accuracy against the onset of chaos",
+        "",
+        f"Steps until the reference run first reaches test accuracy {ds.attrs['target']:g} "
+        "(median over seeds; never = n/a), next to the chaos indicators of the same η: the "
+        "tangent-space λ1 (mean over seeds) and the share of initialisations with an accepted "
+        "replica-divergence fit.",
+        "",
+        "| η | steps to target | reached | final test acc | λ1 (per step) | chaotic fits |",
+        "|---|---|---|---|---|---|",
+    ]
+    lrs = ds["learning_rate"].values
+    best = None
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        st = ds["steps_to_target"].values[sel]
+        reached = np.isfinite(st)
+        med = float(np.median(st[reached])) if reached.all() else float("nan")
+        lam = float("nan")
+        if lyap is not None:
+            v = lyap["exponents"].values[lyap["learning_rate"].values == lr, 0]
+            lam = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        chaotic = "n/a"
+        if div is not None:
+            a = div["accepted"].values[div["learning_rate"].values == lr]
+            chaotic = f"{int(a.any(axis=1).sum())}/{a.shape[0]}"
+        fa = ds["final_test_accuracy"].values[sel]
+        lines.append(
+            f"| {lr:.4g} | {fmt(med, '.0f')} | {reached.sum()}/{sel.sum()} | {fmt(float(np.nanmedian(fa)) if np.isfinite(fa).any() else float('nan'), '.3f')} | {fmt(lam)} | {chaotic} |"
+        )
+        if np.isfinite(med) and (best is None or med < best[1]):
+            best = (lr, med)
+    if best is not None:
+        lines += ["", f"Fastest: η = {best[0]:g} ({best[1]:.0f} steps)."]
+    return [*lines, ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# early FTLE against final loss
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann–Whitney), labels 1 = positive; NaN if one class."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x)
+    r = np.empty(x.size)
+    r[order] = np.arange(x.size)
+    return r
+
+
+def prediction_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
+    """Per η: Pearson and Spearman correlation of the early λ1 with the final training loss
+    across initialisations, and the AUC of λ1 for 'final loss above the median'."""
+    refs = reference_groups(batch)
+    final = np.array([_last_finite(results.records["loss"][r]) for r in refs])
+    lam = lyap["exponents"].values[:, 0]
+    lrs = np.asarray(batch.hparams["learning_rate"], np.float64)[refs]
+    out = {k: [] for k in ("pearson", "spearman", "auc", "n")}
+    uniq = np.unique(lrs)
+    for lr in uniq:
+        sel = (lrs == lr) & np.isfinite(final) & np.isfinite(lam)
+        x, y = lam[sel], final[sel]
+        out["n"].append(int(sel.sum()))
+        if sel.sum() < 3 or np.std(x) == 0 or np.std(y) == 0:
+            out["pearson"].append(np.nan)
+            out["spearman"].append(np.nan)
+            out["auc"].append(np.nan)
+            continue
+        out["pearson"].append(float(np.corrcoef(x, y)[0, 1]))
+        out["spearman"].append(float(np.corrcoef(_rank(x), _rank(y))[0, 1]))
+        out["auc"].append(_auc(x, (y > np.median(y)).astype(int)))
+    return xr.Dataset(
+        {k: (("lr",), np.asarray(v, float)) for k, v in out.items()}
+        | {"early_lambda1": (("group",), lam), "final_loss": (("group",), final)},
+        coords={"lr": uniq, **_group_coords(batch, refs)},
+        attrs={"early_steps": lyap.attrs["steps"]},
+    )
+
+
+def prediction_markdown(ds: xr.Dataset) -> list[str]:
+    lines = [
+        "## Early FTLE against the final loss",
+        "",
+        f"λ1 over the first {ds.attrs['early_steps']} steps (tangent space) of each initialisation "
+        "against its final training loss: Pearson and Spearman correlation, and the AUC of λ1 as a "
+        "score for 'final loss above the median' (0.5 = no information).",
+        "",
+        "| η | initialisations | Pearson r | Spearman ρ | AUC |",
+        "|---|---|---|---|---|",
+    ]
+    for i, lr in enumerate(ds["lr"].values):
+        lines.append(
+            f"| {lr:.4g} | {int(ds['n'].values[i])} | {fmt(float(ds['pearson'].values[i]), '.2f')} | "
+            f"{fmt(float(ds['spearman'].values[i]), '.2f')} | {fmt(float(ds['auc'].values[i]), '.2f')} |"
+        )
+    return [*lines, "", "![prediction](figures/prediction.png)", ""]
+
+
+def prediction_figures(ds: xr.Dataset, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from chaosjax import plots
+
+    fig, ax = plt.subplots(figsize=(5.4, 4.0))
+    lrs = ds["learning_rate"].values
+    for i, lr in enumerate(np.unique(lrs)):
+        sel = lrs == lr
+        ax.scatter(
+            ds["early_lambda1"].values[sel],
+            ds["final_loss"].values[sel],
+            s=14,
+            color=f"C{i}",
+            label=f"η = {lr:g}",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel(f"early λ1 (first {ds.attrs['early_steps']} steps, per step)")
+    ax.set_ylabel("final training loss")
+    ax.set_title("early FTLE against final loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    plots.save(fig, folder / "prediction.png")
+
+
+__all__ = [
+    "divergence_figures",
+    "divergence_markdown",
+    "divergence_stage",
+    "marginal_markdown",
+    "marginal_stage",
+    "prediction_figures",
+    "prediction_markdown",
+    "prediction_stage",
+    "series_figures",
+    "series_markdown",
+    "series_stage",
+    "target_markdown",
+    "target_stage",
+]
