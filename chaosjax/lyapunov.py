@@ -729,7 +729,8 @@ def best_window_fit(
     t = np.asarray(times, np.float64)
     d = np.asarray(distances, np.float64)
     if d.ndim == 2:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (diverged) → NaN
             y = (
                 np.log(np.nanmean(d, axis=0))
                 if average == "mean"

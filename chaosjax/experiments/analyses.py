@@ -181,8 +181,8 @@ def hessian_overlap(tmap, res, k: int) -> np.ndarray:
     m = min(tmap.n_params, max(4 * k_h, 32))
 
     @jax.jit
-    def top(state, t):
-        loss, p, _ = training_loss(tmap, state, t)
+    def top(tm, state, t):  # the map is an argument: its data are not constant-folded
+        loss, p, _ = training_loss(tm, state, t)
         return hessian_eigs(loss, p, k_h, num_matvecs=m).eigenvectors
 
     out = np.full((*res.vectors.shape[:2], res.vectors.shape[-1]), np.nan)
@@ -192,7 +192,9 @@ def hessian_overlap(tmap, res, k: int) -> np.ndarray:
             if not np.isfinite(st).all():
                 continue
             basis = np.zeros((tmap.dim, k_h))
-            basis[: tmap.n_params] = np.asarray(top(jnp.asarray(st, tmap.state_dtype), int(t))).T
+            basis[: tmap.n_params] = np.asarray(
+                top(tmap, jnp.asarray(st, tmap.state_dtype), jnp.int32(t))
+            ).T
             out[g, j] = clv_subspace_overlap(res.vectors[g, j], basis)
     return out
 
@@ -307,26 +309,38 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
     weights = np.full_like(nodes, np.nan)
     t_end = int(results.steps[-1])
     key = jax.random.PRNGKey(0)
+
+    def measure(tm, state, t):
+        loss, p, _ = training_loss(tm, state, t, mode=c.mode, subset=c.subset or None)
+        mv, _ = hessian_operator(loss, p)
+        out = {}
+        if c.trace_probes:
+            tr = trace_estimate(
+                mv, p.shape[0], num_probes=max(2, c.trace_probes), key=key, dtype=p.dtype
+            )
+            out["trace"] = (tr.estimate, tr.stderr)
+        if m:
+            d = density_estimate(
+                mv, p.shape[0], num_matvecs=m, num_runs=c.density_runs, key=key, dtype=p.dtype
+            )
+            out["density"] = (d.nodes, d.weights)
+        return out
+
+    measure = jax.jit(measure)  # the map is an argument: its data are not constant-folded
     for g, r in enumerate(refs):
         for w, (state, t) in enumerate(
             [(batch.states[r], int(results.steps[0])), (results.final_state[r], t_end)]
         ):
             if w == 1 and results.diverged_step[r] >= 0:
                 continue
-            loss, p, _ = training_loss(
-                tmap, jax.numpy.asarray(state), t, mode=c.mode, subset=c.subset or None
-            )
-            mv, _ = hessian_operator(loss, p)
-            if c.trace_probes:
-                tr = trace_estimate(
-                    mv, p.shape[0], num_probes=max(2, c.trace_probes), key=key, dtype=p.dtype
+            out = measure(tmap, jax.numpy.asarray(state), jax.numpy.asarray(t, jax.numpy.int32))
+            if "trace" in out:
+                trace[g, w], trace_se[g, w] = float(out["trace"][0]), float(out["trace"][1])
+            if "density" in out:
+                nodes[g, w], weights[g, w] = (
+                    np.asarray(out["density"][0]),
+                    np.asarray(out["density"][1]),
                 )
-                trace[g, w], trace_se[g, w] = float(tr.estimate), float(tr.stderr)
-            if m:
-                d = density_estimate(
-                    mv, p.shape[0], num_matvecs=m, num_runs=c.density_runs, key=key, dtype=p.dtype
-                )
-                nodes[g, w], weights[g, w] = np.asarray(d.nodes), np.asarray(d.weights)
     verdicts, maxr, later = [], [], []
     for r in refs:
         v, mx, late = verdict(results.records["sharpness_ratio"][r], int(results.diverged_step[r]))

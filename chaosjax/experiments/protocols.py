@@ -279,7 +279,8 @@ def divergence_figures(ds: xr.Dataset, folder: Path) -> None:
     bx.set_xlabel(f"slope at ε = {eps[target]:.0e}")
     bx.set_ylabel("initialisations")
     bx.set_title("histogram of accepted slopes")
-    bx.legend(fontsize=7)
+    if bx.get_legend_handles_labels()[0]:
+        bx.legend(fontsize=7)
     plots.save(fig, folder / "divergence_eps.png")
 
 

@@ -494,6 +494,13 @@ def report(folder: str | Path) -> Path:
             if folder.is_dir()
             else []
         )
+        top = folder / "config.toml"
+        if subs and top.exists():  # keep the plan's order, as written by run_plan
+            lines = top.read_text().splitlines()
+            order = [
+                ln[len("# variant: ") :].strip() for ln in lines if ln.startswith("# variant: ")
+            ]
+            subs = [n for n in order if n in subs] + [n for n in subs if n not in order]
         if subs:
             for name in subs:
                 report(folder / name)

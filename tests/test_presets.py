@@ -1,0 +1,57 @@
+"""Every preset runs end to end at a reduced size and produces every file; report reproduces
+the summary from the stored results."""
+
+import tomllib
+
+import pytest
+
+from chaosjax.cli import main
+from chaosjax.experiments import load_plan, preset_names
+
+TINY = {
+    "steps": 40,
+    "record_every": 2,
+    "chunk_steps": 20,
+    "replicas.seeds": "[0, 1]",
+    "replicas.n_perturbed": 1,
+    "lyapunov.steps": 20,
+    "lyapunov.ftle_window": 10,
+    "lyapunov.fit_starts": "[0, 10, 5]",
+    "lyapunov.fit_widths": "[10, 20, 5]",
+    "clv.steps": 20,
+    "clv.align": 4,
+    "clv.backward_transient": 10,
+    "curvature.cold_matvecs": 8,
+    "curvature.density_matvecs": 8,
+    "curvature.trace_probes": 4,
+    "series.start": 0,
+    "series.n_surrogates": 20,
+    "marginal.before_end": 10,
+}
+EXTRA = {
+    "weight-dynamics": {"replicas.seeds": "[0, 1, 2, 3]"},
+    "edge-of-stability": {"model.hidden": "[8]"},
+}
+
+
+def overrides(name):
+    values = {**TINY, **EXTRA.get(name, {})}
+    return [x for k, v in values.items() for x in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_runs_tiny(name, tmp_path):
+    out = tmp_path / name
+    assert main(["run", name, "--out", str(out), "--quiet", *overrides(name)]) == 0
+    plan = load_plan(name)
+    folders = [out] if plan[0][0] is None else [out / v for v, _ in plan]
+    for f in folders:
+        for file in ("config.toml", "results.zarr", "summary.md", "figures/loss.png"):
+            assert (f / file).exists(), (f, file)
+        cfg = tomllib.loads((f / "config.toml").read_text())
+        assert cfg["steps"] == 40
+    summary = (out / "summary.md").read_text()
+    assert "n/a" in summary or "|" in summary
+    (out / "summary.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
