@@ -147,13 +147,18 @@ def adaptive_preconditioner(opt_state) -> tuple[jax.Array, str]:
 
 
 def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
-    """P (n_params,) of an Adam/AdamW/RMSProp :class:`TrainingMap` state at step t."""
+    """P (n_params,) of an Adam/AdamW/RMSProp :class:`TrainingMap` state at step t.
+
+    Adam: sqrt(ν̂ + eps_root) + eps with ν̂ = ν / (1 − β2^count). Before the first update
+    (count = 0) Adam holds no second-moment estimate, so P is NaN there rather than eps.
+    """
     hp = tmap.hparams if hparams is None else hparams
     nu, kind, count = adaptive_preconditioner(tmap.opt_state(state, t))
     if kind == "adam":
         b2, eps = hp["b2"], hp["eps"]
         c = jnp.maximum(count, 1).astype(nu.dtype)
-        return jnp.sqrt(nu / (1.0 - b2**c)) + eps
+        p = jnp.sqrt(nu / (1.0 - b2**c) + hp.get("eps_root", 0.0)) + eps
+        return jnp.where(count > 0, p, jnp.nan)
     return jnp.sqrt(nu + hp["eps"])
 
 
@@ -654,9 +659,16 @@ class CurvatureTracker(NamedTuple):
             r = lanczos_eigs(matvec, dim, self.k, num_matvecs=m, dtype=p.dtype)
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
         else:
-            r = block_krylov_eigs(matvec, v_prev, num_blocks=self.num_blocks)
+            # a previous record without finite vectors (e.g. Adam before its first update, where
+            # P is undefined) restarts from a fixed random basis; residuals show the accuracy
+            start = jnp.where(
+                jnp.all(jnp.isfinite(v_prev)),
+                v_prev,
+                jax.random.normal(jax.random.PRNGKey(1), v_prev.shape, v_prev.dtype),
+            )
+            r = block_krylov_eigs(matvec, start, num_blocks=self.num_blocks)
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
-            sign = jnp.sign(jnp.sum(vecs * v_prev, axis=0))
+            sign = jnp.sign(jnp.sum(vecs * start, axis=0))
             vecs = vecs * jnp.where(sign == 0, 1.0, sign)
         thr, _ = stability_threshold(tmap.optimizer_name, hparams)
         thr = jnp.asarray(thr, p.dtype)

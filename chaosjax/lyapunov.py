@@ -380,6 +380,11 @@ def _prepare(step, x0, batched, args):
         sizes = {int(jnp.shape(v)[0]) if jnp.ndim(v) else -1 for v in leaves}
         if len(sizes) != 1 or -1 in sizes:
             raise ValueError("x0: with batched=True every leaf needs the same leading batch axis")
+        if lay.treedef.num_leaves == 1 and len(lay.shapes[0]) == 0:
+            raise ValueError(
+                f"x0: with batched=True x0 needs shape (batch, dim); got {jnp.shape(leaves[0])}, "
+                "a single state (use batched=False)"
+            )
         vec, aux = jax.vmap(lambda x: _to_flat(lay, x))(x0)
         if args is not None:
             for leaf in jax.tree_util.tree_leaves(args):
@@ -554,7 +559,8 @@ def _reasons(lg: np.ndarray):
         i = int(np.argmax(bad))
         return (
             f"non-finite growth from renormalisation {i}: the state became non-finite, the "
-            "tangents overflowed or a tangent collapsed"
+            "tangents overflowed or a tangent collapsed, or the step is not differentiable "
+            "there (e.g. Adam with eps_root = 0 at an exactly zero gradient entry)"
         )
 
     if lg.ndim == 2:

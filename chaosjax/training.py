@@ -41,12 +41,14 @@ def _nesterov(learning_rate, momentum):
     return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
 
 
-def _adam(learning_rate, b1, b2, eps):
-    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+def _adam(learning_rate, b1, b2, eps, eps_root):
+    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
 
-def _adamw(learning_rate, b1, b2, eps, weight_decay):
-    return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+def _adamw(learning_rate, b1, b2, eps, eps_root, weight_decay):
+    return optax.adamw(
+        learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay
+    )
 
 
 def _rmsprop(learning_rate, decay, eps):
@@ -58,8 +60,14 @@ OPTIMIZERS: dict[str, tuple[Callable, dict[str, float]]] = {
     "sgd": (_sgd, {}),
     "momentum": (_momentum, {"momentum": 0.9}),
     "nesterov": (_nesterov, {"momentum": 0.9}),
-    "adam": (_adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8}),
-    "adamw": (_adamw, {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 1e-4}),
+    # eps_root > 0 keeps Adam's map differentiable where a gradient entry is exactly zero
+    # (√ν has no derivative at ν = 0: ReLU networks otherwise give NaN tangents); 1e-20 changes
+    # the update by far less than eps. Set eps_root=0 for optax's exact default.
+    "adam": (_adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-20}),
+    "adamw": (
+        _adamw,
+        {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-20, "weight_decay": 1e-4},
+    ),
     "rmsprop": (_rmsprop, {"decay": 0.9, "eps": 1e-8}),
 }
 

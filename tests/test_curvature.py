@@ -317,3 +317,27 @@ def test_verdict_rule(ratio, div, expected):
     from chaosjax.experiments.analyses import verdict
 
     assert verdict(ratio, div)[0] == expected
+
+
+def test_adam_preconditioner_undefined_before_first_update():
+    net = cj.models.PureMLP((2, 8, 2), activation="relu")
+    tm = cj.TrainingMap(
+        net.apply,
+        net.init_params(jax.random.PRNGKey(0)),
+        cj.datasets.two_moons(60),
+        optimizer="adam",
+        learning_rate=1e-2,
+    )
+    s0 = tm.init()
+    assert np.isnan(np.asarray(cv.training_preconditioner(tm, s0, 0))).all()
+    res = cj.run_replicas(
+        tm,
+        cj.make_replicas(tm),
+        steps=30,
+        record_every=5,
+        trackers=[cv.CurvatureTracker(k=1, num_blocks=3)],
+        progress=False,
+    )
+    sh = res.records["sharpness"][0, :, 0]
+    assert np.isnan(sh[0]) and np.all(np.isfinite(sh[1:]))  # recovers after the NaN record
+    assert res.records["threshold"][0, 0] == pytest.approx(3.8 / (0.1 * 1e-2))

@@ -340,3 +340,28 @@ def test_interrupted_spectrum_resumes_to_the_same_arrays(tmp_path, monkeypatch):
     np.testing.assert_array_equal(resumed.final_basis, whole.final_basis)
     with pytest.raises(ValueError, match="different computation"):
         lyapunov_spectrum(h.step, h.x0, checkpoint=ck, resume=True, **{**kw, "k": 1})
+
+
+def test_adam_on_relu_network_has_finite_tangents():
+    """ReLU leaves exact zero gradients; Adam's sqrt(ν) has no derivative at 0. The named
+    optimizers use a tiny eps_root so the map stays differentiable."""
+    net = models.PureMLP((2, 8, 2), activation="relu")
+    tm = TrainingMap(
+        net.apply,
+        net.init_params(jax.random.PRNGKey(0)),
+        datasets.two_moons(60),
+        optimizer="adam",
+        learning_rate=1e-2,
+    )
+    assert float(tm.hparams["eps_root"]) == 1e-20
+    res = lyapunov_spectrum(tm.step, tm.init(), k=3, steps=20)
+    assert np.all(np.isfinite(res.exponents)) and res.reasons == ""
+    bare = tm.replace(eps_root=0.0)
+    res0 = lyapunov_spectrum(bare.step, bare.init(), k=3, steps=20)
+    assert not np.all(np.isfinite(res0.exponents)) and "not differentiable" in res0.reasons
+
+
+def test_batched_needs_a_batch_axis():
+    h = systems.henon()
+    with pytest.raises(ValueError, match=r"x0: with batched=True x0 needs shape \(batch, dim\)"):
+        lyapunov_spectrum(h.step, h.x0, k=1, steps=10, batched=True)
