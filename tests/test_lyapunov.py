@@ -346,12 +346,10 @@ def test_adam_on_relu_network_has_finite_tangents():
     """ReLU leaves exact zero gradients; Adam's sqrt(ν) has no derivative at 0. The named
     optimizers use a tiny eps_root so the map stays differentiable."""
     net = models.PureMLP((2, 8, 2), activation="relu")
+    params = net.init_params(jax.random.PRNGKey(0))
+    params["layer_0"]["bias"] = params["layer_0"]["bias"].at[0].set(-100.0)  # a dead unit
     tm = TrainingMap(
-        net.apply,
-        net.init_params(jax.random.PRNGKey(0)),
-        datasets.two_moons(60),
-        optimizer="adam",
-        learning_rate=1e-2,
+        net.apply, params, datasets.two_moons(60), optimizer="adam", learning_rate=1e-2
     )
     assert float(tm.hparams["eps_root"]) == 1e-20
     res = lyapunov_spectrum(tm.step, tm.init(), k=3, steps=20)
