@@ -149,6 +149,8 @@ def test_existing_folder_needs_force(tmp_path, capsys):
 def test_killed_run_resumes_to_the_same_arrays(tmp_path):
     args = [
         "--set",
+        "clv.enabled=false",  # the CLV stage is tested elsewhere; this test is about resume
+        "--set",
         "steps=600",
         "--set",
         "record_every=10",
