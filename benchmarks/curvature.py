@@ -39,7 +39,14 @@ def setup(train_steps: int, hidden: str = "[32, 32]"):
     from chaosjax.experiments.runner import build_training_map
 
     tmap = build_training_map(
-        load_config("quickstart", ["training.learning_rates=[0.2]", f"model.hidden={hidden}"])
+        load_config(
+            "quickstart",
+            [
+                "training.learning_rates=[0.2]",
+                f"model.hidden={hidden}",
+                "model.output_activation=identity",
+            ],
+        )
     )
     s = tmap.init()
     step = jax.jit(tmap.step)
@@ -55,7 +62,12 @@ def as_float32(tmap, s, hidden: str):
 
     cfg = load_config(
         "quickstart",
-        ["training.learning_rates=[0.2]", "precision=float32", f"model.hidden={hidden}"],
+        [
+            "training.learning_rates=[0.2]",
+            "precision=float32",
+            f"model.hidden={hidden}",
+            "model.output_activation=identity",
+        ],
     )
     tm32 = build_training_map(cfg)
     return tm32, tm32.init(tmap.params(s))

@@ -148,7 +148,11 @@ def tangent_cost_rows(steps: int, ks) -> list[dict]:
     from chaosjax.experiments import load_config
     from chaosjax.experiments.runner import build_training_map
 
-    tmap = build_training_map(load_config("quickstart", ["training.learning_rates=[0.2]"]))
+    tmap = build_training_map(
+        load_config(
+            "quickstart", ["training.learning_rates=[0.2]", "model.output_activation=identity"]
+        )
+    )
     s0 = tmap.init()
     step = cj.as_traceable(tmap.step)
 

@@ -34,7 +34,14 @@ def build(precision: str):
     from chaosjax.experiments import load_config
     from chaosjax.experiments.runner import build_training_map
 
-    cfg = load_config("quickstart", [f"precision={precision}", "training.learning_rates=[0.2]"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"precision={precision}",
+            "training.learning_rates=[0.2]",
+            "model.output_activation=identity",
+        ],
+    )
     return build_training_map(cfg)
 
 

@@ -90,6 +90,8 @@ class MLP(nnx.Module):
         init_scale: the gain s (per layer with a tuple).
         bias: whether layers have biases (initialised to zero).
         output_bias: whether the output layer has a bias (default: ``bias``).
+        output_activation: activation of the output layer (``"identity"``: linear outputs;
+            ``"tanh"`` bounds them, and with MSE the loss, so large steps cannot diverge).
         rngs: ``nnx.Rngs`` for the initialisation.
         dtype: parameter dtype.
 
@@ -105,6 +107,7 @@ class MLP(nnx.Module):
         init_scale: float | Sequence[float] = 1.0,
         bias: bool = True,
         output_bias: bool | None = None,
+        output_activation: str = "identity",
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
@@ -114,6 +117,8 @@ class MLP(nnx.Module):
         n = len(widths) - 1
         inits = _per_layer("init", init, n)
         scales = _per_layer("init_scale", init_scale, n)
+        globals()["activation"](output_activation)
+        self.output_activation = output_activation
         self.activation = activation
         self.layers = nnx.List(
             [
@@ -144,7 +149,7 @@ class MLP(nnx.Module):
         act = ACTIVATIONS[self.activation]
         for layer in self.layers[:-1]:
             x = act(layer(x))
-        return self.layers[-1](x)
+        return ACTIVATIONS[self.output_activation](self.layers[-1](x))
 
 
 class CNN(nnx.Module):

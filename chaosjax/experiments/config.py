@@ -63,6 +63,11 @@ class ModelConfig:
     )
     bias: bool = fld(True, "layers have biases (initialised to 0)")
     output_bias: bool = fld(True, "the output layer has a bias (mlp)")
+    output_activation: str = fld(
+        "identity",
+        "output activation (mlp); tanh bounds the outputs",
+        choices=("identity", "tanh", "sigmoid"),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

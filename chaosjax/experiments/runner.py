@@ -111,6 +111,7 @@ def build_training_map(cfg: ExperimentConfig, ds=None):
                 init_scale=per_layer(m.init_scale, "model.init_scale"),
                 bias=m.bias,
                 output_bias=m.output_bias,
+                output_activation=m.output_activation,
                 rngs=rngs,
                 dtype=dtype,
             )
