@@ -26,6 +26,11 @@ def fld(default, doc: str, *, choices=None, lo=None, hi=None, positive=False):
     return dataclasses.field(default=default, metadata=meta)
 
 
+def section(cls, doc: str):
+    """A nested config section with its documentation."""
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     name: str = fld(
@@ -222,38 +227,18 @@ class ExperimentConfig:
     steps: int = fld(1000, "training steps", lo=1)
     record_every: int = fld(10, "record cadence (must divide steps)", lo=1)
     chunk_steps: int = fld(500, "steps per jitted chunk (checkpoint cadence)", lo=1)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"doc": "dataset"})
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"doc": "model"})
-    training: TrainingConfig = dataclasses.field(
-        default_factory=TrainingConfig, metadata={"doc": "loss and optimizer"}
-    )
-    replicas: ReplicaConfig = dataclasses.field(
-        default_factory=ReplicaConfig, metadata={"doc": "replica batch"}
-    )
-    lyapunov: LyapunovConfig = dataclasses.field(
-        default_factory=LyapunovConfig, metadata={"doc": "Lyapunov exponents"}
-    )
-    series: SeriesConfig = dataclasses.field(
-        default_factory=SeriesConfig, metadata={"doc": "loss-series diagnostics"}
-    )
-    divergence: DivergenceConfig = dataclasses.field(
-        default_factory=DivergenceConfig, metadata={"doc": "replica-divergence fits per ε"}
-    )
-    marginal: MarginalConfig = dataclasses.field(
-        default_factory=MarginalConfig, metadata={"doc": "marginal-stability test"}
-    )
-    target: TargetConfig = dataclasses.field(
-        default_factory=TargetConfig, metadata={"doc": "time to a target accuracy"}
-    )
-    prediction: PredictionConfig = dataclasses.field(
-        default_factory=PredictionConfig, metadata={"doc": "early FTLE against final loss"}
-    )
-    curvature: CurvatureConfig = dataclasses.field(
-        default_factory=CurvatureConfig, metadata={"doc": "curvature and the edge of stability"}
-    )
-    clv: CLVConfig = dataclasses.field(
-        default_factory=CLVConfig, metadata={"doc": "covariant Lyapunov vectors"}
-    )
+    data: DataConfig = section(DataConfig, "dataset")
+    model: ModelConfig = section(ModelConfig, "model")
+    training: TrainingConfig = section(TrainingConfig, "loss and optimizer")
+    replicas: ReplicaConfig = section(ReplicaConfig, "replica batch")
+    lyapunov: LyapunovConfig = section(LyapunovConfig, "Lyapunov exponents")
+    series: SeriesConfig = section(SeriesConfig, "loss-series diagnostics")
+    divergence: DivergenceConfig = section(DivergenceConfig, "replica-divergence fits per ε")
+    marginal: MarginalConfig = section(MarginalConfig, "marginal-stability test")
+    target: TargetConfig = section(TargetConfig, "time to a target accuracy")
+    prediction: PredictionConfig = section(PredictionConfig, "early FTLE against final loss")
+    curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
+    clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
 
     def __post_init__(self):
         if self.steps % self.record_every:
