@@ -6,6 +6,7 @@ The same functions analyse any map ``step(x, t) -> x``: a Hénon map from
 
 from chaosjax import datasets as datasets
 from chaosjax import models as models
+from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import systems as systems
 from chaosjax._util import as_traceable as as_traceable
