@@ -43,6 +43,8 @@ from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
 from chaosjax.replicas import run_replicas as run_replicas
+from chaosjax.response import ResponseTracker as ResponseTracker
+from chaosjax.response import ntk as ntk
 from chaosjax.results import ReplicaResults as ReplicaResults
 from chaosjax.results import open_store as open_store
 from chaosjax.training import TrainingMap as TrainingMap

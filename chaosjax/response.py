@@ -244,10 +244,84 @@ def fragility(
     return Fragility(float(fi), float(fw))
 
 
+def _trace_pr(k):
+    """(Σλ)²/Σλ² of a symmetric PSD matrix as (tr K)²/‖K‖_F² — no eigendecomposition, so it is
+    cheap inside vmapped, jitted trackers."""
+    return jnp.trace(k) ** 2 / jnp.sum(k * k)
+
+
+class ResponseTracker(NamedTuple):
+    """Track the training response of every replica at each record of :func:`run_replicas`.
+
+    On the first ``n_probes`` training inputs, from the stacked output gradients
+    G = [∇_θ f_k(x_i)] (one vjp per probe and output; memory n_probes·out·n_params):
+
+    * ``ntk_amplitude``: A(t) = ⟨Θ_t(x, x)⟩ (mean over probes of the output-traced diagonal);
+    * ``ntk_shape_corr``: correlation of Θ_t with Θ at the first record (shape change);
+    * ``ntk_pr``: participation ratio of the Θ_t Gram matrix (kernel rank);
+    * ``feature_pr``: participation ratio of the last hidden layer's representation of the
+      probes (NaN without a features function);
+    * ``ntk_layer_amplitude`` (layers,): A(t) split by parameter layer — for one hidden
+      layer the last entry is the output-layer (feature-kernel) term and the first the
+      hidden-layer term (see :func:`one_hidden_layer_ntk_terms`).
+    """
+
+    n_probes: int = 32
+
+    NAMES = ("ntk_amplitude", "ntk_shape_corr", "ntk_pr", "feature_pr", "ntk_layer_amplitude")
+
+    def validate(self, tmap) -> None:
+        n = int(tmap.data["x_train"].shape[0])
+        if int(self.n_probes) != self.n_probes or not 2 <= self.n_probes <= n:
+            raise ValueError(f"n_probes: must be an integer in [2, {n}], got {self.n_probes!r}")
+
+    def _one(self, tmap, state, kref):
+        x = tmap.data["x_train"][: self.n_probes]
+        rest = state[tmap.n_params :]
+
+        def f(p):
+            return _outputs_2d(tmap._apply_fn(tmap.params(jnp.concatenate([p, rest])), x))
+
+        p = tmap.flat_params(state)
+        out, vjp = jax.vjp(f, p)
+        n, o = out.shape
+        eye = jnp.eye(n * o, dtype=p.dtype).reshape(n * o, n, o)
+        with jax.default_matmul_precision("highest"):
+            g = jax.vmap(lambda ct: vjp(ct)[0])(eye).reshape(n, o, -1)  # (n, out, P)
+            k = jnp.einsum("iop,jop->ij", g, g)
+        layers = jnp.stack(
+            [jnp.mean(jnp.sum(g[..., a:b] ** 2, axis=(1, 2))) for a, b in tmap.layers.values()]
+        )
+        if tmap.features_fn is not None:
+            h = tmap.features(state, x)[-1]
+            h = h - h.mean(axis=0)
+            fpr = _trace_pr(h.T @ h)
+        else:
+            fpr = jnp.full((), jnp.nan, p.dtype)
+        kref = k if kref is None else kref
+        kc, rc = k - k.mean(), kref - kref.mean()
+        corr = jnp.sum(kc * rc) / jnp.sqrt(jnp.sum(kc**2) * jnp.sum(rc**2))
+        values = {
+            "ntk_amplitude": jnp.mean(jnp.diagonal(k)),
+            "ntk_shape_corr": corr,
+            "ntk_pr": _trace_pr(k),
+            "feature_pr": fpr,
+            "ntk_layer_amplitude": layers,
+        }
+        return values, kref
+
+    def init(self, tmap, states, hparams, t):
+        return jax.vmap(lambda s: self._one(tmap, s, None))(states)
+
+    def update(self, tmap, states, hparams, kref, t):
+        return jax.vmap(lambda s, kr: self._one(tmap, s, kr))(states, kref)
+
+
 __all__ = [
     "Fragility",
     "PowerLaw",
     "Response",
+    "ResponseTracker",
     "effective_rank",
     "fragility",
     "gram_participation_ratio",

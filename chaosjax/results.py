@@ -26,6 +26,7 @@ RECORD_DIMS = {
     "layer_distance": ("layer",),
     "layer_distance_l1": ("layer",),
     "top_layer_mass": ("layer",),
+    "ntk_layer_amplitude": ("layer",),
     "sharpness": ("eig",),
     "subspace_angle": ("eig",),
     "grad_overlap": ("eig",),

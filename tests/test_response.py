@@ -93,3 +93,30 @@ def test_fragility_of_a_scaled_identity():
     fr = rs.fragility(apply, {"c": jnp.asarray(3.0)}, jnp.ones((4, 2)), eps=1e-6)
     assert fr.input == pytest.approx(3.0, rel=1e-6)
     assert fr.weight == pytest.approx(np.sqrt(2.0), rel=1e-6)  # ‖δc·x_i‖/|δc| = ‖x_i‖
+
+
+def test_response_tracker_in_a_replica_run():
+    net = cj.models.PureMLP((5, 16, 1), activation="tanh")
+    ds = cj.datasets.teacher_student(64, d_in=5, d_out=1, seed=0)
+    p = net.init_params(jax.random.PRNGKey(0), jnp.float64)
+    tm = cj.TrainingMap(
+        net.apply, p, ds, optimizer="sgd", learning_rate=0.05, features_fn=net.features
+    )
+    res = cj.run_replicas(
+        tm,
+        cj.make_replicas(tm),
+        steps=40,
+        record_every=10,
+        observables=("loss",),
+        trackers=[rs.ResponseTracker(n_probes=12)],
+        progress=False,
+    )
+    a = res.records["ntk_amplitude"][0]
+    x = tm.data["x_train"][:12]
+    theta0 = rs.ntk(net.apply, p, x)
+    np.testing.assert_allclose(a[0], np.mean(np.diag(theta0)), rtol=1e-10)
+    assert res.records["ntk_shape_corr"][0, 0] == pytest.approx(1.0)
+    out_t, hid_t = rs.one_hidden_layer_ntk_terms(p, x, x, "tanh")
+    lay = res.records["ntk_layer_amplitude"][0, 0]  # layer_0 = hidden term, layer_1 = output term
+    np.testing.assert_allclose(lay, [np.mean(np.diag(hid_t)), np.mean(np.diag(out_t))], rtol=1e-10)
+    assert 1.0 <= res.records["ntk_pr"][0, 0] <= 12 and 1.0 <= res.records["feature_pr"][0, 0] <= 16

@@ -81,3 +81,14 @@ def test_analogues_without_pairs_is_nan():
 def test_bad_input(call, msg):
     with pytest.raises(ValueError, match=msg):
         call()
+
+
+def test_phase_rule():
+    from chaosjax.experiments.protocols import phases
+
+    t = np.arange(1, 11) * 100
+    f = np.array([1.0, 0.9, 0.6, 0.3, 0.2, 0.12, 0.05, 0.02, -0.01, 0.03])
+    exp_end, ref_start = phases(f, t)
+    assert exp_end == 300  # windows ending at 100–300 have FTLE ≥ 0.5·max
+    assert ref_start == 600  # windows after 600 stay within 0.1·max
+    assert np.isnan(phases(np.full(5, np.nan), t[:5])[0])

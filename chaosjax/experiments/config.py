@@ -174,6 +174,30 @@ class PredictionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResponseConfig:
+    enabled: bool = fld(
+        False, "track the empirical NTK of every replica (training response, aging)"
+    )
+    n_probes: int = fld(32, "training inputs the NTK is measured on", lo=2)
+    fragility_eps: float = fld(
+        1e-4, "perturbation size of the fragility probe at the end", positive=True
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InstabilityConfig:
+    enabled: bool = fld(False, "per-layer separation of perturbed replicas and phases of training")
+    separation_factor: float = fld(
+        10.0, "a layer has separated when its distance exceeds this × its start", positive=True
+    )
+    reconverge_fraction: float = fld(
+        0.5,
+        "a layer has re-converged when its final distance is below this × its peak",
+        positive=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class CurvatureConfig:
     enabled: bool = fld(True, "track the top Hessian eigenvalues of every replica at each record")
     k: int = fld(2, "tracked eigenpairs", lo=1)
@@ -237,6 +261,8 @@ class ExperimentConfig:
     marginal: MarginalConfig = section(MarginalConfig, "marginal-stability test")
     target: TargetConfig = section(TargetConfig, "time to a target accuracy")
     prediction: PredictionConfig = section(PredictionConfig, "early FTLE against final loss")
+    response: ResponseConfig = section(ResponseConfig, "training response (NTK)")
+    instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
     curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
     clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
 
@@ -258,6 +284,10 @@ class ExperimentConfig:
         if self.marginal.enabled and self.marginal.before_end >= self.steps:
             raise ConfigError(
                 f"marginal.before_end: must be < steps={self.steps}, got {self.marginal.before_end}"
+            )
+        if self.instability.enabled and not self.lyapunov.enabled:
+            raise ConfigError(
+                "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
             )
         if self.prediction.enabled and not self.lyapunov.enabled:
             raise ConfigError("prediction.enabled: needs lyapunov.enabled = true (the early FTLE)")
@@ -461,11 +491,13 @@ __all__ = [
     "DataConfig",
     "DivergenceConfig",
     "ExperimentConfig",
+    "InstabilityConfig",
     "LyapunovConfig",
     "MarginalConfig",
     "ModelConfig",
     "PredictionConfig",
     "ReplicaConfig",
+    "ResponseConfig",
     "SeriesConfig",
     "TargetConfig",
     "TrainingConfig",

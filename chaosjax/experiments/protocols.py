@@ -533,15 +533,254 @@ def prediction_figures(ds: xr.Dataset, folder: Path) -> None:
     plots.save(fig, folder / "prediction.png")
 
 
+# ---------------------------------------------------------------------------------------------
+# training response (Nakazato)
+
+
+def response_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
+    """Aging fit of the NTK amplitude, shape change, rank change and fragility per run."""
+    import jax.numpy as jnp
+
+    from chaosjax.response import fragility, power_law_fit
+
+    refs = reference_groups(batch)
+    keys = [
+        "alpha",
+        "alpha_r2",
+        "amp_start",
+        "amp_end",
+        "shape_corr_end",
+        "ntk_pr_start",
+        "ntk_pr_end",
+        "feature_pr_start",
+        "feature_pr_end",
+        "fragility_input",
+        "fragility_weight",
+    ]
+    v = {k: np.full(len(refs), np.nan) for k in keys}
+    x = tmap.data["x_train"][: cfg.response.n_probes]
+    for g, r in enumerate(refs):
+        amp = results.records["ntk_amplitude"][r]
+        ok = np.isfinite(amp)
+        fit = power_law_fit(results.steps[ok], amp[ok])
+        v["alpha"][g], v["alpha_r2"][g] = fit.alpha, fit.r2
+        v["amp_start"][g], v["amp_end"][g] = amp[0], _last_finite(amp)
+        v["shape_corr_end"][g] = _last_finite(results.records["ntk_shape_corr"][r])
+        for k in ("ntk_pr", "feature_pr"):
+            v[f"{k}_start"][g] = results.records[k][r][0]
+            v[f"{k}_end"][g] = _last_finite(results.records[k][r])
+        if results.diverged_step[r] < 0:
+            params = tmap.params(jnp.asarray(results.final_state[r]))
+            fr = fragility(tmap._apply_fn, params, x, eps=cfg.response.fragility_eps)
+            v["fragility_input"][g], v["fragility_weight"][g] = fr.input, fr.weight
+    return xr.Dataset(
+        {k: (("group",), a) for k, a in v.items()},
+        coords=_group_coords(batch, refs),
+        attrs={
+            "n_probes": cfg.response.n_probes,
+            "batch_size": cfg.training.batch_size,
+            "fragility_eps": cfg.response.fragility_eps,
+        },
+    )
+
+
+def response_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    lines = [
+        "## Training response (empirical NTK)",
+        "",
+        f"On the first {a['n_probes']} training inputs: NTK amplitude A(t) = ⟨Θ_t(x, x)⟩ from start to "
+        "end and its aging exponent α of a power-law fit A ∝ t^−α (R²); correlation of the final "
+        "kernel with the first one (shape change); participation ratio of the NTK Gram matrix and "
+        "of the last hidden layer's features from start to end (feature-space size); fragility "
+        f"at the end: mean ‖Δf‖ per unit input / weight perturbation of size {a['fragility_eps']:g}. "
+        f"Batch: {a['batch_size'] or 'full'}.",
+        "",
+        "| η | seed | A start → end | α (R²) | shape corr | NTK PR start → end | feature PR start → end | fragility input / weight |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in range(ds.sizes["group"]):
+        d = {k: float(ds[k].values[g]) for k in ds.data_vars}
+        lines.append(
+            f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
+            f"{fmt(d['amp_start'])} → {fmt(d['amp_end'])} | {fmt(d['alpha'], '.3f')} ({fmt(d['alpha_r2'], '.2f')}) | "
+            f"{fmt(d['shape_corr_end'], '.3f')} | {fmt(d['ntk_pr_start'], '.2f')} → {fmt(d['ntk_pr_end'], '.2f')} | "
+            f"{fmt(d['feature_pr_start'], '.2f')} → {fmt(d['feature_pr_end'], '.2f')} | "
+            f"{fmt(d['fragility_input'])} / {fmt(d['fragility_weight'])} |"
+        )
+    return [*lines, "", "![NTK amplitude](figures/ntk_amplitude.png)", ""]
+
+
+def response_figures(results, folder: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from chaosjax import plots
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lrs = results.coords["learning_rate"]
+    ref = results.coords["member"] == 0
+    uniq = list(np.unique(lrs))
+    t = results.steps
+    for r in np.flatnonzero(ref):
+        i = uniq.index(lrs[r])
+        a = results.records["ntk_amplitude"][r]
+        ax.plot(
+            t[t > 0],
+            a[t > 0],
+            color=f"C{i}",
+            lw=1.0,
+            label=f"η = {lrs[r]:g}" if r == np.flatnonzero(ref & (lrs == lrs[r]))[0] else None,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("step t")
+    ax.set_ylabel("NTK amplitude A(t) = ⟨Θ_t(x, x)⟩")
+    ax.set_title("training response: aging of the NTK")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    plots.save(fig, folder / "ntk_amplitude.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# instability metrics: per-layer separation, phases
+
+
+#: the documented phase rule (summary.md repeats it)
+PHASE_RULE = (
+    "Phases from the finite-time λ1 windows of each reference run (m = its largest window "
+    "value): *exploration* = the windows from the start while FTLE ≥ 0.5·m; *refining* = the "
+    "last run of windows with |FTLE| ≤ 0.1·m up to the end; *organising* = in between. With "
+    "m ≤ 0 the whole run is refining."
+)
+
+
+def phases(ftle: np.ndarray, times: np.ndarray) -> tuple[float, float]:
+    """(end of exploration, start of refining) in steps by :data:`PHASE_RULE` (NaN if empty)."""
+    f = np.asarray(ftle, np.float64)
+    t = np.asarray(times, np.float64)
+    ok = np.isfinite(f)
+    f, t = f[ok], t[ok]
+    if f.size == 0:
+        return float("nan"), float("nan")
+    m = float(f.max())
+    if m <= 0:
+        return float("nan"), float(t[0] - (t[1] - t[0]) if t.size > 1 else 0.0)
+    explore = f >= 0.5 * m
+    n_exp = int(np.argmin(explore)) if not explore.all() else f.size
+    calm = np.abs(f) <= 0.1 * m
+    n_ref = int(np.argmin(calm[::-1])) if not calm.all() else f.size
+    exp_end = float(t[n_exp - 1]) if n_exp > 0 else float("nan")
+    ref_start = (
+        float(t[f.size - n_ref - 1])
+        if 0 < n_ref < f.size
+        else (float("nan") if n_ref == 0 else 0.0)
+    )
+    return exp_end, ref_start
+
+
+def instability_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
+    """Per-layer separation and re-convergence of perturbed replicas, and training phases."""
+    c = cfg.instability
+    refs = reference_groups(batch)
+    n_layers = results.records["layer_distance"].shape[-1]
+    sep = np.full((len(refs), n_layers), np.nan)
+    peak = np.full_like(sep, np.nan)
+    reconv = np.zeros_like(sep, dtype=np.int8)
+    exp_end = np.full(len(refs), np.nan)
+    ref_start = np.full(len(refs), np.nan)
+    ref_of = np.asarray(results.coords["reference"])
+    member = np.asarray(results.coords["member"])
+    ftle_t = lyap["window_end"].values
+    for g, r in enumerate(refs):
+        sel = (ref_of == r) & (member > 0)
+        if sel.any():
+            with np.errstate(all="ignore"):
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    d = np.nanmean(results.records["layer_distance"][sel], axis=0)  # (n, layers)
+            for layer in range(n_layers):
+                y = d[:, layer]
+                if not np.isfinite(y[0]) or y[0] <= 0:
+                    continue
+                hit = y >= c.separation_factor * y[0]
+                sep[g, layer] = results.steps[np.argmax(hit)] if hit.any() else np.nan
+                fin = y[np.isfinite(y)]
+                peak[g, layer] = float(fin.max())
+                reconv[g, layer] = int(hit.any() and fin[-1] < c.reconverge_fraction * fin.max())
+        exp_end[g], ref_start[g] = phases(lyap["ftle"].values[g, :, 0], ftle_t)
+    return xr.Dataset(
+        {
+            "separation_step": (("group", "layer"), sep),
+            "peak_distance": (("group", "layer"), peak),
+            "reconverged": (("group", "layer"), reconv),
+            "exploration_end": (("group",), exp_end),
+            "refining_start": (("group",), ref_start),
+        },
+        coords={**_group_coords(batch, refs), "layer": np.asarray(results.layer_names, dtype=str)},
+        attrs={
+            "separation_factor": c.separation_factor,
+            "reconverge_fraction": c.reconverge_fraction,
+            "rule": PHASE_RULE,
+            "ftle_window": lyap.attrs["ftle_window"],
+        },
+    )
+
+
+def instability_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    layers = [str(x) for x in ds["layer"].values]
+    lines = [
+        "## Instability metrics: layers and phases",
+        "",
+        f"Per layer (median over seeds): the first step at which the perturbed replicas' mean "
+        f"distance in that layer exceeds {a['separation_factor']:g}× its start (separation; n/a = "
+        f"never), and how many seeds re-converged (final distance below {a['reconverge_fraction']:g}× "
+        "its peak) — layers separating at different times is 'breaking formation'. "
+        f"{a['rule']} (FTLE windows of {a['ftle_window']} steps.)",
+        "",
+        "| η | "
+        + " | ".join(f"{n}: separation (re-converged)" for n in layers)
+        + " | exploration ends | refining starts |",
+        "|---|" + "---|" * len(layers) + "---|---|",
+    ]
+    lrs = ds["learning_rate"].values
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        cells = []
+        for j in range(len(layers)):
+            s = ds["separation_step"].values[sel, j]
+            med = float(np.median(s[np.isfinite(s)])) if np.isfinite(s).any() else float("nan")
+            cells.append(
+                f"{fmt(med, '.0f')} ({int(ds['reconverged'].values[sel, j].sum())}/{sel.sum()})"
+            )
+        e = ds["exploration_end"].values[sel]
+        rf = ds["refining_start"].values[sel]
+        em = float(np.median(e[np.isfinite(e)])) if np.isfinite(e).any() else float("nan")
+        rm = float(np.median(rf[np.isfinite(rf)])) if np.isfinite(rf).any() else float("nan")
+        lines.append(
+            f"| {lr:.4g} | " + " | ".join(cells) + f" | {fmt(em, '.0f')} | {fmt(rm, '.0f')} |"
+        )
+    return [*lines, ""]
+
+
 __all__ = [
+    "PHASE_RULE",
     "divergence_figures",
     "divergence_markdown",
     "divergence_stage",
+    "instability_markdown",
+    "instability_stage",
     "marginal_markdown",
     "marginal_stage",
+    "phases",
     "prediction_figures",
     "prediction_markdown",
     "prediction_stage",
+    "response_figures",
+    "response_markdown",
+    "response_stage",
     "series_figures",
     "series_markdown",
     "series_stage",

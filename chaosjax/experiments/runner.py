@@ -173,6 +173,10 @@ def protocol_stages(cfg, tmap, batch, results, groups, progress) -> dict:
         out["target"] = pr.target_stage(cfg, batch, results)
     if cfg.prediction.enabled:
         out["prediction"] = pr.prediction_stage(cfg, batch, results, groups["lyapunov"])
+    if cfg.response.enabled:
+        out["response"] = pr.response_stage(cfg, tmap, batch, results)
+    if cfg.instability.enabled:
+        out["instability"] = pr.instability_stage(cfg, batch, results, groups["lyapunov"])
     return out
 
 
@@ -264,6 +268,12 @@ def run_experiment(
     if tmap.task == "classification":
         observables += ["accuracy", "test_accuracy"]
     trackers = []
+    if cfg.response.enabled:
+        from chaosjax.response import ResponseTracker
+
+        trackers.append(
+            ResponseTracker(n_probes=min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0])))
+        )
     if cfg.curvature.enabled:
         from chaosjax.experiments.analyses import curvature_tracker
 
@@ -416,6 +426,15 @@ def protocol_report(store: Path, lyap, figures: Path) -> str:
     if ds is not None:
         pr.prediction_figures(ds, figures)
         parts += pr.prediction_markdown(ds)
+    ds = open_group(store, "response")
+    if ds is not None:
+        from chaosjax.results import ReplicaResults
+
+        pr.response_figures(ReplicaResults.load(store), figures)
+        parts += pr.response_markdown(ds)
+    ds = open_group(store, "instability")
+    if ds is not None:
+        parts += pr.instability_markdown(ds)
     return ("\n" + "\n".join(parts)) if parts else ""
 
 
