@@ -239,6 +239,8 @@ def test_clv_stage_in_run(tmp_path):
         "clv.backward_transient=20",
         "--set",
         "lyapunov.enabled=false",
+        "--set",
+        "instability.enabled=false",  # its phases need the Lyapunov stage
     ]
     assert main(["run", "--out", str(out), "--quiet", *TINY, *extra]) == 0
     ds = open_group(out / "results.zarr", "clv")
@@ -249,3 +251,9 @@ def test_clv_stage_in_run(tmp_path):
     assert np.all((ov[np.isfinite(ov)] >= 0) & (ov[np.isfinite(ov)] <= 1 + 1e-9))
     text = (out / "summary.md").read_text()
     assert "## Covariant Lyapunov vectors" in text and "## Lyapunov exponents" not in text
+
+
+def test_stage_dependencies_are_checked(capsys, tmp_path):
+    code = main(["run", "--out", str(tmp_path / "o"), "--set", "lyapunov.enabled=false"])
+    assert code == 2
+    assert "instability.enabled: needs lyapunov.enabled = true" in capsys.readouterr().err
