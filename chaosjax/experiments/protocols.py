@@ -149,8 +149,14 @@ def series_figures(ds: xr.Dataset, folder: Path) -> None:
     from chaosjax import plots
 
     n = ds.sizes["group"]
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n + 0.6, 3.0), squeeze=False, sharey=True)
-    for g, ax in enumerate(axes[0]):
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.0 * cols + 0.6, 2.6 * rows + 0.4), squeeze=False, sharey=True
+    )
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    for g, ax in enumerate(axes.ravel()[:n]):
         lag = ds["lag"].values
         ax.fill_between(
             lag,
@@ -166,7 +172,8 @@ def series_figures(ds: xr.Dataset, folder: Path) -> None:
         )
         ax.set_xlabel("lag (records)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("loss autocorrelation")
+    for row in axes:
+        row[0].set_ylabel("loss autocorrelation")
     axes[0][0].legend(fontsize=7)
     plots.save(fig, folder / "acf.png")
 
