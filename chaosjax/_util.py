@@ -162,5 +162,12 @@ def fmt(x, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
+def finite_median(x) -> float:
+    """Median of the finite entries of ``x``, NaN when there are none."""
+    x = np.asarray(x, np.float64).ravel()
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if x.size else float("nan")
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True)

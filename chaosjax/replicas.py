@@ -601,17 +601,8 @@ def run_replicas(
                 records[k].append(v)
             rec_steps.append(new_steps)
             if stream is not None:
-                stream.append(
-                    ReplicaResults(
-                        new_steps,
-                        chunk_rec,
-                        np.asarray(states),
-                        np.asarray(div_step),
-                        coords,
-                        layer_names,
-                        meta,
-                    ).to_xarray()
-                )
+                chunk = {k: [v] for k, v in chunk_rec.items()}
+                stream.append(result_from([new_steps], chunk, states, div_step).to_xarray())
             if ckpt is not None:
                 ckpt.save(
                     fingerprint,

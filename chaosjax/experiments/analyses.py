@@ -8,13 +8,23 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from chaosjax._util import fmt
+from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig
 
 
 def reference_groups(batch) -> np.ndarray:
     """Indices of the reference replicas (member 0), one per (seed, grid point)."""
     return np.flatnonzero(np.asarray(batch.coords["member"]) == 0)
+
+
+def group_coords(batch, refs) -> dict:
+    """xarray coordinates of a per-reference-run analysis: group, reference, seed, η."""
+    return {
+        "group": np.arange(len(refs)),
+        "reference": ("group", refs),
+        "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
+        "learning_rate": ("group", np.asarray(batch.hparams["learning_rate"], np.float64)[refs]),
+    }
 
 
 def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, progress: bool):
@@ -83,13 +93,10 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
             "reason": (("group",), np.asarray([r or "" for r in reasons], dtype=str)),
         },
         coords={
-            "group": np.arange(len(refs)),
+            **group_coords(batch, refs),
             "exponent": np.arange(1, ly.k + 1),
             "window_end": ("window", res.ftle_times(window)),
             "renorm_end": ("renorm", res.times),
-            "reference": ("group", refs),
-            "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
-            "learning_rate": ("group", lr),
         },
         attrs={
             "steps": steps,
@@ -149,14 +156,12 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
             "hessian_overlap": (("group", "kept", "exponent"), overlap),
         },
         coords={
-            "group": np.arange(len(refs)),
+            **group_coords(batch, refs),
             "exponent": np.arange(1, c.k + 1),
             "exponent2": np.arange(1, c.k + 1),
             "time_step": ("time", res.all_times),
             "kept_step": ("kept", res.times),
             "part": np.asarray(names, dtype=str),
-            "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
-            "learning_rate": ("group", np.asarray(hp["learning_rate"], np.float64)),
         },
         attrs={
             "steps": steps,
@@ -299,8 +304,6 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
 
     c = cfg.curvature
     refs = reference_groups(batch)
-    hp_all = batch.hparams
-    lr = np.asarray(hp_all["learning_rate"], np.float64)[refs]
     when = ["initial", "final"]
     trace = np.full((len(refs), 2), np.nan)
     trace_se = np.full((len(refs), 2), np.nan)
@@ -357,13 +360,7 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
             "max_ratio": (("group",), np.asarray(maxr)),
             "late_ratio": (("group",), np.asarray(later)),
         },
-        coords={
-            "group": np.arange(len(refs)),
-            "when": np.asarray(when, dtype=str),
-            "reference": ("group", refs),
-            "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
-            "learning_rate": ("group", lr),
-        },
+        coords={**group_coords(batch, refs), "when": np.asarray(when, dtype=str)},
         attrs={"k": c.k, "operator": c.operator, "mode": c.mode, "rule": VERDICT_RULE},
     )
 
@@ -394,7 +391,7 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
             f"{fmt(float(np.nanmax(thr)) if np.isfinite(thr).any() else np.nan)} | {fmt(float(sh[0]))} | "
             f"{fmt(float(fin[-1]) if fin.size else np.nan)} | {fmt(float(ds['max_ratio'].values[g]), '.2f')} | "
             f"{fmt(float(ds['late_ratio'].values[g]), '.2f')} | "
-            f"{fmt(float(np.nanmedian(rot)) if np.isfinite(rot).any() else np.nan, '.2e')} | "
+            f"{fmt(finite_median(rot), '.2e')} | "
             f"{fmt(tr[0])} → {fmt(tr[1])} | {ds['verdict'].values[g]} |"
         )
     lines += [
@@ -450,10 +447,8 @@ def lyapunov_rows(ds: xr.Dataset) -> list[dict]:
                 "lambda1_sign": _sign(lam1, err1),
                 "lambda1_per_eta_t": lam1 / float(lr),
                 "spectrum": ex[ok].mean(axis=0) if ok.any() else np.full(ex.shape[1], np.nan),
-                "fit_slope": float(np.nanmedian(slopes))
-                if np.isfinite(slopes).any()
-                else float("nan"),
-                "fit_r2": float(np.nanmedian(r2)) if np.isfinite(r2).any() else float("nan"),
+                "fit_slope": finite_median(slopes),
+                "fit_r2": finite_median(r2),
                 "n_valid": int(ok.sum()),
                 "n": int(sel.sum()),
                 "reasons": sorted({str(r) for r in ds["reason"].values[sel] if str(r)}),

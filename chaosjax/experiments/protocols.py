@@ -11,18 +11,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from chaosjax._util import fmt
-from chaosjax.experiments.analyses import reference_groups
+from chaosjax._util import finite_median, fmt
+from chaosjax.experiments.analyses import group_coords, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
-
-
-def _group_coords(batch, refs):
-    return {
-        "group": np.arange(len(refs)),
-        "reference": ("group", refs),
-        "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
-        "learning_rate": ("group", np.asarray(batch.hparams["learning_rate"], np.float64)[refs]),
-    }
 
 
 def _finite_prefix(x: np.ndarray) -> np.ndarray:
@@ -104,7 +95,7 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     )
     return xr.Dataset(
         data,
-        coords={**_group_coords(batch, refs), "lag": np.arange(max_lag + 1)},
+        coords={**group_coords(batch, refs), "lag": np.arange(max_lag + 1)},
         attrs={
             "start": c.start,
             "record_every": cfg.record_every,
@@ -217,7 +208,7 @@ def divergence_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
             "accepted": (("group", "eps"), accepted.astype(np.int8)),
             "max_growth": (("group", "eps"), growth),
         },
-        coords={**_group_coords(batch, refs), "eps": eps_vals},
+        coords={**group_coords(batch, refs), "eps": eps_vals},
         attrs={"min_r2": c.min_r2, "min_slope": c.min_slope, "histogram_eps": c.histogram_eps},
     )
 
@@ -244,7 +235,7 @@ def divergence_markdown(ds: xr.Dataset) -> list[str]:
             gr = ds["max_growth"].values[sel, e]
             mean = float(s.mean()) if s.size else float("nan")
             std = float(s.std()) if s.size > 1 else float("nan")
-            med = float(np.nanmedian(gr)) if np.isfinite(gr).any() else float("nan")
+            med = finite_median(gr)
             lines.append(
                 f"| {lr:.4g} | {eps:.0e} | {acc.sum()}/{sel.sum()} | {fmt(mean)} ± {fmt(std, '.2g')} | {fmt(med, '.3g')} |"
             )
@@ -358,7 +349,7 @@ def marginal_stage(cfg: ExperimentConfig, tmap, batch, results, progress: bool) 
             "ratio_max": (("group", "eps"), ratio_max),
             "ratio_min": (("group", "eps"), ratio_min),
         },
-        coords={**_group_coords(batch, refs), "eps": eps},
+        coords={**group_coords(batch, refs), "eps": eps},
         attrs={"before_end": c.before_end, "t_perturb": t_pert, "n_perturbed": c.n_perturbed},
     )
 
@@ -382,8 +373,7 @@ def marginal_markdown(ds: xr.Dataset) -> list[str]:
         for e, eps in enumerate(ds["eps"].values):
 
             def med(name, sel=sel, e=e):
-                v = ds[name].values[sel, e]
-                return float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+                return finite_median(ds[name].values[sel, e])
 
             lines.append(
                 f"| {lr:.4g} | {eps:.0e} | {fmt(med('ratio_end'))} | {fmt(med('ratio_min'))} | {fmt(med('ratio_max'))} |"
@@ -404,7 +394,7 @@ def target_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     final = np.array([_last_finite(a) for a in acc])
     return xr.Dataset(
         {"steps_to_target": (("group",), first), "final_test_accuracy": (("group",), final)},
-        coords=_group_coords(batch, refs),
+        coords=group_coords(batch, refs),
         attrs={"target": cfg.target.test_accuracy},
     )
 
@@ -438,7 +428,7 @@ def target_markdown(ds: xr.Dataset, lyap: xr.Dataset | None, div: xr.Dataset | N
             chaotic = f"{int(a.any(axis=1).sum())}/{a.shape[0]}"
         fa = ds["final_test_accuracy"].values[sel]
         lines.append(
-            f"| {lr:.4g} | {fmt(med, '.0f')} | {reached.sum()}/{sel.sum()} | {fmt(float(np.nanmedian(fa)) if np.isfinite(fa).any() else float('nan'), '.3f')} | {fmt(lam)} | {chaotic} |"
+            f"| {lr:.4g} | {fmt(med, '.0f')} | {reached.sum()}/{sel.sum()} | {fmt(finite_median(fa), '.3f')} | {fmt(lam)} | {chaotic} |"
         )
         if np.isfinite(med) and (best is None or med < best[1]):
             best = (lr, med)
@@ -491,7 +481,7 @@ def prediction_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) ->
     return xr.Dataset(
         {k: (("lr",), np.asarray(v, float)) for k, v in out.items()}
         | {"early_lambda1": (("group",), lam), "final_loss": (("group",), final)},
-        coords={"lr": uniq, **_group_coords(batch, refs)},
+        coords={"lr": uniq, **group_coords(batch, refs)},
         attrs={"early_steps": lyap.attrs["steps"]},
     )
 
@@ -582,7 +572,7 @@ def response_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
             v["fragility_input"][g], v["fragility_weight"][g] = fr.input, fr.weight
     return xr.Dataset(
         {k: (("group",), a) for k, a in v.items()},
-        coords=_group_coords(batch, refs),
+        coords=group_coords(batch, refs),
         attrs={
             "n_probes": cfg.response.n_probes,
             "batch_size": cfg.training.batch_size,
@@ -725,7 +715,7 @@ def instability_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -
             "exploration_end": (("group",), exp_end),
             "refining_start": (("group",), ref_start),
         },
-        coords={**_group_coords(batch, refs), "layer": np.asarray(results.layer_names, dtype=str)},
+        coords={**group_coords(batch, refs), "layer": np.asarray(results.layer_names, dtype=str)},
         attrs={
             "separation_factor": c.separation_factor,
             "reconverge_fraction": c.reconverge_fraction,
@@ -758,14 +748,13 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
         cells = []
         for j in range(len(layers)):
             s = ds["separation_step"].values[sel, j]
-            med = float(np.median(s[np.isfinite(s)])) if np.isfinite(s).any() else float("nan")
+            med = finite_median(s)
             cells.append(
                 f"{fmt(med, '.0f')} ({int(ds['reconverged'].values[sel, j].sum())}/{sel.sum()})"
             )
         e = ds["exploration_end"].values[sel]
         rf = ds["refining_start"].values[sel]
-        em = float(np.median(e[np.isfinite(e)])) if np.isfinite(e).any() else float("nan")
-        rm = float(np.median(rf[np.isfinite(rf)])) if np.isfinite(rf).any() else float("nan")
+        em, rm = finite_median(e), finite_median(rf)
         lines.append(
             f"| {lr:.4g} | " + " | ".join(cells) + f" | {fmt(em, '.0f')} | {fmt(rm, '.0f')} |"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chaosjax._util import atomic_write_text, fmt
+from chaosjax._util import atomic_write_text, finite_median, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
 
 CHECKPOINT = "checkpoint.npz"
@@ -334,7 +334,7 @@ def summary_rows(results) -> list[dict]:
         for k in ("loss", "test_loss", "accuracy", "test_accuracy"):
             if k in results.records:
                 v = results.records[k][ref, -1]
-                row[k] = float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+                row[k] = finite_median(v)
         if "distance_l1" in results.records and pert.any():
             d = results.records["distance_l1"][pert]
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -403,7 +403,7 @@ def render_summary(results, cfg_text: str) -> str:
     return "\n".join(lines)
 
 
-def protocol_report(store: Path, lyap, figures: Path) -> str:
+def protocol_report(store: Path, results, lyap, figures: Path) -> str:
     from chaosjax.experiments import protocols as pr
     from chaosjax.results import open_group
 
@@ -428,9 +428,7 @@ def protocol_report(store: Path, lyap, figures: Path) -> str:
         parts += pr.prediction_markdown(ds)
     ds = open_group(store, "response")
     if ds is not None:
-        from chaosjax.results import ReplicaResults
-
-        pr.response_figures(ReplicaResults.load(store), figures)
+        pr.response_figures(results, figures)
         parts += pr.response_markdown(ds)
     ds = open_group(store, "instability")
     if ds is not None:
@@ -549,7 +547,7 @@ def report(folder: str | Path) -> Path:
     if clv is not None:
         analyses.clv_figures(clv, folder / "figures")
         text += "\n" + "\n".join(analyses.clv_markdown(clv))
-    text += protocol_report(store, lyap, folder / "figures")
+    text += protocol_report(store, results, lyap, folder / "figures")
     if int(results.attrs.get("complete", 0)) != 1:
         text = (
             "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"
