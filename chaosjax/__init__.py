@@ -4,6 +4,17 @@ The same functions analyse any map ``step(x, t) -> x``: a Hénon map from
 :mod:`chaosjax.systems` or one optimizer step of a :class:`TrainingMap`.
 """
 
+import os as _os
+
+# XLA's concurrency-optimised CPU scheduler can deadlock (all threads idle, no progress) when
+# several CPU devices run a program that mixes a long loop with a batched LAPACK call (e.g. a
+# sharded Lanczos with its small eigh). Turn it off unless the user chose otherwise; it only
+# affects the CPU backend and has to be set before the backend starts.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = (
+        _os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    ).strip()
+
 from chaosjax import datasets as datasets
 from chaosjax import models as models
 from chaosjax import response as response

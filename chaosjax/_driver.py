@@ -18,14 +18,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chaosjax._util import atomic_write_bytes
+from chaosjax.sharding import gather, is_main_process, process_path
 
 
 def _to_host(tree):
     def conv(a):
-        a = np.asarray(a)
         return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
 
-    return jax.tree_util.tree_map(conv, jax.device_get(tree))
+    return jax.tree_util.tree_map(conv, gather(tree))
 
 
 def run_chunks(
@@ -41,13 +41,17 @@ def run_chunks(
     fingerprint: str = "",
     resume: bool = False,
     out_axis: int = 0,
+    place: Callable | None = None,
 ):
     """Run ``n_total`` units in chunks; returns ``(carry, outputs)`` with outputs concatenated
-    along ``out_axis`` as float64 numpy arrays (``None`` when the chunk returns none)."""
+    along ``out_axis`` as float64 numpy arrays (``None`` when the chunk returns none).
+
+    ``place`` puts a carry loaded from a checkpoint back on the devices (e.g. sharded); with
+    several processes each one keeps its own checkpoint file."""
     n_total, chunk_units = int(n_total), max(1, int(chunk_units))
     done = 0
     pieces: list = []
-    path = Path(checkpoint) if checkpoint else None
+    path = process_path(checkpoint) if checkpoint else None
     treedef = jax.tree_util.tree_structure(carry)
     if resume and path is not None and path.exists():
         with np.load(path, allow_pickle=False) as z:
@@ -65,13 +69,15 @@ def run_chunks(
                     for v, o in zip(leaves, jax.tree_util.tree_leaves(carry))
                 ],
             )
+            if place is not None:
+                carry = place(carry)
             out_keys = sorted(k for k in z.files if k.startswith("out_"))
             if out_keys:
                 pieces.append([z[k] for k in out_keys])
     bar = tqdm(
         total=n_total * steps_per_unit,
         initial=done * steps_per_unit,
-        disable=not progress,
+        disable=not progress or not is_main_process(),
         desc=desc,
         unit="step",
         dynamic_ncols=True,
@@ -100,7 +106,7 @@ def run_chunks(
 
 
 def _save(path: Path, fingerprint: str, done: int, carry, pieces, out_axis: int) -> None:
-    arrays = {f"carry_{i}": np.asarray(v) for i, v in enumerate(jax.tree_util.tree_leaves(carry))}
+    arrays = {f"carry_{i}": v for i, v in enumerate(gather(jax.tree_util.tree_leaves(carry)))}
     if pieces:
         for i in range(len(pieces[0])):
             arrays[f"out_{i:04d}"] = np.concatenate([p[i] for p in pieces], axis=out_axis)

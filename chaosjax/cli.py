@@ -37,6 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="local devices per process sharing the replicas (sets scale.devices; default all)",
+    )
+    r.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="SIZE",
+        help="device memory a run may use, e.g. 8GiB (sets scale.memory_limit)",
+    )
+    r.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-process run: address of process 0 (jax.distributed)",
+    )
+    r.add_argument("--num-processes", type=int, default=1, metavar="N", help="processes in all")
+    r.add_argument(
+        "--process-id", type=int, default=0, metavar="I", help="this process's index (0 writes)"
+    )
     sub.add_parser("presets", help="list the presets")
     rep = sub.add_parser("report", help="re-render summary.md and figures of a run folder")
     rep.add_argument("run_dir")
@@ -93,7 +116,19 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# variant: {name}")
                 print(to_toml(cfg), end="")
             return 0
+        if args.devices is not None:
+            if args.devices < 1:
+                return _die(f"--devices: must be a positive device count, got {args.devices}")
+            args.overrides.append(f"scale.devices={args.devices}")
+        if args.memory_limit is not None:
+            args.overrides.append(f"scale.memory_limit={args.memory_limit!r}")
         plan = load_plan(args.target, args.overrides)
+        if args.num_processes != 1 or args.coordinator:
+            if not args.coordinator:
+                return _die("--coordinator: required with --num-processes > 1 (HOST:PORT)")
+            from chaosjax.sharding import initialize_distributed
+
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         out = Path(args.out) if args.out else Path("runs") / plan[0][1].name.split("/")[0]
         if args.resume and args.force:
             return _die("--resume and --force exclude each other")

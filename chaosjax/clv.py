@@ -38,8 +38,10 @@ from chaosjax.lyapunov import (
     _check_run,
     _prepare,
     _qr_chunk_jit,
+    _Rows,
     random_basis,
 )
+from chaosjax.sharding import gather
 
 #: default host-memory budget of one call, bytes.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -164,6 +166,7 @@ def covariant_lyapunov_vectors(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_steps: int = 10_000,
     progress: bool = False,
+    devices=None,
 ) -> CLVResult:
     """Covariant Lyapunov vectors (Ginelli) of ``step`` over ``steps`` steps.
 
@@ -188,6 +191,8 @@ def covariant_lyapunov_vectors(
             :func:`clv_memory_bytes` exceeds this many bytes.
         chunk_steps: steps per jitted forward chunk.
         progress: show progress bars.
+        devices: with ``batched=True``, the devices sharing the batch axis (default every
+            device; see :func:`chaosjax.sharding.replica_mesh`).
 
     Memory: the device holds the state and a (dim, k) basis per batch element; the host holds
     ``clv_memory_bytes(dim, k, N, n_kept, batch)`` bytes — R and C factors for every interval
@@ -230,6 +235,8 @@ def covariant_lyapunov_vectors(
             f"(budget {memory_budget / 2**20:.0f} MiB); raise keep_every, lower k or steps, or "
             "raise memory_budget"
         )
+    rows = _Rows(devices, batched, batch)
+    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
     key = jax.random.PRNGKey(0) if key is None else key
     k_basis, k_back = jax.random.split(key)
     t = jnp.asarray(t0, jnp.int32)
@@ -238,7 +245,7 @@ def covariant_lyapunov_vectors(
     )
     q = random_basis(k_basis, dim, k, vec.dtype)
     if batched:
-        q = jnp.broadcast_to(q, (batch, dim, k))
+        q = rows.put(jnp.broadcast_to(q, (batch, dim, k)))
     upc = max(1, chunk_steps // renorm_every)
 
     def chunk(c, m):
@@ -271,8 +278,8 @@ def covariant_lyapunov_vectors(
     states, bases, rs = [], [], []
     bounds = [*kept.tolist(), n_keep]
     for a, b in itertools.pairwise(bounds):
-        states.append(np.asarray(carry[0], np.float64))
-        bases.append(np.asarray(carry[2], np.float64))
+        states.append(rows.trim(gather(carry[0]).astype(np.float64)))
+        bases.append(rows.trim(gather(carry[2]).astype(np.float64)))
         carry, r = run_chunks(chunk, carry, b - a, upc, progress=False)
         rs.append(r)
     if n_bt:
@@ -286,7 +293,8 @@ def covariant_lyapunov_vectors(
             steps_per_unit=renorm_every,
         )
         rs.append(r)
-    r_all = np.concatenate(rs, axis=0)  # (N, [batch,] k, k)
+    r_all = rows.trim(np.concatenate(rs, axis=0), 1) if batched else np.concatenate(rs, axis=0)
+    # (N, [batch,] k, k)
     if batched:
         r_all = np.moveaxis(r_all, 1, 0)  # (batch, N, k, k)
         states_a = np.moveaxis(np.stack(states), 1, 0)

@@ -29,6 +29,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,6 +38,17 @@ import numpy as np
 
 from chaosjax._driver import run_chunks
 from chaosjax._util import as_traceable, check_step_signature, dumps, warn_if_below_resolution
+from chaosjax.sharding import (
+    MemoryEstimate,
+    estimate_bytes,
+    gather,
+    is_sharded,
+    pad_rows,
+    padded_size,
+    plan_batches,
+    put_rows,
+    replica_mesh,
+)
 
 # ---------------------------------------------------------------------------------------------
 # flat views of pytree states
@@ -298,17 +310,32 @@ def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched, full_r
     def body(c, _):
         if batched:
             vec, aux, q, t = c
-            (vec, aux, q, t2), out = jax.vmap(
+            (vec, aux, q, _), out = jax.vmap(
                 lambda v, a, qq, ar: unit(step, lay, ar, (v, a, qq, t))
             )(vec, aux, q, args)
-            return (vec, aux, q, t2[0] if t2.ndim else t2), out
+            # the clock advances outside the vmap: reading it from a (sharded) batch row would
+            # make every device wait for the first one
+            return (vec, aux, q, t + renorm_every), out
         return unit(step, lay, args, c)
 
     return jax.lax.scan(body, carry, None, length=n)
 
 
-_qr_chunk_jit = jax.jit(
-    _qr_chunk, static_argnames=("lay", "n", "renorm_every", "with_det", "batched", "full_r")
+def _donating_jit(fn, static_argnames, carry_argnum: int):
+    """jit that donates the carry (the big (batch, dim) / (batch, dim, k) arrays) on
+    accelerators; the CPU backend does not support donation, so it gets the plain jit."""
+    plain = jax.jit(fn, static_argnames=static_argnames)
+    donating = jax.jit(fn, static_argnames=static_argnames, donate_argnums=(carry_argnum,))
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (plain if jax.default_backend() == "cpu" else donating)(*args, **kwargs)
+
+    return call
+
+
+_qr_chunk_jit = _donating_jit(
+    _qr_chunk, ("lay", "n", "renorm_every", "with_det", "batched", "full_r"), 3
 )
 
 
@@ -324,7 +351,7 @@ def _state_chunk(step, lay, args, carry, n, batched):
     return jax.lax.scan(body, carry, None, length=n)[0], None
 
 
-_state_chunk_jit = jax.jit(_state_chunk, static_argnames=("lay", "n", "batched"))
+_state_chunk_jit = _donating_jit(_state_chunk, ("lay", "n", "batched"), 3)
 
 
 def _twin_unit(step, lay, args, carry, *, renorm_every, d0):
@@ -350,20 +377,18 @@ def _twin_chunk(step, lay, args, carry, n, renorm_every, d0, batched):
     def body(c, _):
         if batched:
             vec, aux, vp, auxp, t = c
-            (vec, aux, vp, auxp, t2), out = jax.vmap(
+            (vec, aux, vp, auxp, _), out = jax.vmap(
                 lambda v, a, w, b, ar: _twin_unit(
                     step, lay, ar, (v, a, w, b, t), renorm_every=renorm_every, d0=d0
                 )
             )(vec, aux, vp, auxp, args)
-            return (vec, aux, vp, auxp, t2[0]), out
+            return (vec, aux, vp, auxp, t + renorm_every), out
         return _twin_unit(step, lay, args, c, renorm_every=renorm_every, d0=d0)
 
     return jax.lax.scan(body, carry, None, length=n)
 
 
-_twin_chunk_jit = jax.jit(
-    _twin_chunk, static_argnames=("lay", "n", "renorm_every", "d0", "batched")
-)
+_twin_chunk_jit = _donating_jit(_twin_chunk, ("lay", "n", "renorm_every", "d0", "batched"), 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +422,74 @@ def _prepare(step, x0, batched, args):
     if not jnp.issubdtype(vec.dtype, jnp.floating):
         raise TypeError(f"x0: floating state required, got {vec.dtype}")
     return step, lay, vec, aux
+
+
+class _Rows:
+    """Placement of a batched run's replica axis: padded and sharded over a device mesh, or
+    left as is (unbatched, or a single device)."""
+
+    def __init__(self, devices, batched: bool, n: int):
+        self.n = int(n)
+        self.mesh = replica_mesh(devices) if batched else None
+        self.on = bool(batched) and is_sharded(self.mesh)
+        self.n_padded = padded_size(n, self.mesh) if self.on else self.n
+
+    def put(self, tree):
+        """Host or device rows (n, ...) → padded rows sharded over the mesh."""
+        if not self.on or tree is None:
+            return tree
+        return put_rows(pad_rows(gather(tree), self.n_padded), self.mesh)
+
+    def own(self, tree):
+        """Like :meth:`put`, but always fresh buffers: the carry is donated on accelerators,
+        and the caller's arrays must survive."""
+        return self.put(tree) if self.on else jax.tree_util.tree_map(jnp.array, tree)
+
+    def place(self, carry):
+        """A carry loaded from a checkpoint: batched leaves sharded, scalars as they are."""
+        if not self.on:
+            return carry
+        return jax.tree_util.tree_map(
+            lambda x: (
+                put_rows(gather(x), self.mesh)
+                if jnp.ndim(x) and jnp.shape(x)[0] == self.n_padded
+                else x
+            ),
+            carry,
+        )
+
+    def trim(self, x, axis: int = 0):
+        """Drop the padding rows (host array, batch along ``axis``)."""
+        if not self.on or x is None:
+            return x
+        return np.take(np.asarray(x), np.arange(self.n), axis=axis)
+
+
+def _row_struct(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), tree
+    )
+
+
+def tangent_memory(step, x0, *, k: int, batched: bool = False, args=None) -> MemoryEstimate:
+    """Device memory one replica of :func:`lyapunov_spectrum` needs: the state, the k
+    tangent vectors and every intermediate of one tangent step (from its jaxpr)."""
+    step, lay, vec, aux = _prepare(step, x0, batched, args)
+    dim = int(vec.shape[-1])
+    v1 = _row_struct(vec) if batched else jax.ShapeDtypeStruct(vec.shape, vec.dtype)
+    a1 = _row_struct(aux) if batched else aux
+    r1 = _row_struct(args) if (batched and args is not None) else args
+    q1 = jax.ShapeDtypeStruct((dim, int(k)), vec.dtype)
+    t = jnp.zeros((), jnp.int32)
+    total = estimate_bytes(
+        lambda v, a, q, ar: _qr_unit(step, lay, ar, (v, a, q, t), renorm_every=1, with_det=False),
+        v1,
+        a1,
+        q1,
+        r1,
+    )
+    tangents = (int(k) + 1) * dim * np.dtype(vec.dtype).itemsize
+    return MemoryEstimate({"tangents": tangents, "tangent step": total})
 
 
 def _check_run(steps, renorm_every, k=None, dim=None):
@@ -442,6 +535,8 @@ def lyapunov_spectrum(
     checkpoint=None,
     resume: bool = False,
     n_blocks: int = 10,
+    devices=None,
+    memory_limit=None,
 ) -> LyapunovResult:
     """The top-k Lyapunov spectrum of ``step`` by Benettin's QR method.
 
@@ -466,13 +561,37 @@ def lyapunov_spectrum(
         progress: show a progress bar.
         checkpoint: ``.npz`` path written after every chunk; ``resume=True`` continues it.
         n_blocks: blocks for the batch-means standard error.
+        devices: with ``batched=True``, the devices sharing the batch axis
+            (:func:`chaosjax.sharding.replica_mesh`; default every device).
+        memory_limit: bytes (or ``"8GiB"``) per device; a batch whose tangents do not fit
+            runs in passes, and a run where one replica does not fit is refused.
 
     Returns:
         :class:`LyapunovResult`; ``.exponents`` has shape (k,) (or (batch, k)).
     """
+    user_step = step
     step, lay, vec, aux = _prepare(step, x0, batched, args)
     dim = int(vec.shape[-1])
     _check_run(steps, renorm_every, k, dim)
+    if batched:
+        plan = plan_batches(
+            int(vec.shape[0]),
+            tangent_memory(user_step, x0, k=k, batched=True, args=args),
+            replica_mesh(devices),
+            memory_limit=memory_limit,
+        )
+        if plan.n_passes > 1:
+            kwargs = dict(
+                k=k, steps=steps, warmup=warmup, align=align, renorm_every=renorm_every,
+                key=key, batched=True, t0=t0, log_det=log_det, chunk_steps=chunk_steps,
+                progress=progress, resume=resume, n_blocks=n_blocks, devices=devices,
+                memory_limit=memory_limit,
+            )  # fmt: skip
+            return _in_passes(
+                lyapunov_spectrum, user_step, x0, args, plan.batch, checkpoint, kwargs
+            )
+    rows = _Rows(devices, batched, int(vec.shape[0]) if batched else 1)
+    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
     for name, v in (("warmup", warmup), ("align", align)):
         if int(v) != v or v < 0:
             raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
@@ -485,7 +604,7 @@ def lyapunov_spectrum(
     )
     q = random_basis(key, dim, k, vec.dtype)
     if batched:
-        q = jnp.broadcast_to(q, (vec.shape[0], dim, k))
+        q = rows.put(jnp.broadcast_to(q, (rows.n, dim, k)))
     units_per_chunk = max(1, chunk_steps // renorm_every)
 
     def chunk_fn(det):
@@ -517,7 +636,8 @@ def lyapunov_spectrum(
             "t_start": t_start,
             "dim": dim,
             "batched": batched,
-            "x0": float(np.asarray(vec, np.float64).sum()),
+            "rows": rows.n_padded,
+            "x0": float(gather(vec).astype(np.float64).sum()),
         }
     )
     carry, (lg, ld) = run_chunks(
@@ -532,16 +652,17 @@ def lyapunov_spectrum(
         fingerprint=fingerprint,
         resume=resume,
         out_axis=0,
+        place=rows.place,
     )
     if batched:
-        lg = np.moveaxis(lg, 0, 1)
-        ld = np.moveaxis(ld, 0, 1)
+        lg = np.moveaxis(rows.trim(lg, 1), 0, 1)
+        ld = np.moveaxis(rows.trim(ld, 1), 0, 1)
     res = LyapunovResult(
         log_growth=lg,
         renorm_every=int(renorm_every),
         t_start=t_start,
-        final_state=np.asarray(carry[0]),
-        final_basis=np.asarray(carry[2]),
+        final_state=rows.trim(gather(carry[0])),
+        final_basis=rows.trim(gather(carry[2])),
         log_det=(ld.sum(axis=-1) / steps) if log_det else None,
         n_blocks=n_blocks,
         info={"dim": dim, "dtype": str(vec.dtype), "k": int(k)},
@@ -549,6 +670,42 @@ def lyapunov_spectrum(
     res.reasons = _reasons(lg)
     _warn_spread(lg, vec.dtype)
     return res
+
+
+def _in_passes(driver, step, x0, args, batch: int, checkpoint, kwargs) -> LyapunovResult:
+    """Run a batched driver on consecutive slices of ``batch`` rows and join the results."""
+    n = int(jax.tree_util.tree_leaves(x0)[0].shape[0])
+    parts = []
+    for i, a in enumerate(range(0, n, batch)):
+        sl = slice(a, min(a + batch, n))
+        ck = None
+        if checkpoint:
+            path = Path(checkpoint)
+            ck = path.with_name(f"{path.stem}.pass{i}{path.suffix}")
+        parts.append(
+            driver(
+                step,
+                jax.tree_util.tree_map(lambda v, sl=sl: v[sl], x0),
+                args=None if args is None else jax.tree_util.tree_map(lambda v, sl=sl: v[sl], args),
+                checkpoint=ck,
+                **kwargs,
+            )
+        )
+    first = parts[0]
+
+    def cat(name):
+        vals = [getattr(p, name) for p in parts]
+        return None if vals[0] is None else np.concatenate(vals, axis=0)
+
+    return dataclasses.replace(
+        first,
+        log_growth=cat("log_growth"),
+        final_state=cat("final_state"),
+        final_basis=cat("final_basis"),
+        log_det=cat("log_det"),
+        reasons=[r for p in parts for r in p.reasons],
+        info={**first.info, "passes": len(parts)},
+    )
 
 
 def _reasons(lg: np.ndarray):
@@ -604,6 +761,7 @@ def twin_lyapunov(
     t0: int = 0,
     chunk_steps: int = 10_000,
     progress: bool = False,
+    devices=None,
 ) -> LyapunovResult:
     """The largest exponent from two trajectories (Benettin's finite-perturbation method).
 
@@ -614,6 +772,7 @@ def twin_lyapunov(
     Args:
         d0: separation; default √(machine ε)·max(rms(x0), 1) (1.5e-8 in float64). A warning
             is issued when ``d0`` is below the dtype's resolution.
+        devices: with ``batched=True``, the devices sharing the batch axis.
         Other arguments as for :func:`lyapunov_spectrum`.
 
     Returns:
@@ -629,6 +788,8 @@ def twin_lyapunov(
     if not d0 > 0:
         raise ValueError(f"d0: must be > 0, got {d0!r}")
     warn_if_below_resolution(d0, vec.dtype, max(scale, 1e-30), what="d0")
+    rows = _Rows(devices, batched, int(vec.shape[0]) if batched else 1)
+    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
     key = jax.random.PRNGKey(0) if key is None else key
     t = jnp.asarray(t0, jnp.int32)
     vec, aux, t = _advance(
@@ -637,7 +798,7 @@ def twin_lyapunov(
     u = jax.random.normal(key, vec.shape[-1:], vec.dtype)
     u = u / jnp.linalg.norm(u)
     vp = vec + d0 * u
-    carry = (vec, aux, vp, aux, t)
+    carry = (vec, aux, vp, jax.tree_util.tree_map(jnp.array, aux), t)  # distinct buffers
     t_start = int(t)
 
     def chunk(c, m):
@@ -655,12 +816,12 @@ def twin_lyapunov(
         steps_per_unit=renorm_every,
     )
     if batched:
-        lg = np.moveaxis(lg, 0, 1)
+        lg = np.moveaxis(rows.trim(lg, 1), 0, 1)
     res = LyapunovResult(
         log_growth=lg,
         renorm_every=int(renorm_every),
         t_start=t_start,
-        final_state=np.asarray(carry[0]),
+        final_state=rows.trim(gather(carry[0])),
         method="twin",
         info={"d0": d0},
     )

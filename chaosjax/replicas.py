@@ -11,6 +11,7 @@ its step and frozen; its later records are NaN and the rest of the batch goes on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import os
@@ -22,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
@@ -34,6 +36,21 @@ from chaosjax._util import (
     warn_if_below_resolution,
 )
 from chaosjax.results import ReplicaResults, ZarrStream
+from chaosjax.sharding import (
+    AXIS,
+    MemoryEstimate,
+    estimate_bytes,
+    from_local_rows,
+    gather,
+    is_main_process,
+    is_sharded,
+    local_rows,
+    mesh_size,
+    plan_batches,
+    process_path,
+    put_rows,
+    replica_mesh,
+)
 from chaosjax.training import TrainingMap
 
 DISTRIBUTIONS = ("uniform", "gaussian")
@@ -73,6 +90,21 @@ class ReplicaBatch:
     hparams: dict[str, jax.Array]
     reference: np.ndarray
     coords: dict[str, np.ndarray]
+
+    def subset(self, rows) -> ReplicaBatch:
+        """The replicas at ``rows`` (each with its reference among them), in that order."""
+        rows = np.asarray(rows, np.int64)
+        pos = {int(r): i for i, r in enumerate(rows)}
+        try:
+            ref = np.asarray([pos[int(self.reference[r])] for r in rows], np.int32)
+        except KeyError:
+            raise ValueError("rows: every replica's reference must be among the rows") from None
+        return ReplicaBatch(
+            states=self.states[rows],
+            hparams={k: v[rows] for k, v in self.hparams.items()},
+            reference=ref,
+            coords={k: np.asarray(v)[rows] for k, v in self.coords.items()},
+        )
 
     def __len__(self) -> int:
         return int(self.states.shape[0])
@@ -339,8 +371,64 @@ def _chunk(stepper, model, hparams, ref, states, alive, div_step, tstates, t0, s
 
 
 _chunk_jit = jax.jit(_chunk, static_argnames=("spec",))
-_chunk_jit_donate = jax.jit(_chunk, static_argnames=("spec",), donate_argnums=(4,))
+_chunk_jit_donate = jax.jit(_chunk, static_argnames=("spec",), donate_argnums=(4, 7))
 _observe_first_jit = jax.jit(_observe_first, static_argnames=("spec",))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fns(mesh, spec: _Spec, donate: bool):
+    """The first record and the chunk as ``shard_map`` programs over the replica mesh.
+
+    Every device runs its own rows with no communication: the layout of
+    :func:`_device_layout` keeps each reference group on one device, so the distances to the
+    reference are local. (A program mixing cross-device collectives with the LAPACK calls
+    of a curvature tracker can deadlock on the XLA CPU runtime; there are none here.)
+    """
+    rows, rep = P(AXIS), P()
+    first = jax.shard_map(
+        functools.partial(_observe_first, spec=spec),
+        mesh=mesh,
+        in_specs=(rep, rows, rows, rows, rows, rep),
+        out_specs=(rows, rows),
+        check_vma=False,
+    )
+    chunk = jax.shard_map(
+        functools.partial(_chunk, spec=spec),
+        mesh=mesh,
+        in_specs=(rep, rep, rows, rows, rows, rows, rows, rows, rep),
+        out_specs=(((rows, rows, rows), rows), P(None, AXIS)),
+        check_vma=False,
+    )
+    return jax.jit(first), jax.jit(chunk, donate_argnums=(4, 7) if donate else ())
+
+
+def _device_layout(reference: np.ndarray, n_dev: int):
+    """Rows per device, each reference group whole on one device (balanced by row count).
+
+    Returns ``(perm, local_ref, pos)``: ``perm`` (n_dev·B,) the original row at each layout
+    position (padding repeats a row of the same device and is its own reference),
+    ``local_ref`` the reference's index inside the device block, ``pos`` (R,) the layout
+    position of each original row.
+    """
+    reference = np.asarray(reference)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(reference):
+        groups.setdefault(int(r), []).append(i)
+    blocks: list[list[int]] = [[] for _ in range(n_dev)]
+    for rows in groups.values():  # least-loaded device first (as _block_sizes counts)
+        min(blocks, key=len).extend(rows)
+    B = max(len(b) for b in blocks)
+    perm, local_ref, pos = [], [], np.empty(len(reference), np.int64)
+    for d, block in enumerate(blocks):
+        where = {r: i for i, r in enumerate(block)}
+        for i, r in enumerate(block):
+            pos[r] = d * B + i
+            perm.append(r)
+            local_ref.append(where[int(reference[r])])
+        for i in range(len(block), B):  # padding: a copy of a row of this block (or row 0)
+            perm.append(block[0] if block else 0)
+            local_ref.append(i)
+    return np.asarray(perm, np.int64), np.asarray(local_ref, np.int32), pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +483,8 @@ def run_replicas(
     resume: bool = False,
     attrs: Mapping[str, Any] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    devices=None,
+    memory_limit=None,
 ) -> ReplicaResults:
     """Run a replica batch for ``steps`` steps and record observables every ``record_every``.
 
@@ -422,6 +512,14 @@ def run_replicas(
         resume: continue from ``checkpoint`` if it exists.
         attrs: extra metadata stored with the results.
         on_chunk: called with the current time after every chunk (tests use it to interrupt).
+        devices: devices sharing the replica axis (:func:`chaosjax.sharding.replica_mesh`):
+            ``None`` = every device (of every process after
+            :func:`chaosjax.sharding.initialize_distributed`), an int = that many local
+            devices, or a list of devices / a mesh. States, tracker states and
+            hyper-parameters stay on the devices between chunks; only the records come back.
+        memory_limit: bytes (or ``"8GiB"``) a device may use; default 80 % of the device's
+            (or the host's share of) memory. A batch that does not fit runs in passes of
+            whole reference groups; a run in which one replica does not fit is refused.
 
     Returns:
         :class:`ReplicaResults` with records (R, steps // record_every + 1, ...).
@@ -473,13 +571,29 @@ def run_replicas(
         stepper = Partial(_generic_step_and_loss, step)
         layers, layer_names, n_params, hparams = (), (), int(replicas.states.shape[1]), {}
     R = len(replicas)
-    ref = jnp.asarray(replicas.reference)
     if chunk_steps is None:
         chunk_steps = max(record_every, (500 // record_every) * record_every)
     chunk_steps = int(chunk_steps)
     if chunk_steps < 1 or chunk_steps % record_every:
         raise ValueError(f"chunk_steps: must be a positive multiple of record_every={record_every}")
     chunk_steps = min(chunk_steps, steps)
+    mesh = replica_mesh(devices)
+    sharded = is_sharded(mesh)
+    estimate = replica_memory(model, replicas, trackers)
+    plan = plan_batches(R, estimate, mesh, memory_limit=memory_limit)
+    meta = {
+        "environment": environment_info(),
+        "dtype": str(replicas.states.dtype),
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "memory_plan": plan.describe(),
+        **dict(attrs or {}),
+    }
+    coords = dict(replicas.coords)
+    coords["reference"] = np.asarray(replicas.reference)
+    for k, v in hparams.items():
+        coords.setdefault(k, np.asarray(v))
+    main = is_main_process()
 
     def spec_for(n):
         return _Spec(
@@ -494,137 +608,282 @@ def run_replicas(
             trackers,
         )
 
-    fingerprint = dumps(
-        {
-            "steps": steps,
-            "record_every": record_every,
-            "chunk_steps": chunk_steps,
-            "t0": int(t0),
-            "observables": observables,
-            "custom": [c[0] for c in custom],
-            "trackers": [repr(tr) for tr in trackers],
-            "R": R,
-            "shape": list(replicas.states.shape),
-            "coords": {k: np.asarray(v).tolist() for k, v in replicas.coords.items()},
-            "state_sum": float(np.asarray(replicas.states, np.float64).sum()),
-        }
-    )
-    ckpt = Checkpoint(checkpoint) if checkpoint else None
-    stream = ZarrStream(store) if store else None
-    meta = {
-        "environment": environment_info(),
-        "dtype": str(replicas.states.dtype),
-        **dict(attrs or {}),
-    }
-    coords = dict(replicas.coords)
-    coords["reference"] = np.asarray(replicas.reference)
-    for k, v in hparams.items():
-        coords.setdefault(k, np.asarray(v))
-
-    states = replicas.states
-    alive = jnp.ones((R,), bool)
-    div_step = jnp.full((R,), -1, jnp.int32)
-    t = int(t0)
-    records: dict[str, list[np.ndarray]] = {}
-    rec_steps: list[np.ndarray] = []
-
-    def result_from(rec_steps, records, states, div_step):
+    def result_from(rec_steps, records, states, div_step, batch_coords=None):
         return ReplicaResults(
             steps=np.concatenate(rec_steps),
             records={k: np.concatenate(v, axis=1) for k, v in records.items()},
             final_state=np.asarray(states),
             diverged_step=np.asarray(div_step),
-            coords=coords,
+            coords=coords if batch_coords is None else batch_coords,
             layer_names=layer_names,
             attrs=meta,
         )
 
-    resumed = False
-    if resume and ckpt is not None and ckpt.exists():
-        t, arrays = ckpt.load(fingerprint)
-        states = jnp.asarray(arrays["states"])
-        alive = jnp.asarray(arrays["alive"])
-        div_step = jnp.asarray(arrays["div_step"])
-        tstates = tuple(jnp.asarray(arrays[f"tracker__{i}"]) for i in range(len(trackers)))
-        rec_steps = [arrays["rec_steps"]]
-        records = {k[len("record__") :]: [arrays[k]] for k in arrays if k.startswith("record__")}
-        resumed = True
-        if stream is not None:
-            stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
-    else:
-        obs0, tstates = _observe_first_jit(
-            model if is_tm else None,
-            hparams,
-            states,
-            alive,
-            ref,
-            jnp.asarray(t, jnp.int32),
-            spec=spec_for(record_every),
-        )
-        records = {k: [np.asarray(v)[:, None]] for k, v in obs0.items()}
-        rec_steps = [np.asarray([t])]
-        if stream is not None:
-            stream.append(result_from(rec_steps, records, states, div_step).to_xarray())
+    def one_pass(batch: ReplicaBatch, checkpoint, stream, bar) -> ReplicaResults:
+        R = len(batch)
+        stream_any = bool(store)  # a store on process 0: the others join its gathers
+        if sharded:  # reference groups kept whole on a device, blocks padded to equal size
+            perm, local_ref, pos = _device_layout(batch.reference, mesh_size(mesh))
+        else:
+            perm, local_ref, pos = None, np.asarray(batch.reference, np.int32), np.arange(R)
+        Rp = len(local_ref)
 
-    end = int(t0) + steps
-    donate = jax.default_backend() != "cpu"
-    chunk_fn = _chunk_jit_donate if donate else _chunk_jit
-    bar = tqdm(
-        total=steps,
-        initial=t - int(t0),
-        disable=not progress,
-        unit="step",
-        desc="replicas",
-        dynamic_ncols=True,
-    )
-    t_start = time.perf_counter()
-    try:
+        def place(x):  # host rows (R, ...) → device rows (Rp, ...) in the device layout
+            if not sharded:  # a fresh buffer: the states are donated on accelerators
+                return jnp.array(x)
+            return put_rows(np.asarray(x)[perm], mesh)
+
+        def host(x):  # device rows → host rows (R, ...), original order, on every process
+            return gather(x)[pos]
+
+        ref = put_rows(local_ref, mesh) if sharded else jnp.asarray(local_ref)
+        hp = {k: place(v) for k, v in batch.hparams.items()} if is_tm else {}
+        donate = jax.default_backend() != "cpu"
+        if sharded:
+            first_fn, chunk_fn = _sharded_fns(mesh, spec_for(chunk_steps), donate)
+        else:
+            first_fn = _observe_first_jit
+            chunk_fn = _chunk_jit_donate if donate else _chunk_jit
+        fingerprint = dumps(
+            {
+                "steps": steps,
+                "record_every": record_every,
+                "chunk_steps": chunk_steps,
+                "t0": int(t0),
+                "observables": observables,
+                "custom": [c[0] for c in custom],
+                "trackers": [repr(tr) for tr in trackers],
+                "R": R,
+                "padded": Rp,
+                "processes": jax.process_count(),
+                "shape": list(batch.states.shape),
+                "coords": {k: np.asarray(v).tolist() for k, v in batch.coords.items()},
+                "state_sum": float(np.asarray(batch.states, np.float64).sum()),
+            }
+        )
+        ckpt = Checkpoint(process_path(checkpoint)) if checkpoint else None
+        batch_coords = dict(batch.coords)
+        batch_coords["reference"] = np.asarray(batch.reference)
+        for k, v in batch.hparams.items():
+            batch_coords.setdefault(k, np.asarray(v))
+
+        def pack(name, x):  # checkpoint arrays: all rows (one process) or this process's rows
+            if jax.process_count() == 1:
+                return {name: host(x)}
+            rows, data = local_rows(x)
+            return {name: data, f"{name}__rows": rows}
+
+        def unpack(arrays, name):
+            if f"{name}__rows" in arrays:
+                data = arrays[name]
+                return from_local_rows(arrays[f"{name}__rows"], data, (Rp, *data.shape[1:]), mesh)
+            return place(arrays[name])
+
+        t = int(t0)
+        records: dict[str, list[np.ndarray]] = {}
+        rec_steps: list[np.ndarray] = []
+        resumed = False
+        if resume and ckpt is not None and ckpt.exists():
+            t, arrays = ckpt.load(fingerprint)
+            states = unpack(arrays, "states")
+            alive = unpack(arrays, "alive")
+            div_step = unpack(arrays, "div_step")
+            tstates = tuple(unpack(arrays, f"tracker__{i}") for i in range(len(trackers)))
+            rec_steps = [arrays["rec_steps"]]
+            records = {
+                k[len("record__") :]: [arrays[k]] for k in arrays if k.startswith("record__")
+            }
+            resumed = True
+            if stream_any:  # gathers are collectives: every process takes part
+                st_host, div_host = host(states), host(div_step)
+                if stream is not None:
+                    stream.append(result_from(rec_steps, records, st_host, div_host).to_xarray())
+        else:
+            states = place(batch.states)
+            alive = place(np.ones((R,), bool))
+            div_step = place(np.full((R,), -1, np.int32))
+            first_args = (model if is_tm else None, hp, states, alive, ref)
+            t_arr = jnp.asarray(t, jnp.int32)
+            if sharded:
+                first = _sharded_fns(mesh, spec_for(record_every), False)[0]
+                obs0, tstates = first(*first_args, t_arr)
+            else:
+                obs0, tstates = first_fn(*first_args, t_arr, spec=spec_for(record_every))
+            records = {k: [v[pos, None]] for k, v in gather(obs0).items()}
+            rec_steps = [np.asarray([t])]
+            if stream is not None:  # the initial states and flags are on the host already
+                stream.append(
+                    result_from(
+                        rec_steps, records, np.asarray(batch.states), np.full(R, -1, np.int32)
+                    ).to_xarray()
+                )
+        if bar is not None:
+            bar.update(t - int(t0))
+        end = int(t0) + steps
         while t < end:
             n = min(chunk_steps, end - t)
-            ((states, alive, div_step), tstates), obs = chunk_fn(
+            args = (
                 stepper,
                 model if is_tm else None,
-                hparams,
+                hp,
                 ref,
                 states,
                 alive,
                 div_step,
                 tstates,
                 jnp.asarray(t, jnp.int32),
-                spec=spec_for(n),
             )
-            obs = jax.device_get(obs)
+            if sharded:
+                fn = chunk_fn if n == chunk_steps else _sharded_fns(mesh, spec_for(n), donate)[1]
+                ((states, alive, div_step), tstates), obs = fn(*args)
+            else:
+                ((states, alive, div_step), tstates), obs = chunk_fn(*args, spec=spec_for(n))
+            obs = gather(obs)  # the only device → host transfer of a chunk
             new_steps = t + record_every * (1 + np.arange(n // record_every))
             t += n
-            chunk_rec = {k: np.swapaxes(np.asarray(v), 0, 1) for k, v in obs.items()}
+            chunk_rec = {k: np.swapaxes(v, 0, 1)[pos] for k, v in obs.items()}
             for k, v in chunk_rec.items():
                 records[k].append(v)
             rec_steps.append(new_steps)
-            if stream is not None:
+            if stream is not None:  # only the records are appended (states are not per step)
                 chunk = {k: [v] for k, v in chunk_rec.items()}
-                stream.append(result_from([new_steps], chunk, states, div_step).to_xarray())
-            if ckpt is not None:
-                ckpt.save(
-                    fingerprint,
-                    t,
-                    {
-                        "states": np.asarray(states),
-                        "alive": np.asarray(alive),
-                        "div_step": np.asarray(div_step),
-                        **{f"tracker__{i}": np.asarray(ts) for i, ts in enumerate(tstates)},
-                        "rec_steps": np.concatenate(rec_steps),
-                        **{f"record__{k}": np.concatenate(v, axis=1) for k, v in records.items()},
-                    },
+                stream.append(
+                    result_from(
+                        [new_steps], chunk, np.asarray(batch.states), np.full(R, -1, np.int32)
+                    ).to_xarray()
                 )
-            bar.update(n)
-            bar.set_postfix(alive=f"{int(np.asarray(alive).sum())}/{R}")
+            if ckpt is not None:
+                arrays = {}
+                for name, x in (("states", states), ("alive", alive), ("div_step", div_step)):
+                    arrays.update(pack(name, x))
+                for i, ts in enumerate(tstates):
+                    arrays.update(pack(f"tracker__{i}", ts))
+                arrays["rec_steps"] = np.concatenate(rec_steps)
+                for k, v in records.items():
+                    arrays[f"record__{k}"] = np.concatenate(v, axis=1)
+                ckpt.save(fingerprint, t, arrays)
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(alive=f"{int(host(alive).sum())}/{R}")
             if on_chunk is not None:
                 on_chunk(t)
+        meta["resumed"] = max(int(resumed), int(meta.get("resumed", 0)))
+        return result_from(rec_steps, records, host(states), host(div_step), batch_coords)
+
+    capacity = plan.limit_bytes // max(plan.bytes_per_replica, 1)  # rows a device can hold
+    passes = _pass_rows(replicas.reference, capacity, plan.n_devices if sharded else 1)
+    stream = ZarrStream(store) if store and main else None
+    bar = tqdm(
+        total=steps * len(passes),
+        disable=not (progress and main),
+        unit="step",
+        desc="replicas",
+        dynamic_ncols=True,
+    )
+    t_start = time.perf_counter()
+    try:
+        if len(passes) == 1:
+            result = one_pass(replicas, checkpoint, stream, bar)
+        else:
+            parts = []
+            for i, rows in enumerate(passes):
+                ck = None
+                if checkpoint:
+                    ck = Path(checkpoint).with_name(
+                        f"{Path(checkpoint).stem}.pass{i}{Path(checkpoint).suffix}"
+                    )
+                parts.append((rows, one_pass(replicas.subset(rows), ck, None, bar)))
+            result = _merge_passes(parts, R, coords)
+            if stream is not None:
+                stream.append(result.to_xarray())
     finally:
         bar.close()
     meta["wall_time_s"] = time.perf_counter() - t_start
-    meta["resumed"] = int(resumed)
-    return result_from(rec_steps, records, states, div_step)
+    meta["passes"] = len(passes)
+    return result
+
+
+def replica_memory(model, replicas: ReplicaBatch, trackers: Sequence = ()) -> MemoryEstimate:
+    """Device memory one replica of :func:`run_replicas` needs, by part.
+
+    ``state``: the state and its copies inside a step (carry, update, frozen select);
+    ``step``: every intermediate of one step (activations, gradients, optimizer update) from
+    the step's jaxpr; one entry per tracker: its carried state (e.g. Krylov warm starts) and
+    the intermediates of one update (e.g. the Lanczos basis). Arrays shared by all replicas
+    (the dataset) are not counted.
+    """
+    dim = int(replicas.states.shape[1])
+    dtype = replicas.states.dtype
+    itemsize = np.dtype(dtype).itemsize
+    parts = {"state": 4 * dim * itemsize}
+    t = jnp.zeros((), jnp.int32)
+    if isinstance(model, TrainingMap):
+        hp1 = {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in replicas.hparams.items()}
+        x1 = jax.ShapeDtypeStruct((1, dim), dtype)
+        step_b = jax.vmap(Partial(TrainingMap.step_and_loss, model), in_axes=(0, None, 0))
+        parts["step"] = estimate_bytes(lambda x, hp: step_b(x, t, hp), x1, hp1)
+        for tr in trackers:
+            _, ts = jax.eval_shape(lambda x, hp, tr=tr: tr.init(model, x, hp, t), x1, hp1)
+            parts[type(tr).__name__] = estimate_bytes(
+                lambda x, hp, st, tr=tr: tr.update(model, x, hp, st, t), x1, hp1, ts
+            )
+    else:
+        step = as_traceable(model)
+        parts["step"] = estimate_bytes(lambda x: step(x, t), jax.ShapeDtypeStruct((dim,), dtype))
+    return MemoryEstimate(parts)
+
+
+def _block_sizes(sizes: list[int], n_dev: int) -> list[int]:
+    """Rows per device when groups of these sizes are placed as :func:`_device_layout` does."""
+    blocks = [0] * n_dev
+    for n in sizes:
+        blocks[blocks.index(min(blocks))] += n
+    return blocks
+
+
+def _pass_rows(reference: np.ndarray, per_device: int, n_dev: int) -> list[np.ndarray]:
+    """Split rows into passes of at most ``per_device`` rows on each of ``n_dev`` devices,
+    keeping every reference group whole on one device."""
+    reference = np.asarray(reference)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(reference):
+        groups.setdefault(int(r), []).append(i)
+    passes, cur, sizes = [], [], []
+    for rows in groups.values():
+        if len(rows) > per_device:
+            raise ValueError(
+                f"memory_limit: a reference group of {len(rows)} replicas does not fit on one "
+                f"device ({per_device} per device); use fewer perturbed replicas per group or "
+                "more memory"
+            )
+        if cur and max(_block_sizes([*sizes, len(rows)], n_dev)) > per_device:
+            passes.append(np.asarray(cur))
+            cur, sizes = [], []
+        cur += rows
+        sizes.append(len(rows))
+    if cur:
+        passes.append(np.asarray(cur))
+    return passes
+
+
+def _merge_passes(parts, R: int, coords) -> ReplicaResults:
+    order = np.concatenate([rows for rows, _ in parts])
+    inv = np.empty(R, np.int64)
+    inv[order] = np.arange(R)
+    res = [r for _, r in parts]
+
+    def cat(arrs):
+        return np.concatenate(arrs, axis=0)[inv]
+
+    return ReplicaResults(
+        steps=res[0].steps,
+        records={k: cat([r.records[k] for r in res]) for k in res[0].records},
+        final_state=cat([r.final_state for r in res]),
+        diverged_step=cat([r.diverged_step for r in res]),
+        coords=coords,
+        layer_names=res[0].layer_names,
+        attrs=res[0].attrs,
+    )
 
 
 def distances_to_reference(results: ReplicaResults, name: str = "distance_l1") -> np.ndarray:

@@ -221,7 +221,8 @@ class ZarrStream:
         else:
             step_vars = [k for k, v in ds.data_vars.items() if "step" in v.dims]
             ds[step_vars].drop_vars(
-                [c for c in ds.coords if c != "step" and "step" not in ds[c].dims]
+                [c for c in ds.coords if c != "step" and "step" not in ds[c].dims],
+                errors="ignore",  # coordinates of variables without a step axis are absent
             ).to_zarr(self.path, append_dim="step", consolidated=False)
 
 

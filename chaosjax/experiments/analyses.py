@@ -52,6 +52,8 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
         chunk_steps=max(ly.renorm_every, 500 - 500 % ly.renorm_every),
         checkpoint=folder / "lyapunov_checkpoint.npz",
         resume=True,
+        devices=cfg.scale.devices or None,
+        memory_limit=cfg.scale.memory_limit or None,
     )
     lr = np.asarray(hp["learning_rate"], np.float64)
     window = min(ly.ftle_window, steps - steps % ly.renorm_every)
@@ -135,6 +137,7 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
         tangency_threshold=math.radians(c.tangency_deg),
         progress=progress,
         chunk_steps=500,
+        devices=cfg.scale.devices or None,
     )
     mass = clv_layer_mass(res.vectors, tmap.layers, tmap.n_params)
     names = list(mass)

@@ -111,6 +111,16 @@ class ReplicaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScaleConfig:
+    devices: int = fld(
+        0, "devices per process sharing the replica axis; 0 = every local device", lo=0
+    )
+    memory_limit: str = fld(
+        "", "device memory a run may use, e.g. '8GiB'; '' = 80% of each device's memory"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class LyapunovConfig:
     enabled: bool = fld(True, "compute tangent-space exponents of each (seed, η) reference run")
     k: int = fld(4, "number of exponents (top-k spectrum)", lo=1)
@@ -265,6 +275,7 @@ class ExperimentConfig:
     instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
     curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
     clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
+    scale: ScaleConfig = section(ScaleConfig, "devices and memory (processes: command-line flags)")
 
     def __post_init__(self):
         if self.steps % self.record_every:

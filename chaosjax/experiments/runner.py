@@ -13,10 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from chaosjax._util import atomic_write_text, finite_median, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
+from chaosjax.sharding import is_main_process, process_path
 
 CHECKPOINT = "checkpoint.npz"
 STAGE_CHECKPOINTS = ("lyapunov_checkpoint.npz",)
@@ -180,6 +182,28 @@ def protocol_stages(cfg, tmap, batch, results, groups, progress) -> dict:
     return out
 
 
+def _prepare_shared(folder: Path, cfg_text: str, resume: bool, force: bool) -> bool:
+    """:func:`_prepare_folder` on process 0; with several processes the others wait for its
+    answer (they write only their own checkpoints into the folder)."""
+    if jax.process_count() == 1:
+        return _prepare_folder(folder, cfg_text, resume, force)
+    from jax.experimental import multihost_utils
+
+    code, error = 0, None
+    if is_main_process():
+        try:
+            code = int(_prepare_folder(folder, cfg_text, resume, force))
+        except RunFolderError as e:
+            code, error = -1, e
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is not None:
+        raise error
+    if code < 0:
+        raise RunFolderError(f"--out: process 0 refused the run folder {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    return bool(code)
+
+
 def _prepare_folder(folder: Path, cfg_text: str, resume: bool, force: bool) -> bool:
     """Returns True when an earlier run is to be continued."""
     if folder.exists() and not folder.is_dir():
@@ -235,16 +259,19 @@ def run_experiment(
             raise ConfigError(
                 f"{section}.k: must be <= the state dimension {tmap.dim}, got {sub.k}"
             )
-    continuing = _prepare_folder(folder, cfg_text, resume, force)
+    continuing = _prepare_shared(folder, cfg_text, resume, force)
+    main = is_main_process()
     store = folder / STORE
     if continuing and not (folder / CHECKPOINT).exists() and store.exists():
         ds = open_store(store)
         if int(ds.attrs.get("complete", 0)) == 1:
             results = ReplicaResults.from_xarray(ds)
-            report(folder)
+            if main:
+                report(folder)
             return Run(folder, cfg, results)
-    atomic_write_text(folder / "config.toml", cfg_text)
-    if announce is not None:
+    if main:
+        atomic_write_text(folder / "config.toml", cfg_text)
+    if announce is not None and main:
         announce(f"chaosjax: running {cfg.name!r} into {folder}")
     t_start = time.perf_counter()
     r = cfg.replicas
@@ -293,6 +320,8 @@ def run_experiment(
         resume=continuing,
         attrs={"config": cfg_text, "n_params": tmap.n_params, "dim": tmap.dim},
         on_chunk=on_chunk,
+        devices=cfg.scale.devices or None,
+        memory_limit=cfg.scale.memory_limit or None,
     )
     groups = {}
     if cfg.curvature.enabled:
@@ -309,10 +338,12 @@ def run_experiment(
         groups["clv"] = clv_stage(cfg, tmap, batch, progress)
     groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress))
     results.attrs["total_time_s"] = time.perf_counter() - t_start
-    results.save(store, groups=groups)
+    if main:
+        results.save(store, groups=groups)
     for name in (CHECKPOINT, *STAGE_CHECKPOINTS):
-        (folder / name).unlink(missing_ok=True)
-    report(folder)
+        process_path(folder / name).unlink(missing_ok=True)
+    if main:
+        report(folder)
     return Run(folder, cfg, results)
 
 
@@ -461,8 +492,9 @@ def run_plan(
     for _, cfg in plan:  # validate every variant before touching the folder
         set_precision(cfg.precision)
         build_training_map(cfg)
-    continuing = _prepare_folder(folder, plan_text(plan), resume, force)
-    atomic_write_text(folder / "config.toml", plan_text(plan))
+    continuing = _prepare_shared(folder, plan_text(plan), resume, force)
+    if is_main_process():
+        atomic_write_text(folder / "config.toml", plan_text(plan))
     runs = []
     for name, cfg in plan:
         sub = folder / name
@@ -476,7 +508,8 @@ def run_plan(
                 on_chunk=on_chunk,
             )
         )
-    write_index(folder, [name for name, _ in plan])
+    if is_main_process():
+        write_index(folder, [name for name, _ in plan])
     return runs
 
 
