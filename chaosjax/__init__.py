@@ -19,6 +19,7 @@ from chaosjax import datasets as datasets
 from chaosjax import models as models
 from chaosjax import response as response
 from chaosjax import series as series
+from chaosjax import sharding as sharding
 from chaosjax import systems as systems
 from chaosjax._util import as_traceable as as_traceable
 from chaosjax.clv import CLVResult as CLVResult

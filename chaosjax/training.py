@@ -481,6 +481,11 @@ class TrainingMap:
         lr = self.hparams.get("learning_rate")
         return None if lr is None else float(lr)
 
+    @property
+    def apply_fn(self) -> Callable:
+        """The network: ``apply_fn(params, x) -> outputs`` on a parameter pytree."""
+        return self._apply_fn
+
     def init(self, params=None) -> jax.Array:
         """The flat state (dim,) for ``params`` (default: the construction parameters) and a
         freshly initialised optimizer state."""

@@ -14,7 +14,15 @@ from chaosjax.experiments.config import (
     parse_toml,
     to_toml,
 )
-from chaosjax.experiments.runner import Run, RunFolderError, report, run_experiment, run_plan
+from chaosjax.experiments.runner import (
+    Run,
+    RunFolderError,
+    build_dataset,
+    build_training_map,
+    report,
+    run_experiment,
+    run_plan,
+)
 
 DEFAULT_PRESET = "quickstart"
 
@@ -86,6 +94,8 @@ __all__ = [
     "ExperimentConfig",
     "Run",
     "RunFolderError",
+    "build_dataset",
+    "build_training_map",
     "load_config",
     "load_plan",
     "preset_dict",
