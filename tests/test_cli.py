@@ -103,6 +103,10 @@ def test_config_prints_resolved_toml(capsys):
             ["run", "--set", "lyapunov.fit_starts=[5,1,1]"],
             "lyapunov.fit_starts: expected [first, last, stride]",
         ),
+        (["run", "--devices", "0"], "--devices: must be a positive device count, got 0"),
+        (["run", "--devices", "9", *TINY], "devices: must be between 1 and 4"),
+        (["run", "--memory-limit", "lots"], "scale.memory_limit: expected a positive number"),
+        (["run", "--num-processes", "2"], "--coordinator: required with --num-processes > 1"),
     ],
 )
 def test_bad_input_one_line_exit_2(args, msg, capsys, tmp_path):
@@ -257,3 +261,18 @@ def test_stage_dependencies_are_checked(capsys, tmp_path):
     code = main(["run", "--out", str(tmp_path / "o"), "--set", "lyapunov.enabled=false"])
     assert code == 2
     assert "instability.enabled: needs lyapunov.enabled = true" in capsys.readouterr().err
+
+
+def test_devices_and_memory_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--quiet", "--devices", "2", "--memory-limit", "1GiB"]
+    assert main([*args, *TINY]) == 0
+    text = (out / "config.toml").read_text()
+    assert "devices = 2" in text and 'memory_limit = "1GiB"' in text
+    res = ReplicaResults.load(out / "results.zarr")
+    assert int(res.attrs["devices"]) == 2 and "2 device(s)" in res.attrs["memory_plan"]
+    capsys.readouterr()
+    # a limit below one replica's estimate is refused with the numbers, exit code 2
+    code = main(["run", "--out", str(tmp_path / "r2"), "--memory-limit", "1KiB", *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("chaosjax: error: memory: one replica needs about")

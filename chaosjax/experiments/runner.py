@@ -18,7 +18,7 @@ import numpy as np
 
 from chaosjax._util import atomic_write_text, finite_median, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
-from chaosjax.sharding import is_main_process, process_path
+from chaosjax.sharding import is_main_process, parse_bytes, process_path, replica_mesh
 
 CHECKPOINT = "checkpoint.npz"
 STAGE_CHECKPOINTS = ("lyapunov_checkpoint.npz",)
@@ -259,6 +259,11 @@ def run_experiment(
             raise ConfigError(
                 f"{section}.k: must be <= the state dimension {tmap.dim}, got {sub.k}"
             )
+    replica_mesh(cfg.scale.devices or None)  # device and memory fields, before the folder
+    try:
+        parse_bytes(cfg.scale.memory_limit or None)
+    except ValueError as e:
+        raise ConfigError(f"scale.{e}") from None
     continuing = _prepare_shared(folder, cfg_text, resume, force)
     main = is_main_process()
     store = folder / STORE
