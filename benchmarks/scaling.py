@@ -10,8 +10,9 @@ GPU (a lent machine): one device, throughput against the replica count, doubling
 the count the memory plan allows on one device.
 
 Memory: ``estimate`` is :func:`chaosjax.replicas.replica_memory` times the replicas per
-device; ``peak`` is the device's ``peak_bytes_in_use`` (GPU) or the growth of the process's
-peak RSS over the run (CPU, all devices together, so compared with the estimate for all rows).
+device; ``peak`` is the device's ``peak_bytes_in_use`` (GPU) or, on the CPU, the peak of the process's resident set
+sampled every 5 ms during the timed (already compiled) run, above its value at the start
+(all devices together, so compared with the estimate for all rows).
 
 Usage:
     python benchmarks/scaling.py [--devices 1 2 4] [--replicas 256] [--steps 500]
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -33,8 +33,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRSS:
+    """Samples the resident set every 5 ms in a thread: the peak above the starting RSS."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _rss_now()
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_now())
+                self._stop.wait(0.005)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_now())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
 
 
 def measure(R: int, steps: int, tracker_k: int, devices) -> dict:
@@ -69,10 +98,10 @@ def measure(R: int, steps: int, tracker_k: int, devices) -> dict:
     n_dev = mesh_size(mesh)
     run_replicas(tmap, rb, **{**kw, "steps": kw["record_every"]})  # compile the first record
     run_replicas(tmap, rb, **kw)  # compile the chunk
-    rss0 = _rss_bytes()
-    t = time.perf_counter()
-    res = run_replicas(tmap, rb, **kw)
-    wall = time.perf_counter() - t
+    with _PeakRSS() as rss:
+        t = time.perf_counter()
+        res = run_replicas(tmap, rb, **kw)
+        wall = time.perf_counter() - t
     est = replica_memory(tmap, rb, trackers)
     per_dev = -(-R // n_dev)
     row = {
@@ -96,7 +125,7 @@ def measure(R: int, steps: int, tracker_k: int, devices) -> dict:
             / 2**20
         )
     else:
-        row["peak_rss_growth_MiB"] = max(0, _rss_bytes() - rss0) / 2**20
+        row["peak_rss_growth_MiB"] = rss.growth / 2**20
     return row
 
 

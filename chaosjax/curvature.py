@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from chaosjax import _smalllinalg as _sl
+
 PRECISION = "highest"
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def lanczos_eigs(
     if v0 is None:
         v0 = jax.random.normal(k_start, (dim,), dtype)
     alphas, betas, q = lanczos(matvec, jnp.asarray(v0, dtype), m, k_lan)
-    theta, s = jnp.linalg.eigh(_tridiag(alphas, betas))
+    theta, s = _sl.eigh(_tridiag(alphas, betas))
     if which == "largest":
         theta, s = theta[::-1], s[:, ::-1]
     theta, s = theta[:k], s[:, :k]
@@ -354,7 +356,7 @@ def block_krylov_eigs(
     v = jnp.asarray(v0)
     k = v.shape[1]
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
-    blocks = [jnp.linalg.qr(v)[0]]
+    blocks = [_sl.qr_q(v)]
     images = []
     for _ in range(int(num_blocks)):
         w = mv(blocks[-1])
@@ -362,12 +364,12 @@ def block_krylov_eigs(
         b = jnp.concatenate(blocks, axis=1)
         for _ in range(2):
             w = w - b @ (b.T @ w)
-        blocks.append(jnp.linalg.qr(w)[0])
+        blocks.append(_sl.qr_q(w))
     images.append(mv(blocks[-1]))
     b = jnp.concatenate(blocks, axis=1)
     ab = jnp.concatenate(images, axis=1)
     h = b.T @ ab
-    theta, s = jnp.linalg.eigh(0.5 * (h + h.T))
+    theta, s = _sl.eigh(0.5 * (h + h.T))
     if which == "largest":
         theta, s = theta[::-1], s[:, ::-1]
     theta, s = theta[:k], s[:, :k]
@@ -571,7 +573,7 @@ __all__ = [
 
 def _principal_angles(a, b):
     """Principal angles (k,) between the column spans of orthonormal a, b (dim, k)."""
-    s = jnp.linalg.svd(a.T @ b, compute_uv=False)
+    s = _sl.singular_values(a.T @ b)
     return jnp.arccos(jnp.clip(s, 0.0, 1.0))
 
 

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
+from chaosjax._smalllinalg import pure_linalg
 from chaosjax._util import (
     as_traceable,
     atomic_write_bytes,
@@ -382,9 +383,12 @@ def _sharded_fns(mesh, spec: _Spec, donate: bool):
     Every device runs its own rows with no communication: the layout of
     :func:`_device_layout` keeps each reference group on one device, so the distances to the
     reference are local. (A program mixing cross-device collectives with the LAPACK calls
-    of a curvature tracker can deadlock on the XLA CPU runtime; there are none here.)
+    of a curvature tracker can deadlock on the XLA CPU runtime; there are none here, and on
+    the CPU backend the trackers' small eigen and QR factorisations are traced without LAPACK
+    custom calls, see :mod:`chaosjax._smalllinalg`, since those alone can deadlock too.)
     """
     rows, rep = P(AXIS), P()
+    pure = jax.default_backend() == "cpu"
     first = jax.shard_map(
         functools.partial(_observe_first, spec=spec),
         mesh=mesh,
@@ -399,7 +403,25 @@ def _sharded_fns(mesh, spec: _Spec, donate: bool):
         out_specs=(((rows, rows, rows), rows), P(None, AXIS)),
         check_vma=False,
     )
-    return jax.jit(first), jax.jit(chunk, donate_argnums=(4, 7) if donate else ())
+    first = jax.jit(first)
+    chunk = jax.jit(chunk, donate_argnums=(4, 7) if donate else ())
+    if not pure:
+        return first, chunk
+
+    def traced_pure(fn):  # trace (first call) without LAPACK custom calls on the CPU backend
+        @functools.wraps(fn)
+        def call(*args):
+            with pure_linalg():
+                return fn(*args)
+
+        def lower(*args):
+            with pure_linalg():
+                return fn.lower(*args)
+
+        call.lower = lower
+        return call
+
+    return traced_pure(first), traced_pure(chunk)
 
 
 def _device_layout(reference: np.ndarray, n_dev: int):

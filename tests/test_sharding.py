@@ -126,6 +126,39 @@ def test_sharded_chunk_keeps_states_on_devices():
         assert op not in hlo
 
 
+def test_sharded_tracker_program_has_no_lapack_on_cpu():
+    """On the CPU backend the sharded program's small factorisations avoid LAPACK custom
+    calls (they can deadlock XLA's CPU runtime across devices) and agree with LAPACK."""
+    from chaosjax import _smalllinalg
+    from chaosjax.replicas import _device_layout, _sharded_fns, _Spec
+
+    tmap, batch = iris_replicas()
+    mesh = sharding.replica_mesh(2)
+    perm, local_ref, _ = _device_layout(batch.reference, 2)
+    tr = cj.CurvatureTracker(k=2, cold_matvecs=16)
+    spec = _Spec(("loss",), (), 1, 5, 1e8, np.inf, (), tmap.n_params, (tr,))
+
+    def put(x):
+        return sharding.put_rows(np.asarray(x)[perm], mesh)
+
+    first = _sharded_fns(mesh, spec, False)[0]
+    args = (
+        tmap,
+        {k: put(v) for k, v in batch.hparams.items()},
+        put(batch.states),
+        put(np.ones(len(batch), bool)),
+        sharding.put_rows(local_ref, mesh),
+        jnp.asarray(0, jnp.int32),
+    )
+    assert 'custom_call_target="lapack' not in first.lower(*args).compile().as_text()
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(7, 7))
+    a = a + a.T
+    w, v = _smalllinalg.jacobi_eigh(jnp.asarray(a))
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(a), atol=1e-12)
+    np.testing.assert_allclose(a @ np.asarray(v), np.asarray(v) * np.asarray(w), atol=1e-12)
+
+
 def test_sharded_resume_is_bitwise(tmp_path):
     tmap, batch = iris_replicas()
     kw = dict(steps=60, record_every=10, chunk_steps=20, progress=False, devices=4)
