@@ -293,8 +293,7 @@ def covariant_lyapunov_vectors(
             steps_per_unit=renorm_every,
         )
         rs.append(r)
-    r_all = rows.trim(np.concatenate(rs, axis=0), 1) if batched else np.concatenate(rs, axis=0)
-    # (N, [batch,] k, k)
+    r_all = rows.trim(np.concatenate(rs, axis=0), 1)  # (N, [batch,] k, k)
     if batched:
         r_all = np.moveaxis(r_all, 1, 0)  # (batch, N, k, k)
         states_a = np.moveaxis(np.stack(states), 1, 0)

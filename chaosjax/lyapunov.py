@@ -29,7 +29,6 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,11 +39,13 @@ from chaosjax._driver import run_chunks
 from chaosjax._util import as_traceable, check_step_signature, dumps, warn_if_below_resolution
 from chaosjax.sharding import (
     MemoryEstimate,
+    donating_jit,
     estimate_bytes,
     gather,
     is_sharded,
     pad_rows,
     padded_size,
+    pass_path,
     plan_batches,
     put_rows,
     replica_mesh,
@@ -321,21 +322,8 @@ def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched, full_r
     return jax.lax.scan(body, carry, None, length=n)
 
 
-def _donating_jit(fn, static_argnames, carry_argnum: int):
-    """jit that donates the carry (the big (batch, dim) / (batch, dim, k) arrays) on
-    accelerators; the CPU backend does not support donation, so it gets the plain jit."""
-    plain = jax.jit(fn, static_argnames=static_argnames)
-    donating = jax.jit(fn, static_argnames=static_argnames, donate_argnums=(carry_argnum,))
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return (plain if jax.default_backend() == "cpu" else donating)(*args, **kwargs)
-
-    return call
-
-
-_qr_chunk_jit = _donating_jit(
-    _qr_chunk, ("lay", "n", "renorm_every", "with_det", "batched", "full_r"), 3
+_qr_chunk_jit = donating_jit(
+    _qr_chunk, ("lay", "n", "renorm_every", "with_det", "batched", "full_r"), (3,)
 )
 
 
@@ -351,7 +339,7 @@ def _state_chunk(step, lay, args, carry, n, batched):
     return jax.lax.scan(body, carry, None, length=n)[0], None
 
 
-_state_chunk_jit = _donating_jit(_state_chunk, ("lay", "n", "batched"), 3)
+_state_chunk_jit = donating_jit(_state_chunk, ("lay", "n", "batched"), (3,))
 
 
 def _twin_unit(step, lay, args, carry, *, renorm_every, d0):
@@ -388,7 +376,7 @@ def _twin_chunk(step, lay, args, carry, n, renorm_every, d0, batched):
     return jax.lax.scan(body, carry, None, length=n)
 
 
-_twin_chunk_jit = _donating_jit(_twin_chunk, ("lay", "n", "renorm_every", "d0", "batched"), 3)
+_twin_chunk_jit = donating_jit(_twin_chunk, ("lay", "n", "renorm_every", "d0", "batched"), (3,))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,16 +666,12 @@ def _in_passes(driver, step, x0, args, batch: int, checkpoint, kwargs) -> Lyapun
     parts = []
     for i, a in enumerate(range(0, n, batch)):
         sl = slice(a, min(a + batch, n))
-        ck = None
-        if checkpoint:
-            path = Path(checkpoint)
-            ck = path.with_name(f"{path.stem}.pass{i}{path.suffix}")
         parts.append(
             driver(
                 step,
                 jax.tree_util.tree_map(lambda v, sl=sl: v[sl], x0),
                 args=None if args is None else jax.tree_util.tree_map(lambda v, sl=sl: v[sl], args),
-                checkpoint=ck,
+                checkpoint=pass_path(checkpoint, i) if checkpoint else None,
                 **kwargs,
             )
         )

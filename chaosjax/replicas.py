@@ -40,6 +40,7 @@ from chaosjax.results import ReplicaResults, ZarrStream
 from chaosjax.sharding import (
     AXIS,
     MemoryEstimate,
+    donating_jit,
     estimate_bytes,
     from_local_rows,
     gather,
@@ -47,6 +48,7 @@ from chaosjax.sharding import (
     is_sharded,
     local_rows,
     mesh_size,
+    pass_path,
     plan_batches,
     process_path,
     put_rows,
@@ -371,13 +373,12 @@ def _chunk(stepper, model, hparams, ref, states, alive, div_step, tstates, t0, s
     return jax.lax.scan(outer, ((states, alive, div_step), tstates), times)
 
 
-_chunk_jit = jax.jit(_chunk, static_argnames=("spec",))
-_chunk_jit_donate = jax.jit(_chunk, static_argnames=("spec",), donate_argnums=(4, 7))
+_chunk_jit = donating_jit(_chunk, ("spec",), (4, 7))  # states and tracker states
 _observe_first_jit = jax.jit(_observe_first, static_argnames=("spec",))
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_fns(mesh, spec: _Spec, donate: bool):
+def _sharded_fns(mesh, spec: _Spec):
     """The first record and the chunk as ``shard_map`` programs over the replica mesh.
 
     Every device runs its own rows with no communication: the layout of
@@ -388,7 +389,7 @@ def _sharded_fns(mesh, spec: _Spec, donate: bool):
     custom calls, see :mod:`chaosjax._smalllinalg`, since those alone can deadlock too.)
     """
     rows, rep = P(AXIS), P()
-    pure = jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu"  # no donation; no LAPACK custom calls (see above)
     first = jax.shard_map(
         functools.partial(_observe_first, spec=spec),
         mesh=mesh,
@@ -404,8 +405,8 @@ def _sharded_fns(mesh, spec: _Spec, donate: bool):
         check_vma=False,
     )
     first = jax.jit(first)
-    chunk = jax.jit(chunk, donate_argnums=(4, 7) if donate else ())
-    if not pure:
+    chunk = jax.jit(chunk, donate_argnums=() if cpu else (4, 7))
+    if not cpu:
         return first, chunk
 
     def traced_pure(fn):  # trace (first call) without LAPACK custom calls on the CPU backend
@@ -424,6 +425,36 @@ def _sharded_fns(mesh, spec: _Spec, donate: bool):
     return traced_pure(first), traced_pure(chunk)
 
 
+def _coords_of(batch: ReplicaBatch) -> dict[str, np.ndarray]:
+    """The stored coordinates of a batch: its labels, the reference index and every
+    hyper-parameter per replica."""
+    coords = dict(batch.coords)
+    coords["reference"] = np.asarray(batch.reference)
+    for k, v in batch.hparams.items():
+        coords.setdefault(k, np.asarray(v))
+    return coords
+
+
+def _groups(reference: np.ndarray) -> list[list[int]]:
+    """Rows of each reference group, groups in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(np.asarray(reference)):
+        groups.setdefault(int(r), []).append(i)
+    return list(groups.values())
+
+
+def _assign(sizes: Sequence[int], n_dev: int) -> tuple[list[int], list[int]]:
+    """Each group (of these sizes, in order) to the least-loaded device: (device per group,
+    rows per device)."""
+    load = [0] * n_dev
+    device = []
+    for n in sizes:
+        d = load.index(min(load))
+        device.append(d)
+        load[d] += n
+    return device, load
+
+
 def _device_layout(reference: np.ndarray, n_dev: int):
     """Rows per device, each reference group whole on one device (balanced by row count).
 
@@ -433,12 +464,10 @@ def _device_layout(reference: np.ndarray, n_dev: int):
     position of each original row.
     """
     reference = np.asarray(reference)
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(reference):
-        groups.setdefault(int(r), []).append(i)
+    groups = _groups(reference)
     blocks: list[list[int]] = [[] for _ in range(n_dev)]
-    for rows in groups.values():  # least-loaded device first (as _block_sizes counts)
-        min(blocks, key=len).extend(rows)
+    for rows, d in zip(groups, _assign([len(g) for g in groups], n_dev)[0]):
+        blocks[d].extend(rows)
     B = max(len(b) for b in blocks)
     perm, local_ref, pos = [], [], np.empty(len(reference), np.int64)
     for d, block in enumerate(blocks):
@@ -586,12 +615,11 @@ def run_replicas(
         layers = tuple(model.layers.values())
         layer_names = tuple(model.layers)
         n_params = model.n_params
-        hparams = replicas.hparams
     else:
         step = as_traceable(model)
         check_step_signature(step)
         stepper = Partial(_generic_step_and_loss, step)
-        layers, layer_names, n_params, hparams = (), (), int(replicas.states.shape[1]), {}
+        layers, layer_names, n_params = (), (), int(replicas.states.shape[1])
     R = len(replicas)
     if chunk_steps is None:
         chunk_steps = max(record_every, (500 // record_every) * record_every)
@@ -611,10 +639,7 @@ def run_replicas(
         "memory_plan": plan.describe(),
         **dict(attrs or {}),
     }
-    coords = dict(replicas.coords)
-    coords["reference"] = np.asarray(replicas.reference)
-    for k, v in hparams.items():
-        coords.setdefault(k, np.asarray(v))
+    coords = _coords_of(replicas)
     main = is_main_process()
 
     def spec_for(n):
@@ -641,6 +666,11 @@ def run_replicas(
             attrs=meta,
         )
 
+    def run(which: int, spec: _Spec, args):  # 0: first record, 1: a chunk
+        if sharded:
+            return _sharded_fns(mesh, spec)[which](*args)
+        return (_observe_first_jit, _chunk_jit)[which](*args, spec=spec)
+
     def one_pass(batch: ReplicaBatch, checkpoint, stream, bar) -> ReplicaResults:
         R = len(batch)
         stream_any = bool(store)  # a store on process 0: the others join its gathers
@@ -660,12 +690,6 @@ def run_replicas(
 
         ref = put_rows(local_ref, mesh) if sharded else jnp.asarray(local_ref)
         hp = {k: place(v) for k, v in batch.hparams.items()} if is_tm else {}
-        donate = jax.default_backend() != "cpu"
-        if sharded:
-            first_fn, chunk_fn = _sharded_fns(mesh, spec_for(chunk_steps), donate)
-        else:
-            first_fn = _observe_first_jit
-            chunk_fn = _chunk_jit_donate if donate else _chunk_jit
         fingerprint = dumps(
             {
                 "steps": steps,
@@ -684,10 +708,7 @@ def run_replicas(
             }
         )
         ckpt = Checkpoint(process_path(checkpoint)) if checkpoint else None
-        batch_coords = dict(batch.coords)
-        batch_coords["reference"] = np.asarray(batch.reference)
-        for k, v in batch.hparams.items():
-            batch_coords.setdefault(k, np.asarray(v))
+        batch_coords = _coords_of(batch)
 
         def pack(name, x):  # checkpoint arrays: all rows (one process) or this process's rows
             if jax.process_count() == 1:
@@ -724,13 +745,11 @@ def run_replicas(
             states = place(batch.states)
             alive = place(np.ones((R,), bool))
             div_step = place(np.full((R,), -1, np.int32))
-            first_args = (model if is_tm else None, hp, states, alive, ref)
-            t_arr = jnp.asarray(t, jnp.int32)
-            if sharded:
-                first = _sharded_fns(mesh, spec_for(record_every), False)[0]
-                obs0, tstates = first(*first_args, t_arr)
-            else:
-                obs0, tstates = first_fn(*first_args, t_arr, spec=spec_for(record_every))
+            obs0, tstates = run(
+                0,
+                spec_for(record_every),
+                (model if is_tm else None, hp, states, alive, ref, jnp.asarray(t, jnp.int32)),
+            )
             records = {k: [v[pos, None]] for k, v in gather(obs0).items()}
             rec_steps = [np.asarray([t])]
             if stream is not None:  # the initial states and flags are on the host already
@@ -755,11 +774,7 @@ def run_replicas(
                 tstates,
                 jnp.asarray(t, jnp.int32),
             )
-            if sharded:
-                fn = chunk_fn if n == chunk_steps else _sharded_fns(mesh, spec_for(n), donate)[1]
-                ((states, alive, div_step), tstates), obs = fn(*args)
-            else:
-                ((states, alive, div_step), tstates), obs = chunk_fn(*args, spec=spec_for(n))
+            ((states, alive, div_step), tstates), obs = run(1, spec_for(n), args)
             obs = gather(obs)  # the only device → host transfer of a chunk
             new_steps = t + record_every * (1 + np.arange(n // record_every))
             t += n
@@ -809,11 +824,7 @@ def run_replicas(
         else:
             parts = []
             for i, rows in enumerate(passes):
-                ck = None
-                if checkpoint:
-                    ck = Path(checkpoint).with_name(
-                        f"{Path(checkpoint).stem}.pass{i}{Path(checkpoint).suffix}"
-                    )
+                ck = pass_path(checkpoint, i) if checkpoint else None
                 parts.append((rows, one_pass(replicas.subset(rows), ck, None, bar)))
             result = _merge_passes(parts, R, coords)
             if stream is not None:
@@ -855,30 +866,18 @@ def replica_memory(model, replicas: ReplicaBatch, trackers: Sequence = ()) -> Me
     return MemoryEstimate(parts)
 
 
-def _block_sizes(sizes: list[int], n_dev: int) -> list[int]:
-    """Rows per device when groups of these sizes are placed as :func:`_device_layout` does."""
-    blocks = [0] * n_dev
-    for n in sizes:
-        blocks[blocks.index(min(blocks))] += n
-    return blocks
-
-
 def _pass_rows(reference: np.ndarray, per_device: int, n_dev: int) -> list[np.ndarray]:
     """Split rows into passes of at most ``per_device`` rows on each of ``n_dev`` devices,
     keeping every reference group whole on one device."""
-    reference = np.asarray(reference)
-    groups: dict[int, list[int]] = {}
-    for i, r in enumerate(reference):
-        groups.setdefault(int(r), []).append(i)
     passes, cur, sizes = [], [], []
-    for rows in groups.values():
+    for rows in _groups(reference):
         if len(rows) > per_device:
             raise ValueError(
                 f"memory_limit: a reference group of {len(rows)} replicas does not fit on one "
                 f"device ({per_device} per device); use fewer perturbed replicas per group or "
                 "more memory"
             )
-        if cur and max(_block_sizes([*sizes, len(rows)], n_dev)) > per_device:
+        if cur and max(_assign([*sizes, len(rows)], n_dev)[1]) > per_device:
             passes.append(np.asarray(cur))
             cur, sizes = [], []
         cur += rows

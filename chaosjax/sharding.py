@@ -21,6 +21,7 @@ another, or refuses a run in which a single replica per device does not fit.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -29,7 +30,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -110,11 +110,6 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    """The same full array on every device of the mesh."""
-    return NamedSharding(mesh, P())
-
-
 def padded_size(n: int, mesh: Mesh) -> int:
     """The smallest multiple of the mesh size that holds ``n`` rows."""
     m = mesh_size(mesh)
@@ -152,26 +147,6 @@ def put_rows(tree, mesh: Mesh):
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return jax.tree_util.tree_map(put, tree)
-
-
-def put_replicated(tree, mesh: Mesh):
-    """Place host values (identical on every process) whole on every device of the mesh."""
-    sharding = replicated(mesh)
-
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
-def constrain_rows(tree, sharding: NamedSharding | None):
-    """Inside jit: keep the leading axis of every array leaf sharded (no-op without one)."""
-    if sharding is None:
-        return tree
-    return jax.tree_util.tree_map(
-        lambda x: jax.lax.with_sharding_constraint(x, sharding) if jnp.ndim(x) else x, tree
-    )
 
 
 def gather(tree):
@@ -229,6 +204,26 @@ def process_path(path: str | os.PathLike) -> Path:
     if jax.process_count() == 1:
         return path
     return path.with_name(f"{path.stem}.p{jax.process_index()}of{jax.process_count()}{path.suffix}")
+
+
+def pass_path(path: str | os.PathLike, i: int) -> Path:
+    """The checkpoint of pass ``i`` of a batch run in passes (``NAME.pass{i}.npz``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.pass{i}{path.suffix}")
+
+
+def donating_jit(fn: Callable, static_argnames=(), donate_argnums=()) -> Callable:
+    """``jax.jit`` that donates ``donate_argnums`` (the big (batch, dim) / (batch, dim, k)
+    carries) on accelerators; the CPU backend does not support donation and gets the plain
+    jit. Callers must not reuse the donated arguments."""
+    plain = jax.jit(fn, static_argnames=static_argnames)
+    donating = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (plain if jax.default_backend() == "cpu" else donating)(*args, **kwargs)
+
+    return call
 
 
 def initialize_distributed(
@@ -454,8 +449,8 @@ __all__ = [
     "AXIS",
     "BatchPlan",
     "MemoryEstimate",
-    "constrain_rows",
     "device_memory_limit",
+    "donating_jit",
     "estimate_bytes",
     "fmt_bytes",
     "from_local_rows",
@@ -468,11 +463,10 @@ __all__ = [
     "pad_rows",
     "padded_size",
     "parse_bytes",
+    "pass_path",
     "plan_batches",
     "process_path",
-    "put_replicated",
     "put_rows",
     "replica_mesh",
-    "replicated",
     "row_sharding",
 ]

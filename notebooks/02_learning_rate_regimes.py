@@ -33,22 +33,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import chaosjax as cj
+from chaosjax.experiments import build_training_map, load_plan
 
 jax.config.update("jax_enable_x64", True)
 TINY = os.environ.get("CHAOSJAX_NOTEBOOK_SIZE", "full") == "tiny"
 STEPS = 200 if TINY else 3000
 SEEDS = [0, 1] if TINY else [0, 1, 2, 3]
 
-net = cj.models.PureMLP((4, 10, 3), activation="sigmoid", init="normal")
-tmap = cj.TrainingMap(
-    net.apply,
-    net.init_params(jax.random.PRNGKey(0), jnp.float64),
-    cj.datasets.iris(),
-    loss="cross_entropy",
-    optimizer="sgd",
-    learning_rate=1.0,
-    init_fn=lambda k: net.init_params(k, jnp.float64),
-)
+# the network exactly as the lr-regimes preset builds it (its η = 1 variant)
+tmap = build_training_map(dict(load_plan("lr-regimes"))["chaotic"])
 
 # %% [markdown]
 # ## Three regimes, two perturbation sizes, several seeds: one batch

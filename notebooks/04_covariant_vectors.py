@@ -34,6 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import chaosjax as cj
+from chaosjax.experiments import build_training_map, load_plan
 
 jax.config.update("jax_enable_x64", True)
 TINY = os.environ.get("CHAOSJAX_NOTEBOOK_SIZE", "full") == "tiny"
@@ -57,15 +58,8 @@ print("CLV angle:", np.degrees(np.arccos(abs(v[:, 0] @ v[:, 1]))), "degrees")
 # ## CLVs of gradient descent on Iris at η = 1
 
 # %%
-net = cj.models.PureMLP((4, 10, 3), activation="sigmoid", init="normal")
-tmap = cj.TrainingMap(
-    net.apply,
-    net.init_params(jax.random.PRNGKey(0), jnp.float64),
-    cj.datasets.iris(),
-    loss="cross_entropy",
-    optimizer="sgd",
-    learning_rate=1.0,
-)
+# the network exactly as the lr-regimes preset builds it (its η = 1 variant)
+tmap = build_training_map(dict(load_plan("lr-regimes"))["chaotic"])
 x0 = tmap.init()
 k = 4
 clv = cj.covariant_lyapunov_vectors(

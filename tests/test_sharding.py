@@ -105,7 +105,7 @@ def test_sharded_chunk_keeps_states_on_devices():
         return sharding.put_rows(np.asarray(x)[perm], mesh)
 
     spec = _Spec(("loss", "distance_l2"), (), 2, 5, 1e8, np.inf, (), tmap.n_params, ())
-    chunk = _sharded_fns(mesh, spec, False)[1]
+    chunk = _sharded_fns(mesh, spec)[1]
     args = (
         Partial(TrainingMap.step_and_loss, tmap),
         tmap,
@@ -141,7 +141,7 @@ def test_sharded_tracker_program_has_no_lapack_on_cpu():
     def put(x):
         return sharding.put_rows(np.asarray(x)[perm], mesh)
 
-    first = _sharded_fns(mesh, spec, False)[0]
+    first = _sharded_fns(mesh, spec)[0]
     args = (
         tmap,
         {k: put(v) for k, v in batch.hparams.items()},
