@@ -15,6 +15,7 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_
         _os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     ).strip()
 
+from chaosjax import control as control
 from chaosjax import datasets as datasets
 from chaosjax import models as models
 from chaosjax import response as response
@@ -27,6 +28,10 @@ from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
 from chaosjax.clv import clv_subspace_overlap as clv_subspace_overlap
 from chaosjax.clv import covariant_lyapunov_vectors as covariant_lyapunov_vectors
+from chaosjax.control import ftle_target as ftle_target
+from chaosjax.control import gradient_noise as gradient_noise
+from chaosjax.control import instability_episodes as instability_episodes
+from chaosjax.control import sharpness_margin as sharpness_margin
 from chaosjax.curvature import CurvatureTracker as CurvatureTracker
 from chaosjax.curvature import DensityResult as DensityResult
 from chaosjax.curvature import EigResult as EigResult

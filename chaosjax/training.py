@@ -216,7 +216,11 @@ class TrainingMap:
             ``loss(outputs, targets) -> scalar``.
         optimizer: a name from :data:`OPTIMIZERS`, a factory ``make(**hparams)`` returning an
             optax ``GradientTransformation``, or a ready ``GradientTransformation`` (then no
-            hyper-parameter is vmappable).
+            hyper-parameter is vmappable). Every update receives optax's extra arguments
+            ``value``, ``grad`` and ``value_fn`` (the batch loss of the parameter pytree), so
+            the controllers of :mod:`chaosjax.control` work here, e.g.
+            ``optimizer=functools.partial(control.sharpness_margin, every=10)`` with
+            ``hparams={"margin": 1.0}``.
         learning_rate: the learning rate η (required for named optimizers).
         hparams: further hyper-parameters (e.g. ``{"momentum": 0.9}``); for a factory, every
             keyword it takes.
@@ -365,7 +369,10 @@ class TrainingMap:
         if callable(optimizer):
             if learning_rate is not None:
                 hparams["learning_rate"] = learning_rate
-            return optimizer, hparams, getattr(optimizer, "__name__", "custom")
+            name = getattr(optimizer, "__name__", None) or getattr(
+                getattr(optimizer, "func", None), "__name__", "custom"
+            )
+            return optimizer, hparams, name
         raise TypeError(
             f"optimizer: expected a name ({', '.join(OPTIMIZERS)}), a factory or an optax "
             f"GradientTransformation, got {type(optimizer).__name__}"
@@ -376,7 +383,10 @@ class TrainingMap:
         if not self.counters0:
             return
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        _, new_state = opt.update(zeros, opt_state, params)
+        x, y = self.data["x_train"], self.data["y_train"]
+        _, new_state = optax.with_extra_args_support(opt).update(
+            zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
+        )
         new_leaves = jax.tree_util.tree_leaves(new_state)
         new_ints = [jnp.asarray(v) for v, f in zip(new_leaves, self._opt_is_float) if not f]
         for old, new in zip(self.counters0, new_ints):
@@ -580,6 +590,18 @@ class TrainingMap:
             x, y = self.data["x_train"], self.data["y_train"]
         return self._loss(self._apply_fn(params, x), y)
 
+    def _extra_args(self, params, x, y, grads, loss=None):
+        """optax extra arguments of every update: the batch loss, its gradient and ``value_fn``
+        (the batch loss as a function of the parameter pytree), as optax's line searches and
+        :mod:`chaosjax.control` expect."""
+        if loss is None:
+            loss = self.loss_of_params(params, x, y)
+        return {
+            "value": loss,
+            "grad": grads,
+            "value_fn": lambda p: self.loss_of_params(p, x, y),
+        }
+
     def step_and_loss(self, state, t, hparams=None):
         """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step."""
         hparams = self.hparams if hparams is None else hparams
@@ -593,7 +615,10 @@ class TrainingMap:
             opt_state = self.opt_state(state, t)
             x, y = self._batch(t)
             loss, grads = jax.value_and_grad(self.loss_of_params)(params, x, y)
-            updates, new_opt = self._factory(**hparams).update(grads, opt_state, params)
+            opt = optax.with_extra_args_support(self._factory(**hparams))
+            updates, new_opt = opt.update(
+                grads, opt_state, params, **self._extra_args(params, x, y, grads, loss)
+            )
             new_params = optax.apply_updates(params, updates)
             return self._flat(new_params, new_opt).astype(state.dtype), loss
 
