@@ -386,9 +386,9 @@ def ftle_target(
     optimizer: str = "sgd",
     k: int = 1,
     window: int = 50,
-    every: int = 10,
+    every: int | None = None,
     warmup: int | None = None,
-    gain=1.0,
+    gain=20.0,
     max_change=1.25,
     min_learning_rate=0.0,
     max_learning_rate=math.inf,
@@ -402,8 +402,14 @@ def ftle_target(
     batch, by Jacobian-vector products (k Hessian-vector products per step) — and
     re-orthonormalises them. The per-step log growth of the first vector updates the running
     exponent ``ftle ← ftle + (log r11 − ftle)/window``. After ``warmup`` steps (default
-    ``window``), every ``every`` steps, η ← η·exp(clip(gain·(target − ftle), ±log max_change)),
-    clipped to [min_learning_rate, max_learning_rate].
+    ``window``), every ``every`` steps (default ``window``: one move per fresh average — faster
+    moves chase the average's lag and oscillate),
+    η ← η·exp(clip(gain·(target − ftle), ±log max_change)), clipped to
+    [min_learning_rate, max_learning_rate].
+
+    Stable training has λ1 ≈ 0⁻ (flat directions), so a target "just above zero" such as 0.01
+    per step is the useful onset-of-chaos setting; the default gain moves log η by 0.2 for an
+    error of 0.01.
 
     For GD on a quadratic the exponent is max_i log|1 − η a_i|, so a target τ > 0 drives
     η → (1 + e^τ)/a_max.
@@ -414,7 +420,7 @@ def ftle_target(
         optimizer: base optimizer (:data:`CONTROLLED_OPTIMIZERS`).
         k: tangent vectors (the control uses the top one; more vectors cost more HVPs).
         window: averaging window of the running exponent (steps).
-        every: steps between η updates.
+        every: steps between η updates (default ``window``).
         warmup: steps before the first η update (the tangents align first).
         gain: log-η change per unit exponent error (vmappable).
         max_change: largest factor η may change by per update.
@@ -428,14 +434,16 @@ def ftle_target(
     _check("target", target)
     _check("k", k, lo=1, integer=True)
     _check("window", window, lo=1, integer=True)
-    _check("every", every, lo=1, integer=True)
+    if every is not None:
+        _check("every", every, lo=1, integer=True)
     if warmup is not None:
         _check("warmup", warmup, lo=0, integer=True)
     _check("gain", gain, lo=0.0, lo_open=True)
     _check("max_change", max_change, lo=1.0)
     _check("min_learning_rate", min_learning_rate, lo=0.0)
     _check("max_learning_rate", max_learning_rate, lo=0.0, lo_open=True, hi=math.inf)
-    k, window, every = int(k), int(window), int(every)
+    k, window = int(k), int(window)
+    every = window if every is None else int(every)
     warmup = window if warmup is None else int(warmup)
 
     def init_fn(params):

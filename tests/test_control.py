@@ -47,7 +47,7 @@ def test_sharpness_margin_on_quadratic_sets_eta_and_lyapunov(margin, smoothing):
 def test_ftle_controller_on_quadratic_reaches_target():
     """GD on a quadratic: FTLE = max log|1 − η a_i|, so target τ gives η = (1 + e^τ)/a_max."""
     tau = 0.1
-    factory = functools.partial(control.ftle_target, window=20, every=5, k=2)
+    factory = functools.partial(control.ftle_target, window=20, every=5, k=2, gain=1.0)
     tmap = quadratic_map(factory, learning_rate=0.15, hparams={"target": tau})
     x = jax.jit(lambda x: jax.lax.fori_loop(0, 600, lambda t, s: tmap.step(s, t), x))(tmap.init())
     ctl = control.controller_state(tmap.opt_state(x, 600))

@@ -251,6 +251,52 @@ class CLVConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlConfig:
+    enabled: bool = fld(
+        False,
+        "compare the fixed learning rates with controlled runs (chaosjax.control) of the same seeds",
+    )
+    margins: tuple[float, ...] = fld(
+        [0.5, 1.0, 1.5],
+        "sharpness-margin controller: η·λmax as a fraction of the optimizer's threshold",
+        positive=True,
+    )
+    ftle_targets: tuple[float, ...] = fld(
+        [], "FTLE controller: running top exponent to hold (per step), e.g. 0.01"
+    )
+    every: int = fld(5, "sharpness controller: steps between estimates", lo=1)
+    smoothing: float = fld(
+        0.5,
+        "sharpness controller: geometric step towards the target η (1 = jump)",
+        positive=True,
+        hi=1.0,
+    )
+    max_change: float = fld(2.0, "largest factor η may change by per update", lo=1.0)
+    ftle_window: int = fld(
+        50, "FTLE controller: averaging window and η update interval (steps)", lo=1
+    )
+    ftle_gain: float = fld(
+        20.0, "FTLE controller: log-η change per unit exponent error", positive=True
+    )
+    initial_lr: float = fld(
+        0.0, "initial η of the controlled runs; 0 = the smallest fixed η", lo=0.0
+    )
+    target_loss: float = fld(
+        0.0, "regression: report the first step the test loss falls below this; 0 = off", lo=0.0
+    )
+    lyapunov_steps: int = fld(
+        200, "steps of the λ1 estimate, continuing every reference run from its final state", lo=1
+    )
+    spike_factor: float = fld(2.0, "episodes: loss above this × its running minimum", lo=1.0)
+    recover_factor: float = fld(
+        1.1, "episodes: recovered when the loss is back within this × the baseline", lo=1.0
+    )
+    recovery: int = fld(
+        0, "episodes: steps within which the loss must recover; 0 = a quarter of the run", lo=0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     name: str = fld("custom", "experiment name")
     description: str = fld("", "one-line description")
@@ -275,6 +321,7 @@ class ExperimentConfig:
     instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
     curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
     clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
+    control: ControlConfig = section(ControlConfig, "instability control against fixed η")
     scale: ScaleConfig = section(ScaleConfig, "devices and memory (processes: command-line flags)")
 
     def __post_init__(self):
@@ -300,6 +347,22 @@ class ExperimentConfig:
             raise ConfigError(
                 "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
             )
+        if self.control.enabled:
+            if self.training.optimizer not in ("sgd", "momentum", "nesterov"):
+                raise ConfigError(
+                    "control.enabled: the comparison runs need training.optimizer sgd, momentum "
+                    f"or nesterov (their curvature is the Hessian), got {self.training.optimizer!r}"
+                )
+            if not self.curvature.enabled:
+                raise ConfigError(
+                    "control.enabled: needs curvature.enabled = true (sharpness of every run)"
+                )
+            if not (self.control.margins or self.control.ftle_targets):
+                raise ConfigError("control.margins: give margins or ftle_targets to compare")
+            if self.training.schedule != "constant":
+                raise ConfigError(
+                    "control.enabled: needs training.schedule = 'constant' (the controllers set η)"
+                )
         if self.prediction.enabled and not self.lyapunov.enabled:
             raise ConfigError("prediction.enabled: needs lyapunov.enabled = true (the early FTLE)")
         for name in ("fit_starts", "fit_widths"):

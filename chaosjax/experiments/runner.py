@@ -21,7 +21,12 @@ from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
 from chaosjax.sharding import is_main_process, parse_bytes, process_path, replica_mesh
 
 CHECKPOINT = "checkpoint.npz"
-STAGE_CHECKPOINTS = ("lyapunov_checkpoint.npz",)
+STAGE_CHECKPOINTS = (
+    "lyapunov_checkpoint.npz",
+    "control_sharpness_checkpoint.npz",
+    "control_ftle_checkpoint.npz",
+    *(f"control_lyapunov_{k}_checkpoint.npz" for k in ("fixed", "sharpness", "ftle")),
+)
 STORE = "results.zarr"
 
 
@@ -79,8 +84,12 @@ def build_dataset(cfg: ExperimentConfig):
     return ds
 
 
-def build_training_map(cfg: ExperimentConfig, ds=None):
-    """The :class:`TrainingMap` of a config (learning rate = the first grid value)."""
+def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None = None):
+    """The :class:`TrainingMap` of a config (learning rate = the first grid value).
+
+    ``controller="sharpness"`` or ``"ftle"``: the same network, data and seeds with the
+    optimizer driven by :func:`chaosjax.control.sharpness_margin` / :func:`~chaosjax.control.ftle_target`
+    (settings from ``[control]``; hyper-parameter ``margin`` / ``target``, vmappable)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -143,24 +152,54 @@ def build_training_map(cfg: ExperimentConfig, ds=None):
     elif t.schedule == "cosine":
         schedule_options = {"decay_steps": cfg.steps}
     model = factory(nnx.Rngs(jax.random.PRNGKey(cfg.replicas.seeds[0])))
+    optimizer, lr, name = t.optimizer, t.learning_rates[0], cfg.name
+    if controller is not None:
+        optimizer, hparams, lr = _controller(cfg, controller, hparams)
+        schedule, schedule_options, name = "constant", {}, f"{cfg.name}/{controller}"
+    else:
+        schedule = t.schedule
     return TrainingMap.from_nnx(
         model,
         ds,
         model_factory=factory,
         loss=t.loss,
-        optimizer=t.optimizer,
-        learning_rate=t.learning_rates[0],
+        optimizer=optimizer,
+        learning_rate=lr,
         hparams=hparams,
-        schedule=t.schedule,
+        schedule=schedule,
         schedule_options=schedule_options,
         batch_size=t.batch_size or None,
         batch_seed=t.batch_seed,
         dtype=dtype,
-        name=cfg.name,
+        name=name,
     )
 
 
-def protocol_stages(cfg, tmap, batch, results, groups, progress) -> dict:
+def _controller(cfg: ExperimentConfig, kind: str, base_hparams: dict):
+    """(optimizer factory, hyper-parameters, initial η) of a controlled run."""
+    import functools
+
+    from chaosjax import control
+
+    c, t = cfg.control, cfg.training
+    lr = c.initial_lr or min(t.learning_rates)
+    common = {"optimizer": t.optimizer, "max_change": c.max_change}
+    if kind == "sharpness":
+        factory = functools.partial(
+            control.sharpness_margin, every=c.every, smoothing=c.smoothing, **common
+        )
+        first = {"margin": (c.margins or [1.0])[0]}
+    elif kind == "ftle":
+        factory = functools.partial(
+            control.ftle_target, window=c.ftle_window, gain=c.ftle_gain, **common
+        )
+        first = {"target": (c.ftle_targets or [0.0])[0]}
+    else:
+        raise ValueError(f"controller: unknown {kind!r}; allowed: sharpness, ftle")
+    return factory, {**base_hparams, **first}, lr
+
+
+def protocol_stages(cfg, tmap, batch, results, groups, progress, folder=None) -> dict:
     """The optional protocol stages of the seed studies (see ``experiments.protocols``)."""
     from chaosjax.experiments import protocols as pr
 
@@ -179,6 +218,10 @@ def protocol_stages(cfg, tmap, batch, results, groups, progress) -> dict:
         out["response"] = pr.response_stage(cfg, tmap, batch, results)
     if cfg.instability.enabled:
         out["instability"] = pr.instability_stage(cfg, batch, results, groups["lyapunov"])
+    if cfg.control.enabled:
+        from chaosjax.experiments import controlled
+
+        out["control"] = controlled.control_stage(cfg, tmap, batch, results, folder, progress)
     return out
 
 
@@ -253,6 +296,10 @@ def run_experiment(
     cfg_text = to_toml(cfg)
     set_precision(cfg.precision)
     tmap = build_training_map(cfg)  # validates model/data choices before touching the folder
+    if cfg.control.enabled:
+        from chaosjax.experiments.controlled import validate
+
+        validate(cfg)
     for section in ("lyapunov", "clv"):
         sub = getattr(cfg, section)
         if sub.enabled and sub.k > tmap.dim:
@@ -341,7 +388,7 @@ def run_experiment(
         from chaosjax.experiments.analyses import clv_stage
 
         groups["clv"] = clv_stage(cfg, tmap, batch, progress)
-    groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress))
+    groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress, folder))
     results.attrs["total_time_s"] = time.perf_counter() - t_start
     if main:
         results.save(store, groups=groups)
@@ -469,6 +516,12 @@ def protocol_report(store: Path, results, lyap, figures: Path) -> str:
     ds = open_group(store, "instability")
     if ds is not None:
         parts += pr.instability_markdown(ds)
+    ds = open_group(store, "control")
+    if ds is not None:
+        from chaosjax.experiments import controlled
+
+        controlled.control_figures(ds, figures)
+        parts += controlled.control_markdown(ds)
     return ("\n" + "\n".join(parts)) if parts else ""
 
 
