@@ -293,3 +293,29 @@ def test_divergence_burst_is_an_episode():
     assert better[0].label == "helpful" and "held-out loss" in better[0].reason
     with pytest.raises(ValueError, match="sharpness: expected 120 records"):
         control.instability_episodes(loss, sharpness=np.ones(5), threshold=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset's config: bad values exit 2 with one line, before any run folder exists
+
+
+@pytest.mark.parametrize(
+    "setting,message",
+    [
+        ("control.margins=[-1.0]", "control.margins"),
+        ("training.optimizer=adam", "control.enabled: the comparison runs need training.optimizer"),
+        ("curvature.enabled=false", "needs curvature.enabled"),
+        ("control.smoothing=0", "control.smoothing"),
+        ("control.max_change=0.5", "control.max_change"),
+    ],
+)
+def test_controlled_preset_rejects_bad_settings(setting, message, tmp_path, capsys):
+    from chaosjax.cli import main
+
+    out = tmp_path / "run"
+    code = main(["run", "controlled-instability", "--out", str(out), "--quiet", "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()

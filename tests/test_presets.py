@@ -31,6 +31,12 @@ TINY = {
 EXTRA = {
     "weight-dynamics": {"replicas.seeds": "[0, 1, 2, 3]"},
     "edge-of-stability": {"model.hidden": "[8]"},
+    "controlled-instability": {
+        "model.hidden": "[8]",
+        "replicas.seeds": "[0]",
+        "control.lyapunov_steps": 10,
+        "control.ftle_window": 10,
+    },
 }
 
 
