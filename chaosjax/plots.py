@@ -296,7 +296,16 @@ def spectral_density(ds, *, ax=None):
     ax.set_xlabel("Hessian eigenvalue")
     ax.set_ylabel("spectral density (SLQ, smoothed)")
     ax.set_title("Hessian spectral density")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "not computed (curvature.density_matvecs = 0)",
+            ha="center",
+            transform=ax.transAxes,
+        )
     ax.grid(alpha=0.3)
     return ax
 

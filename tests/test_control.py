@@ -319,3 +319,21 @@ def test_controlled_preset_rejects_bad_settings(setting, message, tmp_path, caps
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_verdict_rule_excludes_diverged_and_incomplete_settings():
+    from chaosjax.experiments.controlled import verdict
+
+    def row(label, kind, steps, diverged=0):
+        return {"label": label, "kind": kind, "steps": steps, "diverged": diverged}
+
+    rows = [
+        row("fixed η = 0.4", "fixed", 20.0),
+        row("fixed η = 0.8", "fixed", float("nan"), 2),
+        row("margin 1.5", "sharpness", 10.0, 3),  # fastest, but it diverged: not a winner
+        row("margin 1", "sharpness", 40.0),
+    ]
+    assert verdict(rows).startswith("No: the best controller (margin 1, 40 steps")
+    rows[3]["steps"] = 15.0
+    assert verdict(rows).startswith("Yes: margin 1 reached the target in 15 steps")
+    assert verdict(rows[:1]).startswith("No controller qualified")

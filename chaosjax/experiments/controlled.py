@@ -8,7 +8,7 @@ or test loss (regression), the final test metric, the final sharpness λmax and
 η·λmax / c (c the optimizer's stability constant; 1 = edge of stability), the top Lyapunov
 exponent λ1 over ``control.lyapunov_steps`` steps continuing from the final state, and its
 instability episodes (:func:`chaosjax.control.instability_episodes`; the matched stable run of
-a seed is its fixed run with the smallest η).
+a seed is its fixed run with the largest η that shows no episode, else its smallest η).
 """
 
 from __future__ import annotations
@@ -164,6 +164,23 @@ def _label(kind: str, value: float) -> str:
     return f"FTLE target {value:g}"
 
 
+def _matched(runs: list[dict], episodes) -> dict[int, int]:
+    """The matched stable run of each seed: its fixed run with the largest η that shows no
+    instability episode (judged on its own); the smallest fixed η if every one has some."""
+    out = {}
+    for seed in {r["seed"] for r in runs}:
+        fixed = sorted(
+            (r["value"], j)
+            for j, r in enumerate(runs)
+            if r["kind"] == "fixed" and r["seed"] == seed
+        )
+        if not fixed:
+            continue
+        calm = [j for _, j in fixed if runs[j]["diverged"] < 0 and not episodes(runs[j])]
+        out[seed] = calm[-1] if calm else fixed[0][1]
+    return out
+
+
 def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, progress: bool):
     """Run the controllers and compare them with the fixed-η reference runs."""
     from chaosjax import control
@@ -197,21 +214,8 @@ def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pro
             run["lambda1"], run["lambda1_reason"] = float(lam_i), w
         runs += new
 
-    # the matched stable run of each seed: its fixed run with the smallest η
-    matched = {}
-    for j, run in enumerate(runs):
-        if run["kind"] == "fixed":
-            best = matched.get(run["seed"])
-            if best is None or run["value"] < runs[best]["value"]:
-                matched[run["seed"]] = j
-
-    classification = runs[0]["test_accuracy"] is not None
-    target = cfg.target.test_accuracy if classification else c.target_loss
-    ep_rows = []
-    for j, run in enumerate(runs):
-        m = matched.get(run["seed"])
-        ref = runs[m] if m is not None and m != j else None
-        eps = control.instability_episodes(
+    def episodes(run, ref=None):
+        return control.instability_episodes(
             run["loss"],
             steps=steps,
             sharpness=run["sharpness"],
@@ -225,6 +229,15 @@ def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pro
             recovery=c.recovery or None,
             loss_bound=cfg.replicas.loss_bound,
         )
+
+    matched = _matched(runs, episodes)
+    classification = runs[0]["test_accuracy"] is not None
+    target = cfg.target.test_accuracy if classification else c.target_loss
+    ep_rows = []
+    for j, run in enumerate(runs):
+        m = matched.get(run["seed"])
+        run["matched"] = _label("fixed", runs[m]["value"]) if m is not None else ""
+        eps = episodes(run, runs[m] if m is not None and m != j else None)
         counts = control.count_labels(eps)
         run.update({f"n_{k}": v for k, v in counts.items()})
         ep_rows += [(j, e) for e in eps]
@@ -265,6 +278,7 @@ def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pro
         "n_harmful": col("n_harmful", np.int64),
         "n_neutral": col("n_neutral", np.int64),
         "diverged_step": col("diverged", np.int64),
+        "matched": col("matched", str),
         "ratio": ser("ratio"),
         "lr": ser("lr"),
         "test": ser(test_name),
@@ -339,26 +353,38 @@ def comparison_rows(ds: xr.Dataset) -> list[dict]:
     return rows
 
 
+#: the documented comparison rule (summaries repeat it)
+VERDICT_RULE = (
+    "A setting qualifies when every seed reached the target and no seed diverged; qualifying "
+    "settings are compared by their median steps to the target."
+)
+
+
 def verdict(rows: list[dict]) -> str:
-    """Does any controller beat the best fixed η on time to target (median over seeds, all
-    seeds reaching it)?"""
+    """Does any controller beat the best fixed η on time to target (:data:`VERDICT_RULE`)?"""
 
     def best(kind_fixed: bool):
-        cand = [r for r in rows if (r["kind"] == "fixed") == kind_fixed and np.isfinite(r["steps"])]
+        cand = [
+            r
+            for r in rows
+            if (r["kind"] == "fixed") == kind_fixed
+            and np.isfinite(r["steps"])
+            and r["diverged"] == 0
+        ]
         return min(cand, key=lambda r: r["steps"]) if cand else None
 
     f, c = best(True), best(False)
     if f is None and c is None:
-        return "No setting reached the target in every seed; no comparison of time to target."
+        return "No setting qualified (every seed at the target, none diverged); no comparison."
     if c is None:
         return (
-            f"No controller reached the target in every seed; the best fixed η ({f['label']}) "
-            f"took {f['steps']:.0f} steps."
+            f"No controller qualified (every seed at the target, none diverged); the best fixed "
+            f"η ({f['label']}) took {f['steps']:.0f} steps."
         )
     if f is None:
         return (
-            f"No fixed η reached the target in every seed; {c['label']} did, in "
-            f"{c['steps']:.0f} steps."
+            f"No fixed η qualified (every seed at the target, none diverged); {c['label']} did, "
+            f"in {c['steps']:.0f} steps."
         )
     if c["steps"] < f["steps"]:
         return (
@@ -400,11 +426,22 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
             f"{r['harmful']} | {r['neutral']} | {r['diverged']} |"
         )
     if tgt > 0:
-        lines += ["", f"**Does a controller beat the best fixed η?** {verdict(rows)}"]
+        lines += [
+            "",
+            f"**Does a controller beat the best fixed η?** {verdict(rows)} ({VERDICT_RULE})",
+        ]
     reasons = {str(x) for x in ds["lambda1_reason"].values if str(x)}
     if reasons:
         lines += ["", "λ1 not available for some runs: " + "; ".join(sorted(reasons))]
-    lines += ["", "**Episode rule.** " + ds.attrs["episode_rule"], ""]
+    matched = sorted({str(m) for m in ds["matched"].values if str(m)})
+    lines += [
+        "",
+        "**Episode rule.** " + ds.attrs["episode_rule"],
+        "",
+        "Matched stable run of a seed: its fixed run with the largest η that shows no episode "
+        "(else its smallest η); here " + (", ".join(matched) or "none") + ".",
+        "",
+    ]
     n = ds.sizes["episode"]
     if n:
         lines += [
@@ -474,4 +511,11 @@ def control_figures(ds: xr.Dataset, folder: Path) -> None:
     plots.save(fig, folder / "control.png")
 
 
-__all__ = ["comparison_rows", "control_figures", "control_markdown", "control_stage", "verdict"]
+__all__ = [
+    "VERDICT_RULE",
+    "comparison_rows",
+    "control_figures",
+    "control_markdown",
+    "control_stage",
+    "verdict",
+]
