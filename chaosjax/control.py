@@ -603,7 +603,8 @@ EPISODE_RULE = (
     "records and ends when it stops growing. Overlapping intervals of any kind are one "
     "episode. Labels: *harmful* if the loss becomes non-finite or exceeds loss_bound after "
     "the start (divergence), or if the loss has not returned within recover_factor × the "
-    "pre-episode baseline within `recovery` steps of the start (no recovery); otherwise "
+    "pre-episode baseline within `recovery` steps of the start (no recovery); *unresolved* if "
+    "it has not recovered but the run ended before that window closed; otherwise "
     "*helpful* if, settle records after the end, the sharpness is below (1 − tolerance) × the "
     "matched stable run's sharpness at the same step (without a matched run: the sharpness "
     "just before the episode), or the held-out loss is below (1 − tolerance) × the matched "
@@ -837,6 +838,12 @@ def instability_episodes(
         }
         if first_bad >= s:
             label, reason = "harmful", f"diverged at step {int(steps[first_bad])}"
+        elif recovered < 0 and int(steps[-1]) - int(steps[s]) < recovery:
+            label = "unresolved"
+            reason = (
+                f"the run ended {int(steps[-1]) - int(steps[s])} steps after the start, before "
+                f"the recovery window of {recovery} steps closed"
+            )
         elif recovered < 0 or recovered - int(steps[s]) > recovery:
             label = "harmful"
             reason = (
@@ -883,8 +890,8 @@ def instability_episodes(
 
 
 def count_labels(episodes: Sequence[Episode]) -> dict[str, int]:
-    """{"helpful": …, "harmful": …, "neutral": …} counts."""
-    out = {"helpful": 0, "harmful": 0, "neutral": 0}
+    """{"helpful": …, "harmful": …, "neutral": …, "unresolved": …} counts."""
+    out = {"helpful": 0, "harmful": 0, "neutral": 0, "unresolved": 0}
     for e in episodes:
         out[e.label] += 1
     return out

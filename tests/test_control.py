@@ -274,7 +274,13 @@ def test_episode_labels_on_constructed_series():
     flat[50:53] *= 4.0
     n = control.instability_episodes(flat, sharpness=np.full(100, 1.0), threshold=2.0)
     assert [x.label for x in n] == ["neutral"]
-    assert control.count_labels(eps + d + s + n) == {"helpful": 1, "harmful": 2, "neutral": 1}
+    # a spike a few records before the end: too late to judge
+    late = np.exp(-np.arange(100) / 50)
+    late[95:] *= 4.0
+    u = control.instability_episodes(late, recovery=20)
+    assert [x.label for x in u] == ["unresolved"] and "before the recovery window" in u[0].reason
+    counts = control.count_labels(eps + d + s + n + u)
+    assert counts == {"helpful": 1, "harmful": 2, "neutral": 1, "unresolved": 1}
 
 
 def test_divergence_burst_is_an_episode():

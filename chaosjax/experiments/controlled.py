@@ -277,6 +277,7 @@ def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pro
         "n_helpful": col("n_helpful", np.int64),
         "n_harmful": col("n_harmful", np.int64),
         "n_neutral": col("n_neutral", np.int64),
+        "n_unresolved": col("n_unresolved", np.int64),
         "diverged_step": col("diverged", np.int64),
         "matched": col("matched", str),
         "ratio": ser("ratio"),
@@ -347,6 +348,9 @@ def comparison_rows(ds: xr.Dataset) -> list[dict]:
                 "helpful": int(ds["n_helpful"].values[sel].sum()),
                 "harmful": int(ds["n_harmful"].values[sel].sum()),
                 "neutral": int(ds["n_neutral"].values[sel].sum()),
+                "unresolved": int(ds["n_unresolved"].values[sel].sum())
+                if "n_unresolved" in ds
+                else 0,
                 "diverged": int((ds["diverged_step"].values[sel] >= 0).sum()),
             }
         )
@@ -414,8 +418,8 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
         "",
         f"| setting | steps to {metric} {'≥' if metric == 'test accuracy' else '≤'} {tgt:g} | "
         f"reached | final {metric} | final λmax | final η | η·λmax/c | λ1 | helpful | harmful | "
-        "neutral | diverged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "neutral | unresolved | diverged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -423,7 +427,7 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
             f"{fmt(r['final_test'], '.3f' if metric == 'test accuracy' else '.3g')} | "
             f"{fmt(r['final_sharpness'], '.3g')} | {fmt(r['final_lr'], '.3g')} | "
             f"{fmt(r['final_ratio'], '.3f')} | {fmt(r['lambda1'], '.3g')} | {r['helpful']} | "
-            f"{r['harmful']} | {r['neutral']} | {r['diverged']} |"
+            f"{r['harmful']} | {r['neutral']} | {r['unresolved']} | {r['diverged']} |"
         )
     if tgt > 0:
         lines += [
@@ -488,7 +492,7 @@ def control_figures(ds: xr.Dataset, folder: Path) -> None:
         axes[2].plot(steps, ds["test"].values[j], ls, color=color, lw=1)
         ep = np.flatnonzero(ds["episode_run"].values == j)
         for e in ep:
-            mark = {"helpful": "^", "harmful": "x", "neutral": "o"}[
+            mark = {"helpful": "^", "harmful": "x", "neutral": "o", "unresolved": "."}[
                 str(ds["episode_label"].values[e])
             ]
             s = int(ds["episode_peak"].values[e])
