@@ -35,6 +35,7 @@ EXTRA = {
         "model.hidden": "[8]",
         "replicas.seeds": "[0]",
         "control.lyapunov_steps": 10,
+        "control.margins": "[1.0]",
         "control.ftle_window": 10,
     },
 }
@@ -45,7 +46,14 @@ def overrides(name):
     return [x for k, v in values.items() for x in ("--set", f"{k}={v}")]
 
 
-@pytest.mark.parametrize("name", preset_names())
+#: presets whose tiny run is too slow for CI (compiling the controlled maps' tangents takes
+#: minutes on 2 cores): they run with `pytest -m slow`; their full size is in RESULTS.md
+SLOW = {"controlled-instability"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in preset_names()]
+)
 def test_preset_runs_tiny(name, tmp_path):
     out = tmp_path / name
     assert main(["run", name, "--out", str(out), "--quiet", *overrides(name)]) == 0
