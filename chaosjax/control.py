@@ -44,7 +44,14 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from chaosjax.curvature import PRECISION, block_krylov_eigs
+from chaosjax.curvature import (
+    PRECISION,
+    adaptive_preconditioner,
+    block_krylov_eigs,
+    hessian_operator,
+    preconditioned_operator,
+    preconditioner_diagonal,
+)
 
 #: base optimizers a controller can drive (the direction; the controller sets η).
 CONTROLLED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
@@ -127,18 +134,6 @@ def stability_constant(optimizer: str, **hparams):
     preconditioned Hessian for Adam/RMSProp): GD 2, heavy ball 2 + 2β, Nesterov
     (2 + 2β)/(1 + 2β), Adam (2 + 2β1)/(1 − β1), RMSProp 2."""
     return _base(optimizer, hparams)[1]
-
-
-def _preconditioner(optimizer: str, inner, hp) -> jax.Array | None:
-    """Flat P (n_params,) of the base state *after* this step's update (Adam: count >= 1)."""
-    if optimizer == "adam":
-        c = inner.count.astype(jnp.result_type(float))
-        nu = ravel_pytree(inner.nu)[0]
-        return jnp.sqrt(nu / (1.0 - hp["b2"] ** c.astype(nu.dtype)) + hp["eps_root"]) + hp["eps"]
-    if optimizer == "rmsprop":
-        nu = ravel_pytree(inner.nu)[0]
-        return jnp.sqrt(nu + hp["eps"])
-    return None
 
 
 def _need_value_fn(name, params, value_fn):
@@ -273,19 +268,11 @@ def sharpness_margin(
 
         def estimate(blocks):
             def run(_):
-                flat, unravel = ravel_pytree(params)
-                g = jax.grad(lambda p: value_fn(unravel(p)))
-
-                def matvec(v):
-                    with jax.default_matmul_precision(PRECISION):
-                        return jax.jvp(g, (flat,), (v.astype(flat.dtype),))[1]
-
-                op = matvec
-                if pre:
-                    s = 1.0 / jnp.sqrt(_preconditioner(optimizer, inner, hp))
-
-                    def op(v):
-                        return s * matvec(s * v)
+                op, flat = hessian_operator(value_fn, params)
+                if pre:  # P of the base state after this step's update (Adam: count >= 1)
+                    op = preconditioned_operator(
+                        op, preconditioner_diagonal(*adaptive_preconditioner(inner), hp)
+                    )
 
                 # The block is the warm start and a fresh random vector of this step: a warm
                 # start alone converges to *an* eigenvector and purges the others, so when a
@@ -644,16 +631,21 @@ def _series(name, x, n=None):
     return a
 
 
-def _intervals_loss(loss, spike_factor, recover_factor):
+def _prior_min(loss: np.ndarray) -> np.ndarray:
+    """(n,) minimum of the finite values strictly before each record (inf: none yet)."""
+    acc = np.minimum.accumulate(np.where(np.isfinite(loss), loss, np.inf))
+    return np.concatenate([[np.inf], acc[:-1]])
+
+
+def _intervals_loss(loss, prior, spike_factor, recover_factor):
     out = []
     n = loss.shape[0]
     i = 1
     while i < n:
-        prev = loss[:i][np.isfinite(loss[:i])]
-        if prev.size == 0:
+        base = prior[i]
+        if not np.isfinite(base):
             i += 1
             continue
-        base = prev.min()
         if not (loss[i] > spike_factor * base) and np.isfinite(loss[i]):
             i += 1
             continue
@@ -797,7 +789,8 @@ def instability_episodes(
 
     bad = ~np.isfinite(loss) | (loss > loss_bound)
     first_bad = int(np.argmax(bad)) if bad.any() else -1
-    intervals = _intervals_loss(loss, spike_factor, recover_factor)
+    prior = _prior_min(loss)
+    intervals = _intervals_loss(loss, prior, spike_factor, recover_factor)
     if sharp is not None and thr is not None:
         intervals += _intervals_ratio(sharp / thr, excursion)
     if dist is not None:
@@ -813,9 +806,7 @@ def instability_episodes(
         s, p = m["start"], m["peak"]
         end = -1 if m["open"] else m["end_eff"]
         before = max(s - 1, 0)
-        prev = loss[: max(s, 1)]
-        prev = prev[np.isfinite(prev)]
-        baseline = float(prev.min()) if prev.size else nan
+        baseline = float(prior[max(s, 1)]) if np.isfinite(prior[max(s, 1)]) else nan
         peak_loss = loss[s : m["end_eff"] + 1]
         peak_loss = peak_loss[np.isfinite(peak_loss)]
         rec = np.flatnonzero(

@@ -156,12 +156,21 @@ def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
     """
     hp = tmap.hparams if hparams is None else hparams
     nu, kind, count = adaptive_preconditioner(tmap.opt_state(state, t))
+    p = preconditioner_diagonal(nu, kind, count, hp)
+    return jnp.where(count > 0, p, jnp.nan) if kind == "adam" else p
+
+
+def preconditioner_diagonal(nu, kind: str, count, hparams) -> jax.Array:
+    """P from :func:`adaptive_preconditioner`'s ``(nu, kind, count)`` and the optimizer's
+    hyper-parameters: Adam sqrt(ν / (1 − β2^max(count, 1)) + eps_root) + eps, RMSProp
+    sqrt(ν + eps)."""
     if kind == "adam":
-        b2, eps = hp["b2"], hp["eps"]
         c = jnp.maximum(count, 1).astype(nu.dtype)
-        p = jnp.sqrt(nu / (1.0 - b2**c) + hp.get("eps_root", 0.0)) + eps
-        return jnp.where(count > 0, p, jnp.nan)
-    return jnp.sqrt(nu + hp["eps"])
+        return (
+            jnp.sqrt(nu / (1.0 - hparams["b2"] ** c) + hparams.get("eps_root", 0.0))
+            + hparams["eps"]
+        )
+    return jnp.sqrt(nu + hparams["eps"])
 
 
 LOSS_MODES = ("full", "subset", "batch")
@@ -559,6 +568,7 @@ __all__ = [
     "lanczos",
     "lanczos_eigs",
     "preconditioned_operator",
+    "preconditioner_diagonal",
     "smooth_density",
     "stability_threshold",
     "trace_estimate",
