@@ -18,6 +18,7 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_
 from chaosjax import control as control
 from chaosjax import datasets as datasets
 from chaosjax import models as models
+from chaosjax import observers as observers
 from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
@@ -49,13 +50,13 @@ from chaosjax.lyapunov import WindowFit as WindowFit
 from chaosjax.lyapunov import best_window_fit as best_window_fit
 from chaosjax.lyapunov import ensemble_log_distance as ensemble_log_distance
 from chaosjax.lyapunov import local_growth_rates as local_growth_rates
-from chaosjax.lyapunov import log_det_jacobian as log_det_jacobian
 from chaosjax.lyapunov import lyapunov_spectrum as lyapunov_spectrum
 from chaosjax.lyapunov import max_lyapunov as max_lyapunov
-from chaosjax.lyapunov import qr_renormalize as qr_renormalize
-from chaosjax.lyapunov import random_basis as random_basis
-from chaosjax.lyapunov import tangent_step as tangent_step
 from chaosjax.lyapunov import twin_lyapunov as twin_lyapunov
+from chaosjax.observers import CLVWindow as CLVWindow
+from chaosjax.observers import LyapunovTracker as LyapunovTracker
+from chaosjax.observers import StateSnapshots as StateSnapshots
+from chaosjax.observers import TwinTracker as TwinTracker
 from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
@@ -64,6 +65,10 @@ from chaosjax.response import ResponseTracker as ResponseTracker
 from chaosjax.response import ntk as ntk
 from chaosjax.results import ReplicaResults as ReplicaResults
 from chaosjax.results import open_store as open_store
+from chaosjax.tangents import log_det_jacobian as log_det_jacobian
+from chaosjax.tangents import qr_renormalize as qr_renormalize
+from chaosjax.tangents import random_basis as random_basis
+from chaosjax.tangents import tangent_step as tangent_step
 from chaosjax.training import TrainingMap as TrainingMap
 from chaosjax.training import make_schedule as make_schedule
 

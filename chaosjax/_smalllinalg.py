@@ -80,17 +80,28 @@ def jacobi_eigh(a, sweeps: int = 12):
     return w, v
 
 
-def mgs_q(v):
-    """Orthonormal columns spanning those of ``v`` (n, k), k small (Gram–Schmidt, twice)."""
+def mgs_qr(v):
+    """QR of ``v`` (n, k), k small, by modified Gram–Schmidt applied twice: ``(Q, R)`` with
+    orthonormal columns, R upper triangular with a non-negative diagonal."""
     k = v.shape[1]
     q = jnp.zeros_like(v)
+    r = jnp.zeros((k, k), v.dtype)
     tiny = jnp.finfo(v.dtype).tiny
     for j in range(k):
         x = v[:, j]
         for _ in range(2):
-            x = x - q @ (q.T @ x)
-        q = q.at[:, j].set(x / jnp.maximum(jnp.linalg.norm(x), tiny))
-    return q
+            c = q.T @ x
+            x = x - q @ c
+            r = r.at[:, j].add(c)
+        n = jnp.linalg.norm(x)
+        r = r.at[j, j].set(n)
+        q = q.at[:, j].set(x / jnp.maximum(n, tiny))
+    return q, r
+
+
+def mgs_q(v):
+    """Orthonormal columns spanning those of ``v`` (n, k), k small (Gram–Schmidt, twice)."""
+    return mgs_qr(v)[0]
 
 
 def eigh(a):
@@ -98,9 +109,22 @@ def eigh(a):
     return jacobi_eigh(a) if _PURE.get() else jnp.linalg.eigh(a)
 
 
+def qr(v):
+    """``jnp.linalg.qr`` (reduced) or, under :func:`pure_linalg`, :func:`mgs_qr`."""
+    return mgs_qr(v) if _PURE.get() else jnp.linalg.qr(v)
+
+
+def log_abs_det(a):
+    """log|det a| of a square matrix: ``slogdet`` (LU) or, under :func:`pure_linalg`, the
+    diagonal of :func:`mgs_qr`."""
+    if _PURE.get():
+        return jnp.sum(jnp.log(jnp.abs(jnp.diagonal(mgs_qr(a)[1]))))
+    return jnp.linalg.slogdet(a)[1]
+
+
 def qr_q(v):
-    """The Q factor of ``jnp.linalg.qr`` or, under :func:`pure_linalg`, :func:`mgs_q`."""
-    return mgs_q(v) if _PURE.get() else jnp.linalg.qr(v)[0]
+    """The Q factor of :func:`qr`."""
+    return qr(v)[0]
 
 
 def singular_values(a):

@@ -1,8 +1,9 @@
 """Covariant Lyapunov vectors by Ginelli et al.'s method, memory-lean.
 
-Forward pass (device): the QR method of :func:`chaosjax.lyapunov_spectrum`,
-``J_n Q_n = Q_{n+1} R_{n+1}`` for every renormalisation interval n; only the k×k factors
-``R_{n+1}`` go to the host, plus (state, basis) checkpoints at the kept times.
+Forward pass (device, inside the one replica engine): a :class:`chaosjax.LyapunovTracker`
+with a :class:`chaosjax.observers.CLVWindow`, ``J_n Q_n = Q_{n+1} R_{n+1}`` for every
+renormalisation interval n of the recorded trajectory; only the k×k factors ``R_{n+1}`` go
+to the host, plus the (state, basis) at the kept times.
 
 Backward pass (host, float64): CLVs at time n are ``V_n = Q_n C_n`` with C_n upper
 triangular. Covariance ``J_n V_n ∝ V_{n+1}`` gives ``C_n ∝ R_{n+1}^{-1} C_{n+1}`` (each
@@ -23,25 +24,14 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._driver import run_chunks
-from chaosjax.lyapunov import (
-    _advance,
-    _check_run,
-    _prepare,
-    _qr_chunk_jit,
-    _Rows,
-    random_basis,
-)
-from chaosjax.sharding import gather
+from chaosjax.observers import CLVWindow, LyapunovTracker, key_data
 
 #: default host-memory budget of one call, bytes.
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -87,19 +77,42 @@ class CLVResult:
     renorm_every: int
     t_start: int
     all_times: np.ndarray
+    bases: np.ndarray | None = None
+    kept: np.ndarray | None = None
     info: dict = dataclasses.field(default_factory=dict)
-    _replay: Callable | None = dataclasses.field(default=None, repr=False)
+
+    _PER_RUN = (
+        "exponents", "qr_exponents", "local_growth", "coefficients", "angles", "vectors",
+        "angle_matrix", "states", "bases", "near_tangencies",
+    )  # fmt: skip
+
+    def squeeze(self) -> CLVResult:
+        """The result of a single trajectory (drop a batch axis of length 1)."""
+        one = {name: getattr(self, name)[0] for name in self._PER_RUN}
+        one["near_tangencies"] = int(one["near_tangencies"])
+        return dataclasses.replace(self, **one)
 
     def backward_vectors_at(self, index: int) -> np.ndarray:
-        """The Gram–Schmidt (backward Lyapunov) basis Q_n (dim, k) at interval ``index``, by
-        deterministic replay of the forward pass from the nearest earlier checkpoint."""
-        if self._replay is None:
-            raise ValueError("backward_vectors_at: not available for batched results")
-        return self._replay(int(index))
+        """The Gram–Schmidt (backward Lyapunov) basis Q_n (dim, k) (a leading batch axis for
+        batched results) at renormalisation interval ``index``, as the run saw it.
+
+        Bases are stored at the kept intervals only (``keep_every``): nothing re-integrates
+        the trajectory, so an interval that was not kept is refused.
+        """
+        index = int(index)
+        pos = np.flatnonzero(self.kept == index)
+        if pos.size == 0:
+            raise ValueError(
+                f"index: the basis of interval {index} was not kept (kept: every "
+                f"{int(self.kept[1] - self.kept[0]) if self.kept.size > 1 else 1} interval(s) from "
+                f"{int(self.kept[0])}); rerun with a smaller keep_every (keep_every=renorm_every "
+                "keeps every interval)"
+            )
+        return self.bases[..., int(pos[0]), :, :]
 
     def vectors_at(self, index: int) -> np.ndarray:
-        """CLVs V_n = Q_n C_n (dim, k) at interval ``index`` (any time of the kept range)."""
-        return self.backward_vectors_at(index) @ self.coefficients[int(index)]
+        """CLVs V_n = Q_n C_n (dim, k) at a kept interval ``index``."""
+        return self.backward_vectors_at(index) @ self.coefficients[..., int(index), :, :]
 
 
 def _angles_from_c(c: np.ndarray):
@@ -166,13 +179,20 @@ def covariant_lyapunov_vectors(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_steps: int = 10_000,
     progress: bool = False,
+    checkpoint=None,
+    resume: bool = False,
     devices=None,
+    memory_limit=None,
 ) -> CLVResult:
     """Covariant Lyapunov vectors (Ginelli) of ``step`` over ``steps`` steps.
 
+    One run of the replica engine: its :class:`chaosjax.LyapunovTracker` keeps the R factors
+    of every renormalisation of the kept range and of the backward transient after it, and
+    the basis and state at the kept times; the backward pass then runs on the host.
+
     Args:
-        step: ``step(x, t) -> x`` (``step(x, t, args)`` with ``args``) on an array state.
-        x0: initial state (dim,) (leading batch axis with ``batched=True``).
+        step: ``step(x, t) -> x`` (``step(x, t, args)`` with ``args``); any pytree state.
+        x0: initial state (leading batch axis with ``batched=True``).
         k: number of vectors.
         steps: steps over which CLVs are computed (a multiple of ``renorm_every``).
         warmup: state-only transient steps.
@@ -191,8 +211,10 @@ def covariant_lyapunov_vectors(
             :func:`clv_memory_bytes` exceeds this many bytes.
         chunk_steps: steps per jitted forward chunk.
         progress: show progress bars.
+        checkpoint, resume: ``.npz`` checkpoint of the forward pass and continuing it.
         devices: with ``batched=True``, the devices sharing the batch axis (default every
             device; see :func:`chaosjax.sharding.replica_mesh`).
+        memory_limit: bytes (or ``"8GiB"``) a device may use.
 
     Memory: the device holds the state and a (dim, k) basis per batch element; the host holds
     ``clv_memory_bytes(dim, k, N, n_kept, batch)`` bytes — R and C factors for every interval
@@ -202,161 +224,162 @@ def covariant_lyapunov_vectors(
     Returns:
         :class:`CLVResult`.
     """
-    step, lay, vec, aux = _prepare(step, x0, batched, args)
-    if not lay.trivial:
-        raise TypeError("x0: covariant_lyapunov_vectors needs a flat array state (dim,)")
-    dim = int(vec.shape[-1])
+    from chaosjax.lyapunov import _cadence, _check_run, _check_windows, _engine, _prepare
+
+    step, batch, dim = _prepare(step, x0, batched, args)
     _check_run(steps, renorm_every, k, dim)
+    _check_windows(warmup=warmup, align=align)
+    re = int(renorm_every)
     if (
         int(backward_transient) != backward_transient
         or backward_transient < 0
-        or backward_transient % renorm_every
+        or backward_transient % re
     ):
         raise ValueError(
-            f"backward_transient: must be a non-negative multiple of renorm_every={renorm_every}, "
+            f"backward_transient: must be a non-negative multiple of renorm_every={re}, "
             f"got {backward_transient!r}"
         )
-    n_keep = steps // renorm_every
-    n_bt = int(backward_transient) // renorm_every
+    n_keep = steps // re
+    n_bt = int(backward_transient) // re
     if keep_every is None:
         keep_per = max(1, n_keep // 10)
     else:
-        if int(keep_every) != keep_every or keep_every < renorm_every or keep_every % renorm_every:
+        if int(keep_every) != keep_every or keep_every < re or keep_every % re:
             raise ValueError(
-                f"keep_every: must be a positive multiple of renorm_every={renorm_every}, got {keep_every!r}"
+                f"keep_every: must be a positive multiple of renorm_every={re}, got {keep_every!r}"
             )
-        keep_per = int(keep_every) // renorm_every
+        keep_per = int(keep_every) // re
     kept = np.arange(0, n_keep, keep_per)
-    batch = int(vec.shape[0]) if batched else 1
-    need = clv_memory_bytes(dim, k, n_keep + n_bt, len(kept), batch)
+    n_batch = len(batch)
+    need = clv_memory_bytes(dim, k, n_keep + n_bt, len(kept), n_batch)
     if need > memory_budget:
         raise ValueError(
             f"memory_budget: this call needs about {need / 2**20:.0f} MiB of host memory "
             f"(budget {memory_budget / 2**20:.0f} MiB); raise keep_every, lower k or steps, or "
             "raise memory_budget"
         )
-    rows = _Rows(devices, batched, batch)
-    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
     key = jax.random.PRNGKey(0) if key is None else key
     k_basis, k_back = jax.random.split(key)
-    t = jnp.asarray(t0, jnp.int32)
-    vec, aux, t = _advance(
-        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    n_align = -(-int(align) // re) * re
+    start = int(warmup) + n_align
+    window = CLVWindow(start, int(steps), int(backward_transient), keep_per * re)
+    tracker = LyapunovTracker(
+        k=int(k),
+        renorm_every=re,
+        warmup=int(warmup),
+        align=int(align),
+        rows="all",
+        key=key_data(k_basis),
+        clv=window,
     )
-    q = random_basis(k_basis, dim, k, vec.dtype)
-    if batched:
-        q = rows.put(jnp.broadcast_to(q, (batch, dim, k)))
-    upc = max(1, chunk_steps // renorm_every)
-
-    def chunk(c, m):
-        carry, (lg, _) = _qr_chunk_jit(
-            step,
-            lay,
-            args,
-            c,
-            n=m,
-            renorm_every=renorm_every,
-            with_det=False,
-            batched=batched,
-            full_r=True,
-        )
-        return carry, lg
-
-    carry = (vec, aux, q, t)
-    if align:
-        carry, _ = run_chunks(
-            chunk,
-            carry,
-            -(-int(align) // renorm_every),
-            upc,
-            progress=progress,
-            desc="align",
-            steps_per_unit=renorm_every,
-        )
-    t_start = int(carry[3])
-    # forward pass over the kept range, segment by segment between kept times
-    states, bases, rs = [], [], []
-    bounds = [*kept.tolist(), n_keep]
-    for a, b in itertools.pairwise(bounds):
-        states.append(rows.trim(gather(carry[0]).astype(np.float64)))
-        bases.append(rows.trim(gather(carry[2]).astype(np.float64)))
-        carry, r = run_chunks(chunk, carry, b - a, upc, progress=False)
-        rs.append(r)
-    if n_bt:
-        carry, r = run_chunks(
-            chunk,
-            carry,
-            n_bt,
-            upc,
-            progress=progress,
-            desc="backward transient",
-            steps_per_unit=renorm_every,
-        )
-        rs.append(r)
-    r_all = rows.trim(np.concatenate(rs, axis=0), 1)  # (N, [batch,] k, k)
-    if batched:
-        r_all = np.moveaxis(r_all, 1, 0)  # (batch, N, k, k)
-        states_a = np.moveaxis(np.stack(states), 1, 0)
-        bases_a = np.moveaxis(np.stack(bases), 1, 0)
-    else:
-        states_a, bases_a = np.stack(states), np.stack(bases)
-
-    def finish(r, st, bs):
-        cs, growth = _backward(r, n_keep, k_back, k)
-        qr_exp = np.log(np.abs(np.diagonal(r[:n_keep], axis1=-2, axis2=-1))).mean(0) / renorm_every
-        ang_all = _angles_from_c(cs)
-        mins = _min_angle(ang_all)
-        vectors = np.einsum("tdk,tkj->tdj", bs, cs[kept])
-        return dict(
-            exponents=growth.mean(0) / renorm_every,
-            qr_exponents=qr_exp,
-            local_growth=growth,
-            coefficients=cs,
-            angles=mins,
-            vectors=vectors,
-            angle_matrix=ang_all[kept],
-            states=st,
-            near_tangencies=int((mins < tangency_threshold).sum()),
-        )
-
-    if batched:
-        parts = [finish(r_all[i], states_a[i], bases_a[i]) for i in range(batch)]
-        out = {key_: np.stack([p[key_] for p in parts]) for key_ in parts[0]}
-    else:
-        out = finish(r_all, states_a, bases_a)
-    times = t_start + renorm_every * kept
-    res = CLVResult(
-        **out,
-        times=times,
-        tangency_threshold=float(tangency_threshold),
-        renorm_every=int(renorm_every),
-        t_start=t_start,
-        all_times=t_start + renorm_every * np.arange(n_keep),
+    total = start + int(steps) + int(backward_transient)
+    record_every, chunk = _cadence(total, chunk_steps, start, keep_per * re)
+    res = _engine(
+        step,
+        batch,
+        [tracker],
+        batched=batched,
+        total=total,
+        t0=t0,
+        record_every=record_every,
+        chunk=chunk,
+        progress=progress,
+        desc="clv forward",
+        checkpoint=checkpoint,
+        resume=resume,
+        devices=devices,
+        memory_limit=memory_limit,
+    )
+    out = from_forward(
+        res.records["clv_r"],
+        res.records["clv_basis"],
+        res.records["clv_state"],
+        n_keep=n_keep,
+        kept=kept,
+        renorm_every=re,
+        t_start=int(t0) + start,
+        key=k_back,
+        tangency_threshold=tangency_threshold,
         info={
             "dim": dim,
-            "k": int(k),
             "memory_estimate_bytes": need,
             "backward_transient": int(backward_transient),
+            "passes": int(res.attrs.get("passes", 1)),
         },
     )
-    if not batched:
+    return out if batched else out.squeeze()
 
-        def replay(index: int) -> np.ndarray:
-            if not 0 <= index < n_keep:
-                raise ValueError(f"index: must lie in [0, {n_keep}), got {index}")
-            j = int(np.searchsorted(kept, index, side="right") - 1)
-            c = (
-                jnp.asarray(states_a[j], vec.dtype),
-                aux,
-                jnp.asarray(bases_a[j], vec.dtype),
-                jnp.asarray(t_start + renorm_every * kept[j], jnp.int32),
-            )
-            if index > kept[j]:
-                c, _ = run_chunks(chunk, c, index - int(kept[j]), upc)
-            return np.asarray(c[2], np.float64)
 
-        res._replay = replay
-    return res
+def from_forward(
+    r,
+    bases,
+    states,
+    *,
+    n_keep: int,
+    kept,
+    renorm_every: int,
+    t_start: int,
+    key,
+    k: int | None = None,
+    tangency_threshold: float = math.radians(1.0),
+    info: dict | None = None,
+) -> CLVResult:
+    """CLVs from the records of a forward pass (a :class:`chaosjax.LyapunovTracker` with a
+    :class:`chaosjax.observers.CLVWindow`): the backward pass and the statistics.
+
+    Args:
+        r: (batch, N, K, K) R factors of the N renormalisations of the kept range and the
+            backward transient after it.
+        bases: (batch, n_kept, dim, K) orthonormal bases at the kept intervals.
+        states: (batch, n_kept, dim) states at the kept intervals.
+        n_keep: renormalisation intervals in the kept range.
+        kept: (n_kept,) indices of the kept intervals.
+        k: vectors (≤ K: the top-left k×k blocks of R and the first k basis columns are the
+            QR process of the first k tangents); default K.
+
+    Returns:
+        :class:`CLVResult` with a leading batch axis (:meth:`CLVResult.squeeze` drops it).
+    """
+    r, bases, states = np.asarray(r), np.asarray(bases), np.asarray(states)
+    k = int(r.shape[-1] if k is None else k)
+    r, bases = r[..., :k, :k], bases[..., :k]
+    kept = np.asarray(kept)
+    parts = [
+        _finish(r[i], states[i], bases[i], n_keep, kept, key, k, renorm_every, tangency_threshold)
+        for i in range(r.shape[0])
+    ]
+    out = {name: np.stack([p[name] for p in parts]) for name in parts[0]}
+    return CLVResult(
+        **out,
+        times=t_start + renorm_every * kept,
+        tangency_threshold=float(tangency_threshold),
+        renorm_every=int(renorm_every),
+        t_start=int(t_start),
+        all_times=t_start + renorm_every * np.arange(n_keep),
+        kept=kept,
+        info={**(info or {}), "k": k},
+    )
+
+
+def _finish(r, st, bs, n_keep, kept, key, k, renorm_every, tangency_threshold) -> dict:
+    """The backward pass and the statistics of one trajectory."""
+    cs, growth = _backward(r, n_keep, key, k)
+    qr_exp = np.log(np.abs(np.diagonal(r[:n_keep], axis1=-2, axis2=-1))).mean(0) / renorm_every
+    ang_all = _angles_from_c(cs)
+    mins = _min_angle(ang_all)
+    vectors = np.einsum("tdk,tkj->tdj", bs, cs[kept])
+    return dict(
+        exponents=growth.mean(0) / renorm_every,
+        qr_exponents=qr_exp,
+        local_growth=growth,
+        coefficients=cs,
+        angles=mins,
+        vectors=vectors,
+        angle_matrix=ang_all[kept],
+        states=st,
+        bases=bs,
+        near_tangencies=int((mins < tangency_threshold).sum()),
+    )
 
 
 def clv_layer_mass(

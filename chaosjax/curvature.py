@@ -611,6 +611,7 @@ class CurvatureTracker(NamedTuple):
         mode: loss for the curvature: ``"full"``, ``"subset"`` (first ``subset`` examples)
             or ``"batch"`` (the minibatch of the record step).
         num_blocks: warm-start blocks; cold_matvecs: Lanczos steps of the first record.
+        rows: the replicas tracked: ``"all"`` or ``"references"`` (NaN rows for the others).
     """
 
     k: int = 1
@@ -619,7 +620,16 @@ class CurvatureTracker(NamedTuple):
     subset: int | None = None
     num_blocks: int = 2
     cold_matvecs: int = 64
+    rows: str = "all"
 
+    DIMS = (  # extra dims of the records (after replica, step)
+        ("sharpness", ("eig",)),
+        ("subspace_angle", ("eig",)),
+        ("grad_overlap", ("eig",)),
+        ("update_overlap", ("eig",)),
+        ("eig_residual", ("eig",)),
+        ("top_layer_mass", ("layer",)),
+    )
     NAMES = (
         "sharpness",
         "threshold",
@@ -633,6 +643,8 @@ class CurvatureTracker(NamedTuple):
     )
 
     def validate(self, tmap) -> None:
+        if self.rows not in ("all", "references"):
+            raise ValueError(f"rows: unknown {self.rows!r}; allowed: all, references")
         if self.operator not in ("auto", "hessian", "preconditioned"):
             raise ValueError(
                 f"operator: unknown {self.operator!r}; allowed: auto, hessian, preconditioned"

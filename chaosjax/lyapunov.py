@@ -1,6 +1,4 @@
-"""Lyapunov exponents of any map ``step(x, t) -> x``.
-
-Small pure pieces (``tangent_step``, ``qr_renormalize``) and one-call drivers built on them:
+"""Lyapunov exponents of any map ``step(x, t) -> x``, as observers of one trajectory.
 
 * :func:`lyapunov_spectrum` / :func:`max_lyapunov`: Benettin's QR method. k tangent vectors
   are pushed through ``jax.linearize`` of the step (vmapped over the vectors: cost ∝ k, no
@@ -10,6 +8,12 @@ Small pure pieces (``tangent_step``, ``qr_renormalize``) and one-call drivers bu
 * :func:`ensemble_log_distance`, :func:`best_window_fit`, :func:`local_growth_rates`:
   divergence of perturbed replicas, Danovski et al.'s best-window exponential fit, and the
   nonlinear growth of random perturbations over a fixed horizon.
+
+The drivers are thin calls of the one engine (:func:`chaosjax.run_replicas` with a
+:class:`chaosjax.LyapunovTracker` or :class:`chaosjax.observers.TwinTracker`): progress,
+divergence flags, checkpoints and resume, sharding, passes and the memory plan come from it.
+Inside a replica run the same observer measures the exponents of the very trajectory the run
+records.
 
 Exponents are per step (natural log). For a flow stepped by ``dt`` divide by ``dt``
 (:meth:`LyapunovResult.per_time`); for training, :meth:`LyapunovResult.per_eta_t` gives
@@ -25,7 +29,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -35,130 +38,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._driver import run_chunks
-from chaosjax._util import as_traceable, check_step_signature, dumps, warn_if_below_resolution
-from chaosjax.sharding import (
-    MemoryEstimate,
-    donating_jit,
-    estimate_bytes,
-    gather,
-    is_sharded,
-    pad_rows,
-    padded_size,
-    pass_path,
-    plan_batches,
-    put_rows,
-    replica_mesh,
+from chaosjax._layout import layout_of
+from chaosjax._util import as_traceable, check_step_signature, warn_if_below_resolution
+from chaosjax.observers import LyapunovTracker, TwinTracker, key_data
+from chaosjax.sharding import MemoryEstimate
+from chaosjax.tangents import (
+    log_det_jacobian,
+    qr_renormalize,
+    random_basis,
+    tangent_step,
 )
-
-# ---------------------------------------------------------------------------------------------
-# flat views of pytree states
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """How a pytree state maps to (float vector, non-float leaves)."""
-
-    treedef: Any
-    is_float: tuple[bool, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-    dtype: str
-
-    @property
-    def trivial(self) -> bool:
-        return self.treedef.num_leaves == 1 and self.is_float[0] and len(self.shapes[0]) == 1
-
-
-def _layout(x, batched: bool) -> _Layout:
-    leaves, treedef = jax.tree_util.tree_flatten(x)
-    if not leaves:
-        raise ValueError("x0: the state has no array leaves")
-    leaves = [jnp.asarray(v) for v in leaves]
-    is_float = tuple(bool(jnp.issubdtype(v.dtype, jnp.inexact)) for v in leaves)
-    if not any(is_float):
-        raise TypeError("x0: the state has no floating-point leaves to take tangents of")
-    shapes = tuple(tuple(v.shape[1:] if batched else v.shape) for v in leaves)
-    dtypes = tuple(v.dtype.name for v in leaves)
-    fdt = jnp.result_type(*[v.dtype for v, f in zip(leaves, is_float) if f]).name
-    return _Layout(treedef, is_float, shapes, dtypes, fdt)
-
-
-def _to_flat(lay: _Layout, x):
-    """Unbatched pytree → (float vector, tuple of non-float leaves)."""
-    leaves = jax.tree_util.tree_leaves(x)
-    vec = [jnp.ravel(v).astype(lay.dtype) for v, f in zip(leaves, lay.is_float) if f]
-    aux = tuple(v for v, f in zip(leaves, lay.is_float) if not f)
-    return jnp.concatenate(vec) if len(vec) > 1 else vec[0], aux
-
-
-def _from_flat(lay: _Layout, vec, aux):
-    out, off, ai = [], 0, 0
-    for f, shape, dt in zip(lay.is_float, lay.shapes, lay.dtypes):
-        if f:
-            size = math.prod(shape)
-            out.append(vec[off : off + size].reshape(shape).astype(dt))
-            off += size
-        else:
-            out.append(aux[ai])
-            ai += 1
-    return jax.tree_util.tree_unflatten(lay.treedef, out)
-
-
-def _flat_step(step, lay: _Layout, vec, aux, t, args):
-    if lay.trivial:
-        y = step(vec, t) if args is None else step(vec, t, args)
-        return y.astype(vec.dtype), aux
-    x = _from_flat(lay, vec, aux)
-    y = step(x, t) if args is None else step(x, t, args)
-    return _to_flat(lay, y)
-
-
-# ---------------------------------------------------------------------------------------------
-# pure pieces
-
-
-def tangent_step(step: Callable, x, basis, t, args=None):
-    """Advance a state and k tangent vectors by one step.
-
-    Args:
-        step: ``step(x, t) -> x`` (or ``step(x, t, args)``) on a flat array state.
-        x: state, shape (n,).
-        basis: tangent vectors as columns, shape (n, k).
-        t: time index.
-        args: optional extra argument of the step (e.g. hyper-parameters).
-
-    Returns:
-        ``(x_next, J basis)`` with shapes (n,) and (n, k); one linearisation of the step,
-        reused for the k vectors (cost ∝ k, no dense Jacobian).
-    """
-    f = (lambda v: step(v, t)) if args is None else (lambda v: step(v, t, args))
-    y, lin = jax.linearize(f, x)
-    return y, jax.vmap(lin, in_axes=1, out_axes=1)(basis)
-
-
-def qr_renormalize(y):
-    """Sign-fixed QR of tangent columns: ``y = Q R`` with diag(R) ≥ 0.
-
-    Args:
-        y: tangent vectors as columns, shape (n, k).
-
-    Returns:
-        ``(Q, R)``: orthonormal columns (n, k) and upper-triangular R (k, k) with a
-        non-negative diagonal; log R_ii are the local growth rates.
-    """
-    q, r = jnp.linalg.qr(y)
-    s = jnp.sign(jnp.diagonal(r))
-    s = jnp.where(s == 0, 1, s).astype(y.dtype)
-    return q * s[None, :], r * s[:, None]
-
-
-def random_basis(key, n: int, k: int, dtype=None):
-    """A seeded random orthonormal basis, shape (n, k)."""
-    dtype = dtype or jnp.asarray(0.0).dtype
-    q, _ = qr_renormalize(jax.random.normal(key, (n, k), dtype))
-    return q
-
 
 # ---------------------------------------------------------------------------------------------
 # results
@@ -278,206 +167,55 @@ class LyapunovResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# chunk functions (module level so jit caches them across calls)
-
-
-def _qr_unit(step, lay, args, carry, *, renorm_every, with_det, full_r=False):
-    vec, aux, q, t = carry
-
-    def one(c, _):
-        v, a, y, t, ld = c
-
-        def f(vv):
-            return _flat_step(step, lay, vv, a, t, args)
-
-        (v2, a2), lin = jax.linearize(f, v)
-        y2 = jax.vmap(lambda col: lin(col)[0], in_axes=1, out_axes=1)(y)
-        if with_det:
-            jac = jax.jacfwd(lambda vv: f(vv)[0])(v)
-            ld = ld + jnp.linalg.slogdet(jac)[1]
-        return (v2, a2, y2, t + 1, ld), None
-
-    ld0 = jnp.zeros((), jnp.result_type(float))
-    (vec, aux, y, t, ld), _ = jax.lax.scan(one, (vec, aux, q, t, ld0), None, length=renorm_every)
-    q, r = qr_renormalize(y)
-    lg = r if full_r else jnp.log(jnp.abs(jnp.diagonal(r)))
-    lg = jnp.where(jnp.all(jnp.isfinite(vec)), lg, jnp.nan)  # a non-finite state invalidates it
-    return (vec, aux, q, t), (lg, ld)
-
-
-def _qr_chunk(step, lay, args, carry, n, renorm_every, with_det, batched, full_r=False):
-    unit = functools.partial(_qr_unit, renorm_every=renorm_every, with_det=with_det, full_r=full_r)
-
-    def body(c, _):
-        if batched:
-            vec, aux, q, t = c
-            (vec, aux, q, _), out = jax.vmap(
-                lambda v, a, qq, ar: unit(step, lay, ar, (v, a, qq, t))
-            )(vec, aux, q, args)
-            # the clock advances outside the vmap: reading it from a (sharded) batch row would
-            # make every device wait for the first one
-            return (vec, aux, q, t + renorm_every), out
-        return unit(step, lay, args, c)
-
-    return jax.lax.scan(body, carry, None, length=n)
-
-
-_qr_chunk_jit = donating_jit(
-    _qr_chunk, ("lay", "n", "renorm_every", "with_det", "batched", "full_r"), (3,)
-)
-
-
-def _state_chunk(step, lay, args, carry, n, batched):
-    def body(c, _):
-        vec, aux, t = c
-        if batched:
-            vec, aux = jax.vmap(lambda v, a, ar: _flat_step(step, lay, v, a, t, ar))(vec, aux, args)
-        else:
-            vec, aux = _flat_step(step, lay, vec, aux, t, args)
-        return (vec, aux, t + 1), None
-
-    return jax.lax.scan(body, carry, None, length=n)[0], None
-
-
-_state_chunk_jit = donating_jit(_state_chunk, ("lay", "n", "batched"), (3,))
-
-
-def _twin_unit(step, lay, args, carry, *, renorm_every, d0):
-    vec, aux, vp, auxp, t = carry
-
-    def one(c, _):
-        v, a, w, b, t = c
-        v, a = _flat_step(step, lay, v, a, t, args)
-        w, b = _flat_step(step, lay, w, b, t, args)
-        return (v, a, w, b, t + 1), None
-
-    (vec, aux, vp, auxp, t), _ = jax.lax.scan(
-        one, (vec, aux, vp, auxp, t), None, length=renorm_every
-    )
-    delta = vp - vec
-    d = jnp.linalg.norm(delta)
-    vp = vec + delta * (d0 / d)
-    lg = jnp.where(jnp.all(jnp.isfinite(vec)), jnp.log(d / d0), jnp.nan)
-    return (vec, aux, vp, auxp, t), lg[None]
-
-
-def _twin_chunk(step, lay, args, carry, n, renorm_every, d0, batched):
-    def body(c, _):
-        if batched:
-            vec, aux, vp, auxp, t = c
-            (vec, aux, vp, auxp, _), out = jax.vmap(
-                lambda v, a, w, b, ar: _twin_unit(
-                    step, lay, ar, (v, a, w, b, t), renorm_every=renorm_every, d0=d0
-                )
-            )(vec, aux, vp, auxp, args)
-            return (vec, aux, vp, auxp, t + renorm_every), out
-        return _twin_unit(step, lay, args, c, renorm_every=renorm_every, d0=d0)
-
-    return jax.lax.scan(body, carry, None, length=n)
-
-
-_twin_chunk_jit = donating_jit(_twin_chunk, ("lay", "n", "renorm_every", "d0", "batched"), (3,))
-
-
-# ---------------------------------------------------------------------------------------------
-# drivers
+# drivers: one run of the engine with one observer
 
 
 def _prepare(step, x0, batched, args):
+    """A replica batch of the initial conditions, each its own reference (rows × dim), and the
+    layout of the state."""
+    from chaosjax.replicas import ReplicaBatch
+
     step = as_traceable(step)
     if args is None:
         check_step_signature(step)
-    lay = _layout(x0, batched)
+    leaves = jax.tree_util.tree_leaves(x0)
     if batched:
-        leaves = jax.tree_util.tree_leaves(x0)
         sizes = {int(jnp.shape(v)[0]) if jnp.ndim(v) else -1 for v in leaves}
         if len(sizes) != 1 or -1 in sizes:
             raise ValueError("x0: with batched=True every leaf needs the same leading batch axis")
-        if lay.treedef.num_leaves == 1 and len(lay.shapes[0]) == 0:
+        if len(leaves) == 1 and jnp.ndim(leaves[0]) == 1:
             raise ValueError(
                 f"x0: with batched=True x0 needs shape (batch, dim); got {jnp.shape(leaves[0])}, "
                 "a single state (use batched=False)"
             )
-        vec, aux = jax.vmap(lambda x: _to_flat(lay, x))(x0)
+        n = next(iter(sizes))
+    else:
+        n = 1
+    lay = layout_of(x0, batched=batched, what="x0")
+    if lay.dim == 0:
+        raise TypeError("x0: the state has no floating-point leaves to take tangents of")
+    if batched:
+        x, carry = jax.vmap(lay.split)(x0)
         if args is not None:
             for leaf in jax.tree_util.tree_leaves(args):
-                if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != next(iter(sizes)):
+                if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != n:
                     raise ValueError(
                         "args: with batched=True every leaf needs the leading batch axis of x0"
                     )
     else:
-        vec, aux = _to_flat(lay, x0)
-    if not jnp.issubdtype(vec.dtype, jnp.floating):
-        raise TypeError(f"x0: floating state required, got {vec.dtype}")
-    return step, lay, vec, aux
-
-
-class _Rows:
-    """Placement of a batched run's replica axis: padded and sharded over a device mesh, or
-    left as is (unbatched, or a single device)."""
-
-    def __init__(self, devices, batched: bool, n: int):
-        self.n = int(n)
-        self.mesh = replica_mesh(devices) if batched else None
-        self.on = bool(batched) and is_sharded(self.mesh)
-        self.n_padded = padded_size(n, self.mesh) if self.on else self.n
-
-    def put(self, tree):
-        """Host or device rows (n, ...) → padded rows sharded over the mesh."""
-        if not self.on or tree is None:
-            return tree
-        return put_rows(pad_rows(gather(tree), self.n_padded), self.mesh)
-
-    def own(self, tree):
-        """Like :meth:`put`, but always fresh buffers: the carry is donated on accelerators,
-        and the caller's arrays must survive."""
-        return self.put(tree) if self.on else jax.tree_util.tree_map(jnp.array, tree)
-
-    def place(self, carry):
-        """A carry loaded from a checkpoint: batched leaves sharded, scalars as they are."""
-        if not self.on:
-            return carry
-        return jax.tree_util.tree_map(
-            lambda x: (
-                put_rows(gather(x), self.mesh)
-                if jnp.ndim(x) and jnp.shape(x)[0] == self.n_padded
-                else x
-            ),
-            carry,
-        )
-
-    def trim(self, x, axis: int = 0):
-        """Drop the padding rows (host array, batch along ``axis``)."""
-        if not self.on or x is None:
-            return x
-        return np.take(np.asarray(x), np.arange(self.n), axis=axis)
-
-
-def _row_struct(tree):
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), tree
+        x, carry = lay.split(x0)
+        x, carry = x[None], tuple(jnp.asarray(c)[None] for c in carry)
+        if args is not None:
+            args = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], args)
+    batch = ReplicaBatch(
+        states=jnp.asarray(x),
+        hparams={} if args is None else args,
+        reference=np.arange(n, dtype=np.int32),
+        coords={"member": np.zeros(n, np.int64)},
+        carry=tuple(carry),
+        layout=None if lay.trivial else lay,
     )
-
-
-def tangent_memory(step, x0, *, k: int, batched: bool = False, args=None) -> MemoryEstimate:
-    """Device memory one replica of :func:`lyapunov_spectrum` needs: the state, the k
-    tangent vectors and every intermediate of one tangent step (from its jaxpr)."""
-    step, lay, vec, aux = _prepare(step, x0, batched, args)
-    dim = int(vec.shape[-1])
-    v1 = _row_struct(vec) if batched else jax.ShapeDtypeStruct(vec.shape, vec.dtype)
-    a1 = _row_struct(aux) if batched else aux
-    r1 = _row_struct(args) if (batched and args is not None) else args
-    q1 = jax.ShapeDtypeStruct((dim, int(k)), vec.dtype)
-    t = jnp.zeros((), jnp.int32)
-    total = estimate_bytes(
-        lambda v, a, q, ar: _qr_unit(step, lay, ar, (v, a, q, t), renorm_every=1, with_det=False),
-        v1,
-        a1,
-        q1,
-        r1,
-    )
-    tangents = (int(k) + 1) * dim * np.dtype(vec.dtype).itemsize
-    return MemoryEstimate({"tangents": tangents, "tangent step": total})
+    return step, batch, int(x.shape[-1])
 
 
 def _check_run(steps, renorm_every, k=None, dim=None):
@@ -491,17 +229,51 @@ def _check_run(steps, renorm_every, k=None, dim=None):
         raise ValueError(f"k: must be an integer in [1, {dim}] (the state dimension), got {k!r}")
 
 
-def _advance(step, lay, args, vec, aux, t, n, batched, chunk_steps, progress, desc):
-    if n <= 0:
-        return vec, aux, t
+def _check_windows(**windows):
+    for name, v in windows.items():
+        if int(v) != v or v < 0:
+            raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
 
-    def chunk(c, m):
-        return _state_chunk_jit(step, lay, args, c, n=m, batched=batched)
 
-    (vec, aux, t), _ = run_chunks(
-        chunk, (vec, aux, t), n, chunk_steps, progress=progress, desc=desc
+def _cadence(total: int, chunk_steps: int, *windows: int) -> tuple[int, int]:
+    """(record_every, chunk_steps) of a driver's run: records are bookkeeping here, so as few
+    as the run's windows allow (record_every divides the run, every window start and the
+    chunk length)."""
+    r = math.gcd(int(total), max(int(chunk_steps), 1), *[int(w) for w in windows if w])
+    return r, max(r, (int(chunk_steps) // r) * r)
+
+
+def _engine(
+    step, batch, trackers, *, batched, total, t0, record_every, chunk, progress, desc, **kw
+):
+    from chaosjax import engine
+
+    if not batched:
+        kw["devices"] = 1  # one trajectory: nothing to share
+
+    return engine.run(
+        step,
+        batch,
+        steps=total,
+        record_every=record_every,
+        observables=(),
+        trackers=trackers,
+        chunk_steps=chunk,
+        t0=int(t0),
+        progress=progress,
+        desc=desc,
+        **kw,
     )
-    return vec, aux, t
+
+
+def tangent_memory(step, x0, *, k: int, batched: bool = False, args=None) -> MemoryEstimate:
+    """Device memory one replica of :func:`lyapunov_spectrum` needs: the state, the k tangent
+    vectors and every intermediate of one tangent step (from its jaxpr)."""
+    from chaosjax.engine import replica_memory
+
+    step, batch, _ = _prepare(step, x0, batched, args)
+    one = batch.subset([0])
+    return replica_memory(step, one, [LyapunovTracker(k=int(k), rows="all")])
 
 
 def lyapunov_spectrum(
@@ -528,9 +300,13 @@ def lyapunov_spectrum(
 ) -> LyapunovResult:
     """The top-k Lyapunov spectrum of ``step`` by Benettin's QR method.
 
+    One run of the replica engine with a :class:`chaosjax.LyapunovTracker` tracking every
+    initial condition: the tangents are linearised along the states that run computes.
+
     Args:
         step: ``step(x, t) -> x`` (``step(x, t, args)`` when ``args`` is given); any
-            pytree state, e.g. a :class:`chaosjax.TrainingMap` step on its flat state.
+            pytree state — float leaves are tangent, integer leaves and keys ride along —
+            e.g. a :class:`chaosjax.TrainingMap` step on its flat state.
         x0: initial state (a leading batch axis on every leaf with ``batched=True``).
         k: number of exponents (1 ≤ k ≤ dim).
         steps: accumulated steps (a multiple of ``renorm_every``).
@@ -557,156 +333,97 @@ def lyapunov_spectrum(
     Returns:
         :class:`LyapunovResult`; ``.exponents`` has shape (k,) (or (batch, k)).
     """
-    user_step = step
-    step, lay, vec, aux = _prepare(step, x0, batched, args)
-    dim = int(vec.shape[-1])
+    step, batch, dim = _prepare(step, x0, batched, args)
     _check_run(steps, renorm_every, k, dim)
-    if batched:
-        plan = plan_batches(
-            int(vec.shape[0]),
-            tangent_memory(user_step, x0, k=k, batched=True, args=args),
-            replica_mesh(devices),
-            memory_limit=memory_limit,
-        )
-        if plan.n_passes > 1:
-            kwargs = dict(
-                k=k, steps=steps, warmup=warmup, align=align, renorm_every=renorm_every,
-                key=key, batched=True, t0=t0, log_det=log_det, chunk_steps=chunk_steps,
-                progress=progress, resume=resume, n_blocks=n_blocks, devices=devices,
-                memory_limit=memory_limit,
-            )  # fmt: skip
-            return _in_passes(
-                lyapunov_spectrum, user_step, x0, args, plan.batch, checkpoint, kwargs
-            )
-    rows = _Rows(devices, batched, int(vec.shape[0]) if batched else 1)
-    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
-    for name, v in (("warmup", warmup), ("align", align)):
-        if int(v) != v or v < 0:
-            raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
+    _check_windows(warmup=warmup, align=align)
     if log_det is None:
         log_det = k == dim and dim <= 64
-    key = jax.random.PRNGKey(0) if key is None else key
-    t = jnp.asarray(t0, jnp.int32)
-    vec, aux, t = _advance(
-        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    re = int(renorm_every)
+    n_align = -(-int(align) // re) * re
+    total = int(warmup) + n_align + int(steps)
+    tracker = LyapunovTracker(
+        k=int(k),
+        renorm_every=re,
+        warmup=int(warmup),
+        align=int(align),
+        rows="all",
+        key=key_data(key),
+        log_det=bool(log_det),
     )
-    q = random_basis(key, dim, k, vec.dtype)
-    if batched:
-        q = rows.put(jnp.broadcast_to(q, (rows.n, dim, k)))
-    units_per_chunk = max(1, chunk_steps // renorm_every)
-
-    def chunk_fn(det):
-        def chunk(c, m):
-            return _qr_chunk_jit(
-                step, lay, args, c, n=m, renorm_every=renorm_every, with_det=det, batched=batched
-            )
-
-        return chunk
-
-    carry = (vec, aux, q, t)
-    if align:
-        n_align = -(-int(align) // renorm_every)
-        carry, _ = run_chunks(
-            chunk_fn(False),
-            carry,
-            n_align,
-            units_per_chunk,
-            progress=progress,
-            desc="align",
-            steps_per_unit=renorm_every,
-        )
-    t_start = int(carry[3])
-    fingerprint = dumps(
-        {
-            "k": k,
-            "steps": steps,
-            "renorm_every": renorm_every,
-            "t_start": t_start,
-            "dim": dim,
-            "batched": batched,
-            "rows": rows.n_padded,
-            "x0": float(gather(vec).astype(np.float64).sum()),
-        }
-    )
-    carry, (lg, ld) = run_chunks(
-        chunk_fn(log_det),
-        carry,
-        steps // renorm_every,
-        units_per_chunk,
+    record_every, chunk = _cadence(total, chunk_steps, int(warmup) + n_align)
+    res = _engine(
+        step,
+        batch,
+        [tracker],
+        batched=batched,
+        total=total,
+        t0=t0,
+        record_every=record_every,
+        chunk=chunk,
         progress=progress,
         desc="lyapunov",
-        steps_per_unit=renorm_every,
         checkpoint=checkpoint,
-        fingerprint=fingerprint,
         resume=resume,
-        out_axis=0,
-        place=rows.place,
+        devices=devices,
+        memory_limit=memory_limit,
     )
-    if batched:
-        lg = np.moveaxis(rows.trim(lg, 1), 0, 1)
-        ld = np.moveaxis(rows.trim(ld, 1), 0, 1)
-    res = LyapunovResult(
-        log_growth=lg,
-        renorm_every=int(renorm_every),
-        t_start=t_start,
-        final_state=rows.trim(gather(carry[0])),
-        final_basis=rows.trim(gather(carry[2])),
-        log_det=(ld.sum(axis=-1) / steps) if log_det else None,
+    lg = res.records["log_growth"]
+    ld = res.records["log_det"].sum(axis=1) / steps if log_det else None
+    out = LyapunovResult(
+        log_growth=lg if batched else lg[0],
+        renorm_every=re,
+        t_start=int(t0) + int(warmup) + n_align,
+        final_state=res.final_state if batched else res.final_state[0],
+        final_basis=res.tracker_states[0] if batched else res.tracker_states[0][0],
+        log_det=None if ld is None else (ld if batched else float(ld[0])),
         n_blocks=n_blocks,
-        info={"dim": dim, "dtype": str(vec.dtype), "k": int(k)},
+        info={
+            "dim": dim,
+            "dtype": str(batch.states.dtype),
+            "k": int(k),
+            "passes": int(res.attrs.get("passes", 1)),
+        },
     )
-    res.reasons = _reasons(lg)
-    _warn_spread(lg, vec.dtype)
-    return res
+    reasons = _reasons(lg, res.axes["renorm"], res.diverged_step)
+    out.reasons = reasons if batched else reasons[0]
+    _warn_spread(lg, batch.states.dtype)
+    return out
 
 
-def _in_passes(driver, step, x0, args, batch: int, checkpoint, kwargs) -> LyapunovResult:
-    """Run a batched driver on consecutive slices of ``batch`` rows and join the results."""
-    n = int(jax.tree_util.tree_leaves(x0)[0].shape[0])
-    parts = []
-    for i, a in enumerate(range(0, n, batch)):
-        sl = slice(a, min(a + batch, n))
-        parts.append(
-            driver(
-                step,
-                jax.tree_util.tree_map(lambda v, sl=sl: v[sl], x0),
-                args=None if args is None else jax.tree_util.tree_map(lambda v, sl=sl: v[sl], args),
-                checkpoint=pass_path(checkpoint, i) if checkpoint else None,
-                **kwargs,
-            )
-        )
-    first = parts[0]
-
-    def cat(name):
-        vals = [getattr(p, name) for p in parts]
-        return None if vals[0] is None else np.concatenate(vals, axis=0)
-
-    return dataclasses.replace(
-        first,
-        log_growth=cat("log_growth"),
-        final_state=cat("final_state"),
-        final_basis=cat("final_basis"),
-        log_det=cat("log_det"),
-        reasons=[r for p in parts for r in p.reasons],
-        info={**first.info, "passes": len(parts)},
-    )
-
-
-def _reasons(lg: np.ndarray):
-    def one(g):
+def _reasons(lg: np.ndarray, ends: np.ndarray, diverged_step: np.ndarray) -> list[str]:
+    """Why the exponents of each row are not finite ('' when they are): the state diverged, a
+    tangent overflowed or collapsed, or the step has no derivative there."""
+    out = []
+    finite = np.isfinite(lg).all(axis=(1, 2))
+    for g, div, ok in zip(lg, diverged_step, finite):
+        if ok:
+            out.append("")
+            continue
         bad = ~np.isfinite(g).all(axis=-1)
-        if not bad.any():
-            return ""
         i = int(np.argmax(bad))
-        return (
-            f"non-finite growth from renormalisation {i}: the state became non-finite, the "
-            "tangents overflowed or a tangent collapsed, or the step is not differentiable "
-            "there (e.g. Adam with eps_root = 0 at an exactly zero gradient entry)"
-        )
-
-    if lg.ndim == 2:
-        return one(lg)
-    return [one(g) for g in lg]
+        end = int(ends[i])
+        if div >= 0 and div <= end:
+            out.append(
+                f"non-finite growth from renormalisation {i}: the state became non-finite or "
+                f"left its bounds at step {int(div)}"
+            )
+        elif np.isposinf(g[i]).any():
+            out.append(
+                f"non-finite growth from renormalisation {i} (step {end}): a tangent overflowed; "
+                "lower renorm_every"
+            )
+        elif np.isneginf(g[i]).any():
+            out.append(
+                f"non-finite growth from renormalisation {i} (step {end}): a tangent collapsed "
+                "to zero (the step is not injective along it, e.g. k > the rank of the Jacobian)"
+            )
+        else:
+            out.append(
+                f"non-finite growth from renormalisation {i} (step {end}): the tangents became "
+                "NaN while the state stayed finite — the step is not differentiable there (e.g. "
+                "Adam with eps_root = 0 at an exactly zero gradient entry)"
+            )
+    return out
 
 
 def _warn_spread(lg: np.ndarray, dtype) -> None:
@@ -745,72 +462,90 @@ def twin_lyapunov(
     t0: int = 0,
     chunk_steps: int = 10_000,
     progress: bool = False,
+    checkpoint=None,
+    resume: bool = False,
     devices=None,
+    memory_limit=None,
 ) -> LyapunovResult:
     """The largest exponent from two trajectories (Benettin's finite-perturbation method).
 
     A perturbed copy at distance ``d0`` (Euclidean, over the float state) is evolved with the
-    reference; every ``renorm_every`` steps log(d/d0) is recorded and the copy is pulled
-    back to distance ``d0`` along the current difference.
+    reference as a second replica of the engine; every ``renorm_every`` steps log(d/d0) is
+    recorded and the copy is pulled back to distance ``d0`` along the current difference
+    (:class:`chaosjax.observers.TwinTracker`).
 
     Args:
         d0: separation; default √(machine ε)·max(rms(x0), 1) (1.5e-8 in float64). A warning
             is issued when ``d0`` is below the dtype's resolution.
-        devices: with ``batched=True``, the devices sharing the batch axis.
+        checkpoint, resume: as for :func:`lyapunov_spectrum`.
+        devices, memory_limit: with ``batched=True``, the devices sharing the batch axis and
+            the memory a device may use.
         Other arguments as for :func:`lyapunov_spectrum`.
 
     Returns:
         :class:`LyapunovResult` with ``method="twin"``; ``.exponent`` is the estimate.
     """
-    step, lay, vec, aux = _prepare(step, x0, batched, args)
+    from chaosjax.replicas import ReplicaBatch
+
+    step, batch, dim = _prepare(step, x0, batched, args)
     _check_run(steps, renorm_every)
-    scale = float(np.sqrt(np.mean(np.asarray(vec, np.float64) ** 2)))
-    eps = float(jnp.finfo(vec.dtype).eps)
+    _check_windows(warmup=warmup)
+    vec = np.asarray(batch.states, np.float64)
+    scale = float(np.sqrt(np.mean(vec**2)))
+    eps = float(jnp.finfo(batch.states.dtype).eps)
     if d0 is None:
         d0 = math.sqrt(eps) * max(scale, 1.0)
     d0 = float(d0)
     if not d0 > 0:
         raise ValueError(f"d0: must be > 0, got {d0!r}")
-    warn_if_below_resolution(d0, vec.dtype, max(scale, 1e-30), what="d0")
-    rows = _Rows(devices, batched, int(vec.shape[0]) if batched else 1)
-    vec, aux, args = rows.own(vec), rows.own(aux), rows.put(args)
-    key = jax.random.PRNGKey(0) if key is None else key
-    t = jnp.asarray(t0, jnp.int32)
-    vec, aux, t = _advance(
-        step, lay, args, vec, aux, t, int(warmup), batched, chunk_steps, progress, "warmup"
+    warn_if_below_resolution(d0, batch.states.dtype, max(scale, 1e-30), what="d0")
+    twin = TwinTracker(d0=d0, renorm_every=int(renorm_every), warmup=int(warmup), key=key_data(key))
+    n = len(batch)
+    pairs = np.repeat(np.arange(n), 2)
+    copy = jnp.asarray(batch.states)
+    if int(warmup) == 0:  # the copy starts at d0; after a warmup the observer places it
+        copy = copy + d0 * twin.direction(dim, copy.dtype)[None, :]
+    states = jnp.stack([batch.states, copy], axis=1).reshape(2 * n, dim)
+    pair_batch = ReplicaBatch(
+        states=states,
+        hparams=jax.tree_util.tree_map(lambda a: jnp.asarray(a)[pairs], batch.hparams),
+        reference=(2 * np.arange(n)).repeat(2).astype(np.int32),
+        coords={"member": np.tile([0, 1], n)},
+        carry=tuple(jnp.asarray(c)[pairs] for c in batch.carry),
+        layout=batch.layout,
     )
-    u = jax.random.normal(key, vec.shape[-1:], vec.dtype)
-    u = u / jnp.linalg.norm(u)
-    vp = vec + d0 * u
-    carry = (vec, aux, vp, jax.tree_util.tree_map(jnp.array, aux), t)  # distinct buffers
-    t_start = int(t)
-
-    def chunk(c, m):
-        return _twin_chunk_jit(
-            step, lay, args, c, n=m, renorm_every=renorm_every, d0=d0, batched=batched
-        )
-
-    carry, lg = run_chunks(
-        chunk,
-        carry,
-        steps // renorm_every,
-        max(1, chunk_steps // renorm_every),
+    total = int(warmup) + int(steps)
+    record_every, chunk = _cadence(total, chunk_steps, int(warmup))
+    res = _engine(
+        step,
+        pair_batch,
+        [twin],
+        batched=batched,
+        total=total,
+        t0=t0,
+        record_every=record_every,
+        chunk=chunk,
         progress=progress,
         desc="twin",
-        steps_per_unit=renorm_every,
+        checkpoint=checkpoint,
+        resume=resume,
+        devices=devices,
+        memory_limit=memory_limit,
     )
-    if batched:
-        lg = np.moveaxis(rows.trim(lg, 1), 0, 1)
-    res = LyapunovResult(
-        log_growth=lg,
+    lg = res.records["twin_log_growth"][1::2, :, None]
+    out = LyapunovResult(
+        log_growth=lg if batched else lg[0],
         renorm_every=int(renorm_every),
-        t_start=t_start,
-        final_state=rows.trim(gather(carry[0])),
+        t_start=int(t0) + int(warmup),
+        final_state=res.final_state[0::2] if batched else res.final_state[0],
         method="twin",
-        info={"d0": d0},
+        info={"d0": d0, "passes": int(res.attrs.get("passes", 1))},
     )
-    res.reasons = _reasons(lg)
-    return res
+    div = np.maximum(res.diverged_step[0::2], res.diverged_step[1::2])
+    div = np.where((res.diverged_step[0::2] < 0) & (res.diverged_step[1::2] < 0), -1, div)
+    reasons = _reasons(lg, res.axes["twin_renorm"], div)
+    out.reasons = reasons if batched else reasons[0]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -928,50 +663,56 @@ def local_growth_rates(
     """Nonlinear growth of random perturbations from chosen states.
 
     From each state, ``n_perturbations`` random perturbations of norm ``eps`` are evolved
-    with the reference for ``delta_t`` steps; the rate is ln(‖δ(Δt)‖/ε)/Δt (per step).
+    with the reference for ``delta_t`` steps (one replica run: a reference group per state);
+    the rate is ln(‖δ(Δt)‖/ε)/Δt (per step).
 
     Args:
-        step: ``step(x, t)`` on a flat array state.
+        step: ``step(x, t)`` (``step(x, t, args)`` with ``args``) on a flat array state.
         states: (n_states, dim) starting states (all at time ``t0``).
 
     Returns:
-        Rates of shape (n_states, n_perturbations), float64.
+        Rates of shape (n_states, n_perturbations), float64 (NaN where a replica diverged).
     """
-    step = as_traceable(step)
+    from chaosjax import engine
+    from chaosjax.replicas import ReplicaBatch
+
     x = jnp.atleast_2d(jnp.asarray(states))
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError("states: floating arrays required")
+    if int(n_perturbations) != n_perturbations or n_perturbations < 1:
+        raise ValueError(f"n_perturbations: must be a positive integer, got {n_perturbations!r}")
+    if int(delta_t) != delta_t or delta_t < 1:
+        raise ValueError(f"delta_t: must be a positive integer, got {delta_t!r}")
     warn_if_below_resolution(float(eps), x.dtype, float(jnp.sqrt(jnp.mean(x**2))), what="eps")
     key = jax.random.PRNGKey(0) if key is None else key
-    u = jax.random.normal(key, (x.shape[0], n_perturbations, x.shape[1]), x.dtype)
+    n, m = int(x.shape[0]), int(n_perturbations)
+    u = jax.random.normal(key, (n, m, x.shape[1]), x.dtype)
     u = eps * u / jnp.linalg.norm(u, axis=-1, keepdims=True)
-    rates = _growth_jit(step, args, x, u, int(delta_t), jnp.asarray(t0, jnp.int32))
-    return np.asarray(rates, np.float64)
-
-
-def _growth(step, args, x, u, delta_t, t0):
-    def f(v, t):
-        return step(v, t) if args is None else step(v, t, args)
-
-    def evolve(v):
-        def body(c, t):
-            return f(c, t), None
-
-        return jax.lax.scan(body, v, t0 + jnp.arange(delta_t, dtype=t0.dtype))[0]
-
-    ref = jax.vmap(evolve)(x)
-    pert = jax.vmap(jax.vmap(evolve))(x[:, None, :] + u)
-    d = jnp.linalg.norm(pert - ref[:, None, :], axis=-1)
-    return jnp.log(d / jnp.linalg.norm(u, axis=-1)) / delta_t
-
-
-_growth_jit = jax.jit(_growth, static_argnames=("delta_t",))
-
-
-def log_det_jacobian(step: Callable, x, t=0, args=None) -> jax.Array:
-    """log|det J| of the step at (x, t) from the dense Jacobian (small systems only)."""
-    f = (lambda v: step(v, t)) if args is None else (lambda v: step(v, t, args))
-    return jnp.linalg.slogdet(jax.jacfwd(f)(x))[1]
+    rows = jnp.concatenate([x[:, None, :], x[:, None, :] + u], axis=1).reshape(n * (m + 1), -1)
+    hp = {}
+    if args is not None:
+        hp = jax.tree_util.tree_map(
+            lambda a: jnp.broadcast_to(a, (n * (m + 1), *jnp.shape(a))), args
+        )
+    batch = ReplicaBatch(
+        states=rows,
+        hparams=hp,
+        reference=np.repeat((m + 1) * np.arange(n), m + 1).astype(np.int32),
+        coords={"member": np.tile(np.arange(m + 1), n)},
+    )
+    res = engine.run(
+        step,
+        batch,
+        steps=int(delta_t),
+        record_every=int(delta_t),
+        observables=("distance_l2",),
+        t0=int(t0),
+        progress=False,
+    )
+    d = res.records["distance_l2"][:, -1].reshape(n, m + 1)[:, 1:]
+    norms = np.asarray(jnp.linalg.norm(u, axis=-1), np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(d / norms) / int(delta_t)
 
 
 __all__ = [
@@ -985,6 +726,7 @@ __all__ = [
     "max_lyapunov",
     "qr_renormalize",
     "random_basis",
+    "tangent_memory",
     "tangent_step",
     "twin_lyapunov",
 ]

@@ -264,13 +264,19 @@ class ResponseTracker(NamedTuple):
     * ``ntk_layer_amplitude`` (layers,): A(t) split by parameter layer — for one hidden
       layer the last entry is the output-layer (feature-kernel) term and the first the
       hidden-layer term (see :func:`one_hidden_layer_ntk_terms`).
+
+    ``rows``: the replicas tracked, ``"all"`` or ``"references"`` (NaN rows for the others).
     """
 
     n_probes: int = 32
+    rows: str = "all"
 
     NAMES = ("ntk_amplitude", "ntk_shape_corr", "ntk_pr", "feature_pr", "ntk_layer_amplitude")
+    DIMS = (("ntk_layer_amplitude", ("layer",)),)  # extra dims of the records
 
     def validate(self, tmap) -> None:
+        if self.rows not in ("all", "references"):
+            raise ValueError(f"rows: unknown {self.rows!r}; allowed: all, references")
         n = int(tmap.data["x_train"].shape[0])
         if int(self.n_probes) != self.n_probes or not 2 <= self.n_probes <= n:
             raise ValueError(f"n_probes: must be an integer in [2, {n}], got {self.n_probes!r}")

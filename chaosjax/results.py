@@ -21,17 +21,10 @@ import xarray as xr
 
 from chaosjax._util import dumps
 
-#: extra dimension names of known records (beyond replica, step).
-RECORD_DIMS = {
+#: extra dimension names of the engine's own observables (trackers declare theirs: ``DIMS``).
+OBSERVABLE_DIMS = {
     "layer_distance": ("layer",),
     "layer_distance_l1": ("layer",),
-    "top_layer_mass": ("layer",),
-    "ntk_layer_amplitude": ("layer",),
-    "sharpness": ("eig",),
-    "subspace_angle": ("eig",),
-    "grad_overlap": ("eig",),
-    "update_overlap": ("eig",),
-    "eig_residual": ("eig",),
 }
 
 
@@ -39,15 +32,29 @@ RECORD_DIMS = {
 class ReplicaResults:
     """Recorded observables of a replica run.
 
+    Every record has a leading replica axis and a time axis: ``step`` (the record cadence,
+    steps t0, t0 + record_every, …) unless its ``dims`` name another axis (an observer's own
+    cadence, e.g. ``renorm`` for per-renormalisation log growth or ``distance_step`` for
+    distances recorded every step), whose steps are in ``axes``.
+
     Attributes:
         steps: record times, shape (n_records,).
-        records: {name: array (replicas, n_records, ...)} (NaN after a replica diverged).
-        final_state: states after the last step, shape (replicas, dim).
+        records: {name: array (replicas, n_times, ...)} (NaN after a replica diverged, and for
+            replicas an observer does not track).
+        final_state: states after the last step, shape (replicas, dim) (the dynamical float
+            coordinates).
         diverged_step: (replicas,) step at which a replica diverged, −1 if it never did.
         coords: {name: array (replicas,)} per-replica labels (seed, learning_rate, eps, member,
             reference, …).
         layer_names: names of the layers of ``layer_distance`` records.
         attrs: JSON-serialisable metadata (config, versions, device, dtype, runtime).
+        dims: {name: (time axis, *extra dims)} for records not on ``("step", ...)``.
+        axes: {time axis: steps} of every time axis other than ``step``.
+        final_carry: the carried leaves of the final states (integer counters, keys, running
+            statistics), each with a leading replica axis; empty when nothing is carried.
+        transient: names of records kept in memory but not written to stores (e.g. the R
+            factors of a CLV forward pass).
+        tracker_states: the observers' final states (host arrays, replica rows; not stored).
     """
 
     steps: np.ndarray
@@ -57,6 +64,11 @@ class ReplicaResults:
     coords: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     layer_names: tuple[str, ...] = ()
     attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dims: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    axes: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    final_carry: tuple = ()
+    transient: tuple[str, ...] = ()
+    tracker_states: list = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def n_replicas(self) -> int:
@@ -66,16 +78,39 @@ class ReplicaResults:
     def diverged(self) -> np.ndarray:
         return self.diverged_step >= 0
 
+    def dims_of(self, name: str) -> tuple[str, ...]:
+        """(time axis, *extra dims) of a record."""
+        if name in self.dims:
+            return tuple(self.dims[name])
+        arr = self.records[name]
+        extra = OBSERVABLE_DIMS.get(name, ())
+        extra = extra + tuple(f"{name}_{i}" for i in range(arr.ndim - 2 - len(extra)))
+        return ("step", *extra)
+
+    def steps_of(self, name: str) -> np.ndarray:
+        """The steps of a record's time axis (``steps`` for records at the record cadence)."""
+        if name not in self.records:
+            raise ValueError(f"{name}: not recorded; recorded: {sorted(self.records)}")
+        axis = self.dims_of(name)[0]
+        return np.asarray(self.steps if axis == "step" else self.axes[axis])
+
     def to_xarray(self) -> xr.Dataset:
-        """An ``xarray.Dataset`` with dims ``replica``, ``step`` (and ``layer``, ``dim``)."""
+        """An ``xarray.Dataset`` with dims ``replica``, ``step`` (and every other time axis,
+        ``layer``, ``dim``); transient records are left out."""
         data_vars = {}
         for name, arr in self.records.items():
-            dims = ("replica", "step", *RECORD_DIMS.get(name, ()))
-            dims = dims + tuple(f"{name}_{i}" for i in range(arr.ndim - len(dims)))
-            data_vars[name] = (dims, np.asarray(arr))
+            if name in self.transient:
+                continue
+            data_vars[name] = (("replica", *self.dims_of(name)), np.asarray(arr))
         data_vars["final_state"] = (("replica", "dim"), np.asarray(self.final_state))
         data_vars["diverged_step"] = (("replica",), np.asarray(self.diverged_step, np.int64))
+        for i, leaf in enumerate(self.final_carry):
+            leaf = np.asarray(leaf)
+            dims = ("replica", *(f"final_carry_{i}_{j}" for j in range(leaf.ndim - 1)))
+            data_vars[f"final_carry_{i}"] = (dims, leaf)
         coords = {"replica": np.arange(self.n_replicas), "step": np.asarray(self.steps, np.int64)}
+        for axis, st in self.axes.items():
+            coords[axis] = np.asarray(st, np.int64)
         for k, v in self.coords.items():
             coords[k] = ("replica", np.asarray(v))
         if "learning_rate" in self.coords and "eta" not in self.coords:
@@ -90,7 +125,23 @@ class ReplicaResults:
     @classmethod
     def from_xarray(cls, ds: xr.Dataset) -> ReplicaResults:
         skip = {"final_state", "diverged_step"}
-        records = {k: np.asarray(v.values) for k, v in ds.data_vars.items() if k not in skip}
+        carry_names = sorted(
+            (k for k in ds.data_vars if str(k).startswith("final_carry_")),
+            key=lambda k: int(str(k).rsplit("_", 1)[1]),
+        )
+        records, dims = {}, {}
+        for k, v in ds.data_vars.items():
+            if k in skip or k in carry_names:
+                continue
+            records[k] = np.asarray(v.values)
+            if len(v.dims) >= 2 and v.dims[1] != "step":
+                dims[k] = tuple(v.dims[1:])
+        axes = {
+            str(d): np.asarray(ds[d].values)
+            for d in ds.dims
+            if d not in ("replica", "step")
+            and any(len(v.dims) >= 2 and v.dims[1] == d for v in ds.data_vars.values())
+        }
         coords = {
             k: np.asarray(v.values)
             for k, v in ds.coords.items()
@@ -115,6 +166,9 @@ class ReplicaResults:
             coords=coords,
             layer_names=layers,
             attrs=attrs,
+            dims=dims,
+            axes=axes,
+            final_carry=tuple(np.asarray(ds[k].values) for k in carry_names),
         )
 
     def save(self, path: str | os.PathLike, groups: dict[str, xr.Dataset] | None = None) -> Path:
@@ -145,13 +199,26 @@ class ReplicaResults:
 
 def _reg_results():
     def flatten(r):
-        return (r.steps, r.records, r.final_state, r.diverged_step, r.coords), (
-            r.layer_names,
-            dumps(r.attrs),
-        )
+        children = (r.steps, r.records, r.final_state, r.diverged_step, r.coords, r.axes)
+        children += (r.final_carry,)
+        aux = (r.layer_names, dumps(r.attrs), tuple(sorted(r.dims.items())), r.transient)
+        return children, aux
 
     def unflatten(aux, children):
-        return ReplicaResults(*children, layer_names=aux[0], attrs=json.loads(aux[1]))
+        steps, records, final_state, diverged_step, coords, axes, final_carry = children
+        return ReplicaResults(
+            steps,
+            records,
+            final_state,
+            diverged_step,
+            coords,
+            layer_names=aux[0],
+            attrs=json.loads(aux[1]),
+            dims=dict(aux[2]),
+            axes=axes,
+            final_carry=final_carry,
+            transient=aux[3],
+        )
 
     jax.tree_util.register_pytree_node(ReplicaResults, flatten, unflatten)
 
@@ -200,8 +267,17 @@ def write_zarr_atomic(
     return path
 
 
+def _time_axis(ds: xr.Dataset, name) -> str | None:
+    """The time axis of a variable (its second dim when that is a coordinate of steps)."""
+    dims = ds[name].dims
+    if len(dims) > 1 and dims[0] == "replica" and dims[1] in ds.coords:
+        return str(dims[1])
+    return None
+
+
 class ZarrStream:
-    """Append each chunk's records along ``step`` to a zarr store while a run goes on."""
+    """Append each chunk of a running experiment to a zarr store: records along their time
+    axes, and the latest final states and divergence flags in place."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -218,12 +294,21 @@ class ZarrStream:
             self.reset()
             ds.to_zarr(self.path, mode="w", consolidated=False, zarr_format=2)
             self.started = True
-        else:
-            step_vars = [k for k, v in ds.data_vars.items() if "step" in v.dims]
-            ds[step_vars].drop_vars(
-                [c for c in ds.coords if c != "step" and "step" not in ds[c].dims],
-                errors="ignore",  # coordinates of variables without a step axis are absent
-            ).to_zarr(self.path, append_dim="step", consolidated=False)
+            return
+        by_axis: dict[str, list] = {}
+        fixed = []
+        for name in ds.data_vars:
+            axis = _time_axis(ds, name)
+            (by_axis.setdefault(axis, []) if axis else fixed).append(name)
+        for axis, names in by_axis.items():
+            if ds.sizes[axis] == 0:
+                continue
+            part = ds[names]
+            part = part.drop_vars([c for c in part.coords if c != axis])
+            part.to_zarr(self.path, append_dim=axis, consolidated=False)
+        if fixed:  # the latest states and divergence flags replace the earlier ones
+            part = ds[fixed]
+            part.drop_vars(list(part.coords)).to_zarr(self.path, mode="a", consolidated=False)
 
 
 __all__ = ["ReplicaResults", "ZarrStream", "open_group", "open_store", "write_zarr_atomic"]

@@ -622,6 +622,12 @@ class TrainingMap:
             new_params = optax.apply_updates(params, updates)
             return self._flat(new_params, new_opt).astype(state.dtype), loss
 
+    def flow(self, x, carry, t, hparams):
+        """The engine's form of one step: ``(x, carry, t, hparams) -> (x', carry', loss)``,
+        ``x`` the dynamical coordinates (dim,), ``carry`` the carried leaves (none here)."""
+        new, loss = self.step_and_loss(x, t, hparams)
+        return new, carry, loss
+
     def step_with(self, state, t, hparams) -> jax.Array:
         """One step with explicit hyper-parameters (a dict of arrays; vmappable)."""
         return self.step_and_loss(state, t, hparams)[0]

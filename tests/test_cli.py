@@ -25,6 +25,12 @@ TINY = [
     "data.n_samples=40",
     "--set",
     "model.hidden=[8]",
+    "--set",
+    "clv.align=10",
+    "--set",
+    "clv.steps=20",
+    "--set",
+    "clv.backward_transient=10",
 ]
 
 
@@ -66,9 +72,9 @@ def test_presets_listed(capsys):
 
 
 def test_config_prints_resolved_toml(capsys):
-    assert main(["config", "--set", "steps=30", "--set", "record_every=5"]) == 0
+    assert main(["config", "--set", "steps=40", "--set", "record_every=5", *TINY[-6:]]) == 0
     out = capsys.readouterr().out
-    assert "steps = 30" in out and "[training]" in out
+    assert "steps = 40" in out and "[training]" in out
 
 
 @pytest.mark.parametrize(
@@ -203,27 +209,30 @@ def test_killed_run_resumes_to_the_same_arrays(tmp_path):
         np.testing.assert_array_equal(a.records[k], b.records[k])
 
 
-def test_stored_exponents_equal_the_api(tmp_path):
-    import jax.numpy as jnp
-
-    from chaosjax import lyapunov_spectrum
-    from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+def test_report_describes_the_recorded_trajectory(tmp_path):
+    """Every table of a replica describes one trajectory: the Lyapunov and CLV groups carry the
+    loss of the states their tangents were linearised at, equal to the recorded loss of the
+    reference replica to the last bit — at a chaotic η, where a second integration would part
+    from the recorded run within a few hundred steps."""
     from chaosjax.results import open_group
 
-    overrides = [a for a in TINY if a != "--set"] + ["lyapunov.k=3", "lyapunov.ftle_window=20"]
-    args = [x for o in overrides for x in ("--set", o)]
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--quiet", *args]) == 0
-    ds = open_group(out / "results.zarr", "lyapunov")
-    assert ds["exponents"].shape == (4, 3) and ds["ftle"].shape == (4, 2, 3)
-    cfg = load_config(None, overrides)
-    tmap = build_training_map(cfg)
-    g = 2
-    lr = float(ds["learning_rate"].values[g])
-    res = lyapunov_spectrum(tmap.replace(learning_rate=lr).step, tmap.init(), k=3, steps=cfg.steps)
-    np.testing.assert_allclose(ds["exponents"].values[g], res.exponents, rtol=1e-9, atol=1e-12)
-    assert jnp.isfinite(ds["stderr"].values).all()
+    args = ["--set", "training.learning_rates=[4.0]", "--set", "steps=400",
+            "--set", "lyapunov.k=3", "--set", "clv.steps=200", "--set", "clv.align=50",
+            "--set", "clv.backward_transient=100", "--set", "chunk_steps=100"]  # fmt: skip
+    assert main(["run", "--out", str(out), "--quiet", *TINY[:12], *args]) == 0
+    res = ReplicaResults.load(out / "results.zarr")
+    refs = np.flatnonzero(res.coords["member"] == 0)
+    for group in ("lyapunov", "clv"):
+        ds = open_group(out / "results.zarr", group)
+        np.testing.assert_array_equal(ds["loss"].values, res.records["loss"][refs])
+        np.testing.assert_array_equal(ds["step"].values, res.steps)
+    ly = open_group(out / "results.zarr", "lyapunov")
+    assert ly["exponents"].shape == (1, 3) and float(ly["exponents"].values[0, 0]) > 0  # chaotic
+    # the table's exponents are the stored tangents' log growth, averaged
+    lg = res.records["log_growth"][refs][:, :, :3]
+    np.testing.assert_allclose(ly["exponents"].values, lg.mean(axis=1), rtol=1e-12)
+    assert np.isnan(res.records["log_growth"][res.coords["member"] > 0]).all()  # not tracked
 
 
 def test_clv_stage_in_run(tmp_path):
@@ -232,11 +241,17 @@ def test_clv_stage_in_run(tmp_path):
     out = tmp_path / "run"
     extra = [
         "--set",
+        "steps=80",
+        "--set",
+        "record_every=4",
+        "--set",
+        "chunk_steps=40",
+        "--set",
         "clv.enabled=true",
         "--set",
         "clv.k=2",
         "--set",
-        "clv.align=10",
+        "clv.align=12",
         "--set",
         "clv.steps=40",
         "--set",
@@ -246,7 +261,7 @@ def test_clv_stage_in_run(tmp_path):
         "--set",
         "instability.enabled=false",  # its phases need the Lyapunov stage
     ]
-    assert main(["run", "--out", str(out), "--quiet", *TINY, *extra]) == 0
+    assert main(["run", "--out", str(out), "--quiet", *TINY[6:14], *extra]) == 0
     ds = open_group(out / "results.zarr", "clv")
     assert ds["exponents"].shape == (4, 2) and ds["min_angle_deg"].shape == (4, 40)
     assert (out / "figures" / "clv_angles.png").exists()
@@ -255,6 +270,10 @@ def test_clv_stage_in_run(tmp_path):
     assert np.all((ov[np.isfinite(ov)] >= 0) & (ov[np.isfinite(ov)] <= 1 + 1e-9))
     text = (out / "summary.md").read_text()
     assert "## Covariant Lyapunov vectors" in text and "## Lyapunov exponents" not in text
+    # the window lies inside the run: a window that does not fit is refused with the numbers
+    code = main(["run", "--out", str(tmp_path / "r2"), *TINY[6:14], *extra, "--set", "steps=60"])
+    assert code == 2
+    assert (tmp_path / "r2").exists() is False
 
 
 def test_stage_dependencies_are_checked(capsys, tmp_path):

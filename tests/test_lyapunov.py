@@ -314,32 +314,58 @@ def test_danovski_iris_regimes():
             assert np.median(lams) > 0.01
 
 
-def test_interrupted_spectrum_resumes_to_the_same_arrays(tmp_path, monkeypatch):
-    import chaosjax.lyapunov as lyap
+def _interrupt_engine(monkeypatch, at_call: int):
+    """Make the engine's 4th chunk call raise KeyboardInterrupt; returns the undo."""
+    import chaosjax.engine as eng
 
-    h = systems.henon()
-    kw = dict(k=2, steps=600, warmup=10, chunk_steps=100)
-    whole = lyapunov_spectrum(h.step, h.x0, **kw)
-    real = lyap._qr_chunk_jit
+    real = eng._chunk_jit
     calls = {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == at_call:
             raise KeyboardInterrupt
         return real(*a, **k)
 
+    monkeypatch.setattr(eng, "_chunk_jit", flaky)
+    return lambda: monkeypatch.setattr(eng, "_chunk_jit", real)
+
+
+@pytest.mark.parametrize("driver", ["spectrum", "twin", "clv"])
+def test_interrupted_drivers_resume_to_the_same_arrays(tmp_path, monkeypatch, driver):
+    """Every driver runs on the engine: its checkpoint resumes bitwise (twin and CLV had no
+    resume before)."""
+    from chaosjax.clv import covariant_lyapunov_vectors
+
+    h = systems.henon()
+    if driver == "spectrum":
+        kw = dict(k=2, steps=600, warmup=10, chunk_steps=100)
+        run = lyapunov_spectrum
+    elif driver == "twin":
+        kw = dict(steps=600, warmup=10, chunk_steps=100)
+        run = twin_lyapunov
+    else:
+        kw = dict(k=2, steps=400, warmup=10, align=50, backward_transient=100, keep_every=40,
+                  chunk_steps=100)  # fmt: skip
+        run = covariant_lyapunov_vectors
+    whole = run(h.step, h.x0, **kw)
+    undo = _interrupt_engine(monkeypatch, 4)
     ck = tmp_path / "ly.npz"
-    monkeypatch.setattr(lyap, "_qr_chunk_jit", flaky)
     with pytest.raises(KeyboardInterrupt):
-        lyapunov_spectrum(h.step, h.x0, checkpoint=ck, **kw)
-    monkeypatch.setattr(lyap, "_qr_chunk_jit", real)
+        run(h.step, h.x0, checkpoint=ck, **kw)
+    undo()
     assert ck.exists()
-    resumed = lyapunov_spectrum(h.step, h.x0, checkpoint=ck, resume=True, **kw)
-    np.testing.assert_array_equal(resumed.log_growth, whole.log_growth)
-    np.testing.assert_array_equal(resumed.final_basis, whole.final_basis)
-    with pytest.raises(ValueError, match="different computation"):
-        lyapunov_spectrum(h.step, h.x0, checkpoint=ck, resume=True, **{**kw, "k": 1})
+    resumed = run(h.step, h.x0, checkpoint=ck, resume=True, **kw)
+    if driver == "clv":
+        np.testing.assert_array_equal(resumed.vectors, whole.vectors)
+        np.testing.assert_array_equal(resumed.local_growth, whole.local_growth)
+    else:
+        np.testing.assert_array_equal(resumed.log_growth, whole.log_growth)
+        np.testing.assert_array_equal(resumed.final_state, whole.final_state)
+    if driver == "spectrum":
+        np.testing.assert_array_equal(resumed.final_basis, whole.final_basis)
+        with pytest.raises(ValueError, match="different run"):
+            run(h.step, h.x0, checkpoint=ck, resume=True, **{**kw, "k": 1})
 
 
 def test_adam_on_relu_network_has_finite_tangents():

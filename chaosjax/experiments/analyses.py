@@ -9,7 +9,7 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
-from chaosjax.experiments.config import ConfigError, ExperimentConfig
+from chaosjax.experiments.config import ExperimentConfig
 
 
 def reference_groups(batch) -> np.ndarray:
@@ -27,35 +27,60 @@ def group_coords(batch, refs) -> dict:
     }
 
 
-def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, progress: bool):
-    """Top-k spectrum, FTLEs and the replica-distance fit for every reference run."""
+def tangent_tracker(cfg: ExperimentConfig):
+    """The one :class:`chaosjax.LyapunovTracker` of a run (None when no stage needs tangents).
 
-    from chaosjax.lyapunov import best_window_fit, lyapunov_spectrum
+    It serves the Lyapunov stage (exponents and FTLEs from ``lyapunov.warmup``), the CLV stage
+    (its R factors and bases over the CLV window: the top-left blocks of the same QR process)
+    and the control stage (λ1 over the last ``control.lyapunov_steps`` steps): k is the
+    largest k asked for, and every number comes from the tangents of the recorded run.
+    """
+    import math
+
+    from chaosjax.observers import CLVWindow, LyapunovTracker
+
+    ly, c, ctl = cfg.lyapunov, cfg.clv, cfg.control
+    if not (ly.enabled or c.enabled or ctl.enabled):
+        return None
+    k = max(ly.k if ly.enabled else 1, c.k if c.enabled else 1)
+    if ly.enabled:
+        warmup = ly.warmup
+    elif c.enabled:
+        warmup = 0
+    else:
+        warmup = cfg.steps - ctl.lyapunov_steps
+    if c.enabled and not ly.enabled and ctl.enabled:
+        warmup = min(c.align, cfg.steps - ctl.lyapunov_steps)
+        warmup -= warmup % cfg.record_every
+    window = None
+    if c.enabled:
+        re = ly.renorm_every
+        n = c.steps or cfg.steps - c.align - c.backward_transient
+        unit = math.lcm(cfg.record_every, re)
+        keep = c.keep_every or unit * max(1, n // 10 // unit)
+        window = CLVWindow(c.align, n, c.backward_transient, keep)
+    return LyapunovTracker(
+        k=k, renorm_every=ly.renorm_every, warmup=warmup, rows="references", clv=window
+    )
+
+
+def lyapunov_stage(cfg: ExperimentConfig, batch, results):
+    """Top-k spectrum, FTLEs and the replica-distance fit of every reference run, from the
+    tangents the run carried along its recorded trajectory."""
+    from chaosjax.lyapunov import LyapunovResult, _reasons, best_window_fit
 
     ly = cfg.lyapunov
-    if ly.k > tmap.dim:
-        raise ConfigError(f"lyapunov.k: must be <= the state dimension {tmap.dim}, got {ly.k}")
-    steps = ly.steps or cfg.steps
     refs = reference_groups(batch)
-    states = batch.states[refs]
-    hp = {k: v[refs] for k, v in batch.hparams.items()}
-    res = lyapunov_spectrum(
-        tmap.step_with,
-        states,
-        k=ly.k,
-        steps=steps,
-        warmup=ly.warmup,
-        renorm_every=ly.renorm_every,
-        batched=True,
-        args=hp,
-        progress=progress,
-        chunk_steps=max(ly.renorm_every, 500 - 500 % ly.renorm_every),
-        checkpoint=folder / "lyapunov_checkpoint.npz",
-        resume=True,
-        devices=cfg.scale.devices or None,
-        memory_limit=cfg.scale.memory_limit or None,
-    )
-    lr = np.asarray(hp["learning_rate"], np.float64)
+    t0 = int(results.steps[0])
+    t_start = t0 + ly.warmup
+    stop = t_start + (ly.steps or cfg.steps - ly.warmup)
+    ends = np.asarray(results.axes["renorm"])
+    sel = (ends > t_start) & (ends <= stop)
+    lg = results.records["log_growth"][refs][:, sel, : ly.k]
+    res = LyapunovResult(log_growth=lg, renorm_every=ly.renorm_every, t_start=t_start)
+    steps = int(sel.sum()) * ly.renorm_every
+    reasons = _reasons(lg, ends[sel], results.diverged_step[refs])
+    lr = np.asarray(batch.hparams["learning_rate"], np.float64)[refs]
     window = min(ly.ftle_window, steps - steps % ly.renorm_every)
     window -= window % ly.renorm_every
     ftle = res.ftle(window)
@@ -70,7 +95,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
         if "distance_l1" in results.records and pert.any():
             fits.append(
                 best_window_fit(
-                    results.steps,
+                    results.steps_of("distance_l1"),
                     results.records["distance_l1"][pert],
                     starts=starts,
                     widths=widths,
@@ -79,26 +104,29 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
         else:
             fits.append(None)
     nan = float("nan")
-    reasons = res.reasons if isinstance(res.reasons, list) else [res.reasons]
-    ds = xr.Dataset(
-        {
-            "exponents": (("group", "exponent"), res.exponents),
-            "stderr": (("group", "exponent"), res.stderr),
-            "per_eta_t": (("group", "exponent"), res.exponents / lr[:, None]),
-            "ftle": (("group", "window", "exponent"), ftle),
-            "running_lambda1": (("group", "renorm"), res.running[..., 0]),
-            "fit_slope": (("group",), [f.slope if f else nan for f in fits]),
-            "fit_r2": (("group",), [f.r2 if f else nan for f in fits]),
-            "fit_intercept": (("group",), [f.intercept if f else nan for f in fits]),
-            "fit_start": (("group",), [f.start if f else -1 for f in fits]),
-            "fit_stop": (("group",), [f.stop if f else -1 for f in fits]),
-            "reason": (("group",), np.asarray([r or "" for r in reasons], dtype=str)),
-        },
+    data = {
+        "exponents": (("group", "exponent"), res.exponents),
+        "stderr": (("group", "exponent"), res.stderr),
+        "per_eta_t": (("group", "exponent"), res.exponents / lr[:, None]),
+        "ftle": (("group", "window", "exponent"), ftle),
+        "running_lambda1": (("group", "renorm"), res.running[..., 0]),
+        "fit_slope": (("group",), [f.slope if f else nan for f in fits]),
+        "fit_r2": (("group",), [f.r2 if f else nan for f in fits]),
+        "fit_intercept": (("group",), [f.intercept if f else nan for f in fits]),
+        "fit_start": (("group",), [f.start if f else -1 for f in fits]),
+        "fit_stop": (("group",), [f.stop if f else -1 for f in fits]),
+        "reason": (("group",), np.asarray(reasons, dtype=str)),
+    }
+    if "tangent_loss" in results.records:  # the loss of the trajectory the tangents followed
+        data["loss"] = (("group", "step"), results.records["tangent_loss"][refs])
+    return xr.Dataset(
+        data,
         coords={
             **group_coords(batch, refs),
             "exponent": np.arange(1, ly.k + 1),
             "window_end": ("window", res.ftle_times(window)),
             "renorm_end": ("renorm", res.times),
+            "step": np.asarray(results.steps),
         },
         attrs={
             "steps": steps,
@@ -106,58 +134,61 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pr
             "renorm_every": ly.renorm_every,
             "warmup": ly.warmup,
             "ftle_window": window,
-            "t_start": res.t_start,
+            "t_start": t_start,
         },
     )
-    return ds
 
 
-def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
-    """Covariant Lyapunov vectors of every reference run: exponents, angles, layer masses."""
+def clv_stage(cfg: ExperimentConfig, tmap, batch, results):
+    """Covariant Lyapunov vectors of every reference run from the forward pass its tangents
+    made inside the run: exponents, angles, layer masses, Hessian overlap."""
     import math
 
-    from chaosjax.clv import clv_layer_mass, covariant_lyapunov_vectors
+    import jax
+
+    from chaosjax.clv import clv_layer_mass, from_forward
 
     c = cfg.clv
-    if c.k > tmap.dim:
-        raise ConfigError(f"clv.k: must be <= the state dimension {tmap.dim}, got {c.k}")
-    steps = c.steps or cfg.steps
+    tracker = tangent_tracker(cfg)
+    window = tracker.clv
     refs = reference_groups(batch)
-    hp = {k: v[refs] for k, v in batch.hparams.items()}
-    res = covariant_lyapunov_vectors(
-        tmap.step_with,
-        batch.states[refs],
+    re = tracker.renorm_every
+    n_keep = window.steps // re
+    kept = np.arange(0, n_keep, window.keep_every // re)
+    res = from_forward(
+        results.records["clv_r"][refs],
+        results.records["clv_basis"][refs],
+        results.records["clv_state"][refs],
+        n_keep=n_keep,
+        kept=kept,
+        renorm_every=re,
+        t_start=int(results.steps[0]) + window.start,
+        key=jax.random.split(jax.random.PRNGKey(0))[1],
         k=c.k,
-        steps=steps,
-        align=c.align,
-        backward_transient=c.backward_transient,
-        keep_every=c.keep_every or None,
-        batched=True,
-        args=hp,
         tangency_threshold=math.radians(c.tangency_deg),
-        progress=progress,
-        chunk_steps=500,
-        devices=cfg.scale.devices or None,
     )
     mass = clv_layer_mass(res.vectors, tmap.layers, tmap.n_params)
     names = list(mass)
     overlap = hessian_overlap(tmap, res, c.k)
+    data = {
+        "exponents": (("group", "exponent"), res.exponents),
+        "qr_exponents": (("group", "exponent"), res.qr_exponents),
+        "min_angle_deg": (("group", "time"), np.degrees(res.angles)),
+        "near_tangencies": (("group",), np.asarray(res.near_tangencies)),
+        "layer_mass": (
+            ("group", "kept", "part", "exponent"),
+            np.stack([mass[n] for n in names], axis=2),
+        ),
+        "angle_matrix_deg": (
+            ("group", "kept", "exponent", "exponent2"),
+            np.degrees(res.angle_matrix),
+        ),
+        "hessian_overlap": (("group", "kept", "exponent"), overlap),
+    }
+    if "tangent_loss" in results.records:  # the loss of the trajectory the tangents followed
+        data["loss"] = (("group", "step"), results.records["tangent_loss"][refs])
     return xr.Dataset(
-        {
-            "exponents": (("group", "exponent"), res.exponents),
-            "qr_exponents": (("group", "exponent"), res.qr_exponents),
-            "min_angle_deg": (("group", "time"), np.degrees(res.angles)),
-            "near_tangencies": (("group",), np.asarray(res.near_tangencies)),
-            "layer_mass": (
-                ("group", "kept", "part", "exponent"),
-                np.stack([mass[n] for n in names], axis=2),
-            ),
-            "angle_matrix_deg": (
-                ("group", "kept", "exponent", "exponent2"),
-                np.degrees(res.angle_matrix),
-            ),
-            "hessian_overlap": (("group", "kept", "exponent"), overlap),
-        },
+        data,
         coords={
             **group_coords(batch, refs),
             "exponent": np.arange(1, c.k + 1),
@@ -165,12 +196,13 @@ def clv_stage(cfg: ExperimentConfig, tmap, batch, progress: bool):
             "time_step": ("time", res.all_times),
             "kept_step": ("kept", res.times),
             "part": np.asarray(names, dtype=str),
+            "step": np.asarray(results.steps),
         },
         attrs={
-            "steps": steps,
+            "steps": window.steps,
             "k": c.k,
             "tangency_deg": c.tangency_deg,
-            "backward_transient": c.backward_transient,
+            "backward_transient": window.transient,
             "t_start": res.t_start,
         },
     )
@@ -258,6 +290,7 @@ def curvature_tracker(cfg: ExperimentConfig):
     c = cfg.curvature
     return CurvatureTracker(
         k=c.k,
+        rows="references",
         operator=c.operator,
         mode=c.mode,
         subset=c.subset or None,

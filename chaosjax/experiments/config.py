@@ -124,8 +124,8 @@ class ScaleConfig:
 class LyapunovConfig:
     enabled: bool = fld(True, "compute tangent-space exponents of each (seed, η) reference run")
     k: int = fld(4, "number of exponents (top-k spectrum)", lo=1)
-    steps: int = fld(0, "accumulated steps from t = warmup; 0 = the run's steps", lo=0)
-    warmup: int = fld(0, "steps advanced before the tangents start", lo=0)
+    steps: int = fld(0, "accumulated steps from t = warmup; 0 = to the end of the run", lo=0)
+    warmup: int = fld(0, "steps of the run before its tangents start", lo=0)
     renorm_every: int = fld(1, "steps between QR renormalisations", lo=1)
     ftle_window: int = fld(100, "window of the finite-time exponents (steps)", lo=1)
     fit_starts: tuple[int, ...] = fld(
@@ -236,14 +236,22 @@ class CLVConfig:
     enabled: bool = fld(False, "compute covariant Lyapunov vectors of each (seed, η) reference run")
     k: int = fld(4, "number of covariant vectors", lo=1)
     steps: int = fld(
-        0, "steps over which CLVs are computed, from t = align; 0 = the run's steps", lo=0
+        0,
+        "steps over which CLVs are computed, from t = align; 0 = the rest of the run before the backward transient",
+        lo=0,
     )
-    align: int = fld(100, "forward QR steps before the kept range", lo=0)
+    align: int = fld(
+        100,
+        "start of the kept range: the run's tangents (lyapunov.renorm_every) align until then; a multiple of record_every, >= lyapunov.warmup",
+        lo=0,
+    )
     backward_transient: int = fld(
-        200, "extra forward steps iterated backwards to converge the CLVs", lo=0
+        200, "steps of the run after the kept range, iterated backwards to converge the CLVs", lo=0
     )
     keep_every: int = fld(
-        0, "store vectors every this many steps; 0 = 10 evenly spaced times", lo=0
+        0,
+        "store vectors every this many steps (a multiple of record_every); 0 = about 10 evenly spaced records",
+        lo=0,
     )
     tangency_deg: float = fld(
         1.0, "angles below this (degrees) count as near-tangencies", positive=True
@@ -285,7 +293,7 @@ class ControlConfig:
         0.0, "regression: report the first step the test loss falls below this; 0 = off", lo=0.0
     )
     lyapunov_steps: int = fld(
-        200, "steps of the λ1 estimate, continuing every reference run from its final state", lo=1
+        200, "λ1 over the last this many steps of every run (its own tangents)", lo=1
     )
     spike_factor: float = fld(2.0, "episodes: loss above this × its running minimum", lo=1.0)
     recover_factor: float = fld(
@@ -363,6 +371,7 @@ class ExperimentConfig:
                 raise ConfigError(
                     "control.enabled: needs training.schedule = 'constant' (the controllers set η)"
                 )
+        self._check_tangent_windows()
         if self.prediction.enabled and not self.lyapunov.enabled:
             raise ConfigError("prediction.enabled: needs lyapunov.enabled = true (the early FTLE)")
         for name in ("fit_starts", "fit_widths"):
@@ -372,6 +381,61 @@ class ExperimentConfig:
                     f"lyapunov.{name}: expected [first, last, stride] with 0 <= first <= last and "
                     f"stride >= 1, got {list(r)}"
                 )
+
+    def _check_tangent_windows(self):
+        """The Lyapunov, CLV and control windows lie inside the one run, on its records."""
+        ly, c, ctl = self.lyapunov, self.clv, self.control
+        if ly.enabled and ly.warmup + ly.renorm_every > self.steps:
+            raise ConfigError(
+                f"lyapunov.warmup: leaves no renormalisation in the run of {self.steps} steps, "
+                f"got {ly.warmup}"
+            )
+        if ly.enabled and ly.steps and ly.warmup + ly.steps > self.steps:
+            raise ConfigError(
+                f"lyapunov.steps: warmup {ly.warmup} + steps {ly.steps} end after the run "
+                f"({self.steps} steps)"
+            )
+        if ctl.enabled and ly.enabled and ly.warmup > self.steps - ctl.lyapunov_steps:
+            raise ConfigError(
+                f"control.lyapunov_steps: λ1 over the last {ctl.lyapunov_steps} steps needs "
+                f"lyapunov.warmup <= {self.steps - ctl.lyapunov_steps}, got {ly.warmup}"
+            )
+        if ctl.enabled and ctl.lyapunov_steps > self.steps:
+            raise ConfigError(
+                f"control.lyapunov_steps: must be <= steps={self.steps}, got {ctl.lyapunov_steps}"
+            )
+        if not c.enabled:
+            return
+        re = ly.renorm_every
+        if c.align % self.record_every:
+            raise ConfigError(
+                f"clv.align: the kept range starts on a record: a multiple of record_every="
+                f"{self.record_every}, got {c.align}"
+            )
+        if ly.enabled and (c.align < ly.warmup or (c.align - ly.warmup) % re):
+            raise ConfigError(
+                f"clv.align: the CLVs use the run's tangents, which start at lyapunov.warmup="
+                f"{ly.warmup}: align must be >= it (and a multiple of renorm_every={re} after "
+                f"it), got {c.align}"
+            )
+        rest = self.steps - c.align - c.backward_transient
+        n = c.steps or rest
+        if n < re or c.steps > rest:
+            raise ConfigError(
+                f"clv.steps: the CLV window (align {c.align} + steps {n} + backward_transient "
+                f"{c.backward_transient}) must fit in the run of {self.steps} steps; shorten "
+                "it or set clv.enabled=false"
+            )
+        if n % re or c.backward_transient % re:
+            raise ConfigError(
+                f"clv.steps: steps and backward_transient must be multiples of "
+                f"lyapunov.renorm_every={re}"
+            )
+        if c.keep_every and (c.keep_every % self.record_every or c.keep_every % re):
+            raise ConfigError(
+                f"clv.keep_every: must be a multiple of record_every={self.record_every} and of "
+                f"lyapunov.renorm_every={re}, got {c.keep_every}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

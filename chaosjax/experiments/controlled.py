@@ -6,7 +6,8 @@ controller at each ``control.margins`` value and the FTLE controller at each
 reference run — fixed or controlled — on: steps to a target test accuracy (classification)
 or test loss (regression), the final test metric, the final sharpness λmax and
 η·λmax / c (c the optimizer's stability constant; 1 = edge of stability), the top Lyapunov
-exponent λ1 over ``control.lyapunov_steps`` steps continuing from the final state, and its
+exponent λ1 over the last ``control.lyapunov_steps`` steps of each run (the tangents of the
+run itself), and its
 instability episodes (:func:`chaosjax.control.instability_episodes`; the matched stable run of
 a seed is its fixed run with the largest η that shows no episode, else its smallest η).
 """
@@ -19,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
-from chaosjax.experiments.analyses import curvature_tracker, reference_groups
+from chaosjax.experiments.analyses import curvature_tracker, reference_groups, tangent_tracker
 from chaosjax.experiments.config import ExperimentConfig
 
 _PARAM = {"sharpness": "margin", "ftle": "target"}
@@ -67,32 +68,23 @@ def _last(x: np.ndarray) -> float:
     return float(x[-1]) if x.size else float("nan")
 
 
-def _lambda1(cfg, tmap, batch, results, refs, folder: Path, name: str, progress: bool):
-    from chaosjax.lyapunov import lyapunov_spectrum
+def _lambda1(cfg, results, refs, renorm_every: int):
+    """λ1 per reference run over the last ``control.lyapunov_steps`` steps of the run, from
+    the tangents the run carried (its LyapunovTracker), with the reason where it is NaN."""
+    from chaosjax.lyapunov import _reasons
 
-    c = cfg.control
-    hp = {k: np.asarray(v)[refs] for k, v in batch.hparams.items()}
-    res = lyapunov_spectrum(
-        tmap.step_with,
-        results.final_state[refs],
-        k=1,
-        steps=c.lyapunov_steps,
-        batched=True,
-        args=hp,
-        t0=cfg.steps,
-        progress=progress,
-        checkpoint=folder / f"control_lyapunov_{name}_checkpoint.npz",
-        resume=True,
-        devices=cfg.scale.devices or None,
-        memory_limit=cfg.scale.memory_limit or None,
-    )
-    reasons = res.reasons if isinstance(res.reasons, list) else [res.reasons] * len(refs)
-    return np.asarray(res.exponents)[:, 0], [r or "" for r in reasons]
+    ends = np.asarray(results.axes["renorm"])
+    sel = ends > int(results.steps[-1]) - cfg.control.lyapunov_steps
+    lg = results.records["log_growth"][refs][:, sel, :1]
+    with np.errstate(invalid="ignore"):
+        lam = lg[..., 0].mean(axis=1) / renorm_every
+    return lam, _reasons(lg, ends[sel], results.diverged_step[refs])
 
 
 def _controlled_run(cfg, kind: str, values, folder: Path, progress: bool):
     from chaosjax import control
     from chaosjax.experiments.runner import build_training_map
+    from chaosjax.observers import LyapunovTracker
     from chaosjax.replicas import make_replicas, run_replicas
 
     r = cfg.replicas
@@ -109,6 +101,7 @@ def _controlled_run(cfg, kind: str, values, folder: Path, progress: bool):
     observables = ["loss", "test_loss", "distance_l2"]
     if ctl_map.task == "classification":
         observables += ["accuracy", "test_accuracy"]
+    tangents = LyapunovTracker(k=1, warmup=cfg.steps - cfg.control.lyapunov_steps)
     res = run_replicas(
         ctl_map,
         batch,
@@ -116,7 +109,7 @@ def _controlled_run(cfg, kind: str, values, folder: Path, progress: bool):
         record_every=cfg.record_every,
         observables=observables,
         custom_observables=control.controller_observables(ctl_map),
-        trackers=[curvature_tracker(cfg)],
+        trackers=[curvature_tracker(cfg), tangents],
         chunk_steps=max(cfg.record_every, cfg.chunk_steps - cfg.chunk_steps % cfg.record_every),
         loss_bound=r.loss_bound,
         progress=progress,
@@ -199,17 +192,17 @@ def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, pro
         np.repeat(fixed_lr[:, None], len(steps), axis=1),
         c_thr,
     )
-    lam, why = _lambda1(cfg, tmap, batch, results, refs, folder, "fixed", progress)
+    lam, why = _lambda1(cfg, results, refs, tangent_tracker(cfg).renorm_every)
     for run, lam_i, w in zip(runs, lam, why):
         run["lambda1"], run["lambda1_reason"] = float(lam_i), w
 
     for kind, values in _settings(cfg):
-        ctl_map, cbatch, res = _controlled_run(cfg, kind, values, folder, progress)
+        _, cbatch, res = _controlled_run(cfg, kind, values, folder, progress)
         crefs = reference_groups(cbatch)
         param = np.asarray(cbatch.hparams[_PARAM[kind]], np.float64)
         eta = res.records["control_lr"]
         new = _runs_of(res, crefs, kind, param, eta, c_thr)
-        lam, why = _lambda1(cfg, ctl_map, cbatch, res, crefs, folder, kind, progress)
+        lam, why = _lambda1(cfg, res, crefs, 1)
         for run, lam_i, w in zip(new, lam, why):
             run["lambda1"], run["lambda1_reason"] = float(lam_i), w
         runs += new
@@ -413,8 +406,8 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
         f"{ds.attrs['every']} steps, smoothing {ds.attrs['smoothing']:g}) and the FTLE "
         "controller, from the same initialisations. Medians over seeds; episodes summed. "
         f"η·λmax/c: 1 = edge of stability. λ1: top Lyapunov exponent per step over "
-        f"{ds.attrs['lyapunov_steps']} steps from the final state (the controller's state is "
-        "part of the map).",
+        f"the last {ds.attrs['lyapunov_steps']} steps of each run, from its own tangents (the "
+        "controller's state is part of the map).",
         "",
         f"| setting | steps to {metric} {'≥' if metric == 'test accuracy' else '≤'} {tgt:g} | "
         f"reached | final {metric} | final λmax | final η | η·λmax/c | λ1 | helpful | harmful | "

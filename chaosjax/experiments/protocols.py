@@ -286,11 +286,20 @@ def divergence_figures(ds: xr.Dataset, folder: Path) -> None:
 # marginal stability
 
 
+def marginal_snapshots(cfg: ExperimentConfig):
+    """The observer that keeps each reference run's state where the marginal test perturbs it
+    (``before_end`` steps before the end): the state of the recorded run, not a re-run."""
+    from chaosjax.observers import StateSnapshots
+
+    return StateSnapshots(at=(cfg.steps - cfg.marginal.before_end,), name="marginal_state")
+
+
 def marginal_stage(cfg: ExperimentConfig, tmap, batch, results, progress: bool) -> xr.Dataset:
-    """Perturb each reference run `before_end` steps before the end and continue it."""
+    """Perturb each reference run's recorded state `before_end` steps before the end and train
+    the perturbed copies on next to an unperturbed continuation."""
     import jax.numpy as jnp
 
-    from chaosjax.replicas import ReplicaBatch, make_replicas, run_replicas
+    from chaosjax.replicas import make_replicas, run_replicas
 
     c = cfg.marginal
     refs = reference_groups(batch)
@@ -301,25 +310,15 @@ def marginal_stage(cfg: ExperimentConfig, tmap, batch, results, progress: bool) 
     ratio_min = np.full_like(ratio_end, np.nan)
     every = max(1, c.before_end // 50)
     every = next(d for d in range(every, 0, -1) if c.before_end % d == 0)
+    kept = results.records["marginal_state"][:, 0]
     for g, r in enumerate(refs):
-        if results.diverged_step[r] >= 0:
+        if 0 <= results.diverged_step[r] <= t_pert or not np.isfinite(kept[r]).all():
             continue
         hp = {k: v[r : r + 1] for k, v in batch.hparams.items()}
-        one = ReplicaBatch(
-            batch.states[r : r + 1],
-            hp,
-            np.zeros(1, np.int32),
-            {"seed": np.zeros(1), "eps": np.zeros(1), "member": np.zeros(1)},
-        )
-        pre = run_replicas(
-            tmap, one, steps=t_pert, record_every=t_pert, observables=("loss",), progress=False
-        )
-        if pre.diverged_step[0] >= 0:
-            continue
         tm_g = tmap.replace(**{k: float(v[0]) for k, v in hp.items()})
         rb = make_replicas(
             tm_g,
-            base=jnp.asarray(pre.final_state[0]),
+            base=jnp.asarray(kept[r], tmap.state_dtype),
             n_perturbed=c.n_perturbed,
             eps=list(eps),
             distribution=cfg.replicas.distribution,
@@ -359,8 +358,8 @@ def marginal_markdown(ds: xr.Dataset) -> list[str]:
     lines = [
         "## Marginal stability at the trained state",
         "",
-        f"Each reference run's state at step {a['t_perturb']} ({a['before_end']} steps before the "
-        f"end) was perturbed ({a['n_perturbed']} copies per ε) and trained on; d(t)/d(0) is the L1 "
+        f"Each reference run's recorded state at step {a['t_perturb']} ({a['before_end']} steps "
+        f"before the end) was perturbed ({a['n_perturbed']} copies per ε) and trained on; d(t)/d(0) is the L1 "
         "distance to the unperturbed continuation relative to its start (geometric mean over "
         "copies, median over initialisations). Values near 1: perturbations neither grow nor decay.",
         "",
@@ -769,6 +768,7 @@ __all__ = [
     "instability_markdown",
     "instability_stage",
     "marginal_markdown",
+    "marginal_snapshots",
     "marginal_stage",
     "phases",
     "prediction_figures",

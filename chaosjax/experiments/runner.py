@@ -21,12 +21,7 @@ from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
 from chaosjax.sharding import is_main_process, parse_bytes, process_path, replica_mesh
 
 CHECKPOINT = "checkpoint.npz"
-STAGE_CHECKPOINTS = (
-    "lyapunov_checkpoint.npz",
-    "control_sharpness_checkpoint.npz",
-    "control_ftle_checkpoint.npz",
-    *(f"control_lyapunov_{k}_checkpoint.npz" for k in ("fixed", "sharpness", "ftle")),
-)
+STAGE_CHECKPOINTS = ("control_sharpness_checkpoint.npz", "control_ftle_checkpoint.npz")
 STORE = "results.zarr"
 
 
@@ -350,13 +345,21 @@ def run_experiment(
     if cfg.response.enabled:
         from chaosjax.response import ResponseTracker
 
-        trackers.append(
-            ResponseTracker(n_probes=min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0])))
-        )
+        n_probes = min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0]))
+        trackers.append(ResponseTracker(n_probes=n_probes, rows="references"))
     if cfg.curvature.enabled:
         from chaosjax.experiments.analyses import curvature_tracker
 
         trackers.append(curvature_tracker(cfg))
+    from chaosjax.experiments.analyses import tangent_tracker
+
+    tangents = tangent_tracker(cfg)
+    if tangents is not None:
+        trackers.append(tangents)
+    if cfg.marginal.enabled:
+        from chaosjax.experiments.protocols import marginal_snapshots
+
+        trackers.append(marginal_snapshots(cfg))
     results = run_replicas(
         tmap,
         batch,
@@ -383,11 +386,11 @@ def run_experiment(
     if cfg.lyapunov.enabled:
         from chaosjax.experiments.analyses import lyapunov_stage
 
-        groups["lyapunov"] = lyapunov_stage(cfg, tmap, batch, results, folder, progress)
+        groups["lyapunov"] = lyapunov_stage(cfg, batch, results)
     if cfg.clv.enabled:
         from chaosjax.experiments.analyses import clv_stage
 
-        groups["clv"] = clv_stage(cfg, tmap, batch, progress)
+        groups["clv"] = clv_stage(cfg, tmap, batch, results)
     groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress, folder))
     results.attrs["total_time_s"] = time.perf_counter() - t_start
     if main:

@@ -1,0 +1,1127 @@
+"""The one engine: a batch of replicas advanced by one chunked driver, watched by observers.
+
+Every analysis of a trajectory runs here. A chunk is one jitted ``lax.scan`` over records
+(each a ``lax.scan`` over ``record_every`` steps) of the vmapped step; observers
+(:mod:`chaosjax.observers`, the curvature and response trackers) advance inside the same
+chunk, on the very states the run records: tangents and replica distances after every step,
+expensive trackers (Lanczos) at every record. Between chunks the host loop gathers the records
+(float64), updates the progress bar, appends to a zarr stream and writes a checkpoint, so an
+interrupted run resumes to the same arrays. A replica whose state or loss stops being finite
+(or whose loss exceeds ``loss_bound``) is flagged with its step and frozen; its later records
+are NaN and the rest of the batch goes on. The replica axis can be sharded over devices
+(each reference group whole on one device, no collective in a chunk) and a batch that does
+not fit runs in passes of whole reference groups.
+
+:func:`chaosjax.run_replicas` is the public entry point; :func:`chaosjax.lyapunov_spectrum`,
+:func:`chaosjax.twin_lyapunov` and :func:`chaosjax.covariant_lyapunov_vectors` are thin calls
+of :func:`run`.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from jax.tree_util import Partial
+from tqdm.auto import tqdm
+
+from chaosjax._layout import Layout
+from chaosjax._smalllinalg import pure_linalg
+from chaosjax._util import atomic_write_bytes, dumps, environment_info
+from chaosjax.observers import ROWS, Record, RunInfo, StepContext, records_of
+from chaosjax.results import ReplicaResults, ZarrStream
+from chaosjax.sharding import (
+    AXIS,
+    MemoryEstimate,
+    estimate_bytes,
+    from_local_rows,
+    gather,
+    is_main_process,
+    is_sharded,
+    local_rows,
+    mesh_size,
+    pass_path,
+    plan_batches,
+    process_path,
+    put_rows,
+    replica_mesh,
+)
+
+TRAINING_OBSERVABLES = (
+    "loss",
+    "accuracy",
+    "test_loss",
+    "test_accuracy",
+    "param_norm",
+    "distance_l1",
+    "distance_l2",
+    "layer_distance",
+    "layer_distance_l1",
+)
+GENERIC_OBSERVABLES = ("norm", "distance_l1", "distance_l2")
+DISTANCES = ("distance_l1", "distance_l2", "layer_distance", "layer_distance_l1")
+DISTANCE_AXIS = "distance_step"
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled program
+
+
+class _Spec(NamedTuple):
+    """Static description of a chunk (a jit static argument)."""
+
+    names: tuple[str, ...]  # named observables at the record cadence
+    custom: tuple[tuple[str, Callable], ...]
+    n_records: int
+    record_every: int
+    loss_bound: float
+    state_bound: float
+    layers: tuple[tuple[int, int], ...]
+    n_params: int
+    trackers: tuple = ()
+    info: RunInfo = RunInfo(0, 0, 1)
+    kind: str = "plain"  # "training": the program is TrainingMap.flow; "plain": a step
+    layout: Layout | None = None
+    has_args: bool = False
+    fine_distances: bool = False  # distances after every step (axis distance_step)
+    owner: int = -1  # index of the tracker that takes the step itself (-1: none)
+
+
+def _plain_flow(step, x, carry, t, args, *, layout: Layout, has_args: bool):
+    s = layout.merge(x, carry)
+    y = step(s, t, args) if has_args else step(s, t)
+    x2, c2 = layout.split(y)
+    return x2.astype(x.dtype), tuple(c2), jnp.zeros((), x.dtype)
+
+
+def _flow(spec: _Spec, program):
+    """``flow(x, carry, t, args) -> (x_next, carry_next, loss)`` of one replica."""
+    if spec.kind == "training":
+        return program
+    return functools.partial(_plain_flow, program, layout=spec.layout, has_args=spec.has_args)
+
+
+def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True):
+    """The named observables ``names`` (and the custom ones) of every row."""
+    out = {}
+    p = x[:, : spec.n_params]
+    diff = p - p[ref]
+    for name in names:
+        if name == "loss":
+            v = jax.vmap(model.loss)(x)
+        elif name == "accuracy":
+            v = jax.vmap(model.accuracy)(x)
+        elif name == "test_loss":
+            v = jax.vmap(lambda s: model.loss(s, "test"))(x)
+        elif name == "test_accuracy":
+            v = jax.vmap(lambda s: model.accuracy(s, "test"))(x)
+        elif name in ("param_norm", "norm"):
+            v = jnp.linalg.norm(p, axis=-1)
+        elif name == "distance_l1":
+            v = jnp.sum(jnp.abs(diff), axis=-1)
+        elif name == "distance_l2":
+            v = jnp.linalg.norm(diff, axis=-1)
+        elif name == "layer_distance":
+            v = jnp.stack([jnp.linalg.norm(diff[:, a:b], axis=-1) for a, b in spec.layers], -1)
+        elif name == "layer_distance_l1":
+            v = jnp.stack([jnp.sum(jnp.abs(diff[:, a:b]), axis=-1) for a, b in spec.layers], -1)
+        else:  # pragma: no cover - validated before
+            raise ValueError(name)
+        out[name] = v
+    if custom:
+        for name, fn in spec.custom:
+            out[name] = jax.vmap(fn)(x)
+    return _mask(out, alive, ref)
+
+
+def _record_names(spec: _Spec) -> tuple[str, ...]:
+    """Named observables computed at the records (distances move to their own cadence)."""
+    if not spec.fine_distances:
+        return spec.names
+    return tuple(n for n in spec.names if n not in DISTANCES)
+
+
+def _distances(x, alive, ref, spec: _Spec):
+    """The distance observables after one step (fine cadence)."""
+    names = tuple(n for n in spec.names if n in DISTANCES)
+    return _observe(None, x, alive, ref, spec, names, custom=False)
+
+
+def _mask(out, alive, ref=None):
+    """NaN for replicas that diverged (and distances to a reference that diverged)."""
+    dead_ref = ~alive[ref] if ref is not None else None
+    res = {}
+    for name, v in out.items():
+        bad = ~alive
+        if dead_ref is not None and name.startswith(("distance", "layer_distance")):
+            bad = bad | dead_ref
+        v = jnp.asarray(v)
+        bad = bad.reshape(bad.shape + (1,) * (v.ndim - 1))
+        res[name] = jnp.where(bad, jnp.nan, v.astype(jnp.result_type(float)))
+    return res
+
+
+def _take(tree, idx):
+    """Rows ``idx`` of every leaf (out-of-range padding indices clip to a valid row)."""
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), tree)
+
+
+def _first(program, model, hp, ref, state, t, track, spec: _Spec):
+    """The first record and the observers' cold starts."""
+    x, _, alive, _ = state
+    out = _observe(model, x, alive, ref, spec, spec.names)
+    tstates = []
+    for tr, (idx, valid) in zip(spec.trackers, track):
+        vals, ts = tr.init(model, _take(x, idx), _take(hp, idx), t)
+        if getattr(tr, "evaluates_all_rows", False):
+            vals = {**vals, **tr.evaluate(model, x, idx)}
+        out.update(_mask(dict(vals), _take(alive, idx) & valid))
+        tstates.append(ts)
+    return out, tuple(tstates)
+
+
+def _update(tracker, model, x, hp, idx, ts, t):
+    """A tracker's record-cadence update on its rows. A tracker that evaluates the recorded
+    states (``evaluates_all_rows``, e.g. the loss the tangents saw) evaluates every row with
+    the engine's own batched program and keeps its rows, so its numbers equal the records
+    bit for bit (a batch of a different size compiles to different round-off)."""
+    vals, ts = tracker.update(model, _take(x, idx), _take(hp, idx), ts, t)
+    if getattr(tracker, "evaluates_all_rows", False):
+        vals = {**vals, **tracker.evaluate(model, x, idx)}
+    return vals, ts
+
+
+def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
+    flow = _flow(spec, program)
+    step_b = jax.vmap(flow, in_axes=(0, 0, None, 0))
+
+    def inner(c, t):
+        (x, cr, a, d), ts = c
+        ts = list(ts)
+        fine = {}
+        if spec.owner >= 0:
+            i = spec.owner
+            ctx = StepContext(flow, x, cr, None, None, a, a, hp, t)
+            new_x, new_cr, loss, ts[i], vals = spec.trackers[i].step(spec.info, ctx, ts[i])
+            fine.update(vals)
+        else:
+            new_x, new_cr, loss = step_b(x, cr, t, hp)
+        ok = jnp.all(jnp.isfinite(new_x), axis=-1)
+        if spec.kind == "training":  # a plain step has no loss
+            ok = ok & jnp.isfinite(loss) & (loss <= spec.loss_bound)
+        if np.isfinite(spec.state_bound):
+            ok = ok & (jnp.max(jnp.abs(new_x), axis=-1, initial=0.0) <= spec.state_bound)
+        d = jnp.where(a & ~ok, t + 1, d)
+        a2 = a & ok
+        x2 = jnp.where(a2[:, None], new_x, x)
+        cr2 = jax.tree_util.tree_map(
+            lambda n, o: jnp.where(a2.reshape(a2.shape + (1,) * (n.ndim - 1)), n, o), new_cr, cr
+        )
+        for i, (tr, (idx, valid)) in enumerate(zip(spec.trackers, track)):
+            if i == spec.owner or not hasattr(tr, "advance"):
+                continue
+            rref = jnp.take(ref, idx, mode="clip")
+            ctx = StepContext(
+                flow,
+                _take(x, idx),
+                _take(cr, idx),
+                _take(x2, idx),
+                jnp.take(x2, rref, axis=0),
+                _take(a2, idx) & valid,
+                jnp.take(a2, rref),
+                _take(hp, idx),
+                t,
+            )
+            ts[i], vals, rows = tr.advance(spec.info, ctx, ts[i])
+            fine.update(vals)
+            if rows is not None:  # padding indices are out of range: dropped
+                x2 = x2.at[jnp.where(valid, idx, x2.shape[0])].set(rows, mode="drop")
+        if spec.fine_distances:
+            fine.update(_distances(x2, a2, ref, spec))
+        return ((x2, cr2, a2, d), tuple(ts)), fine
+
+    def outer(c, tr):
+        c, fine = jax.lax.scan(inner, c, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
+        (x, cr, a, d), ts = c
+        obs = _observe(model, x, a, ref, spec, _record_names(spec))
+        ts = list(ts)
+        for i, (tracker, (idx, valid)) in enumerate(zip(spec.trackers, track)):
+            vals, ts[i] = _update(tracker, model, x, hp, idx, ts[i], tr + spec.record_every)
+            obs.update(_mask(dict(vals), _take(a, idx) & valid))
+        return ((x, cr, a, d), tuple(ts)), (obs, fine)
+
+    times = t0 + spec.record_every * jnp.arange(spec.n_records, dtype=t0.dtype)
+    return jax.lax.scan(outer, (state, tstates), times)
+
+
+def _donating(fn, static, donate):
+    plain = jax.jit(fn, static_argnames=static)
+    donating = jax.jit(fn, static_argnames=static, donate_argnums=donate)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (plain if jax.default_backend() == "cpu" else donating)(*args, **kwargs)
+
+    return call
+
+
+_chunk_jit = _donating(_chunk, ("spec",), (4, 5))  # states and observer states
+_first_jit = jax.jit(_first, static_argnames=("spec",))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_fns(mesh, spec: _Spec):
+    """The first record and the chunk as ``shard_map`` programs over the replica mesh.
+
+    Every device runs its own rows with no communication: each reference group lies whole on
+    one device, so distances to the reference and the observers' rows are local. On the CPU
+    backend the observers' small QR, eigen and SVD factorisations are traced without LAPACK
+    custom calls (:mod:`chaosjax._smalllinalg`): batched LAPACK calls across CPU devices can
+    deadlock XLA's runtime.
+    """
+    rows, rep = P(AXIS), P()
+    cpu = jax.default_backend() == "cpu"
+    first = jax.shard_map(
+        functools.partial(_first, spec=spec),
+        mesh=mesh,
+        in_specs=(rep, rep, rows, rows, rows, rep, rows),
+        out_specs=(rows, rows),
+        check_vma=False,
+    )
+    chunk = jax.shard_map(
+        functools.partial(_chunk, spec=spec),
+        mesh=mesh,
+        in_specs=(rep, rep, rows, rows, rows, rows, rep, rows),
+        out_specs=((rows, rows), (P(None, AXIS), P(None, None, AXIS))),
+        check_vma=False,
+    )
+    first = jax.jit(first)
+    chunk = jax.jit(chunk, donate_argnums=() if cpu else (4, 5))
+    if not cpu:
+        return first, chunk
+
+    def traced_pure(fn):  # trace (first call) without LAPACK custom calls on the CPU backend
+        @functools.wraps(fn)
+        def call(*args):
+            with pure_linalg():
+                return fn(*args)
+
+        def lower(*args):
+            with pure_linalg():
+                return fn.lower(*args)
+
+        call.lower = lower
+        return call
+
+    return traced_pure(first), traced_pure(chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# where rows live
+
+
+def groups_of(reference: np.ndarray) -> list[list[int]]:
+    """Rows of each reference group, groups in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(np.asarray(reference)):
+        groups.setdefault(int(r), []).append(i)
+    return list(groups.values())
+
+
+def assign(sizes: Sequence[int], n_dev: int) -> tuple[list[int], list[int]]:
+    """Each group (of these sizes, in order) to the least-loaded device: (device per group,
+    rows per device)."""
+    load = [0] * n_dev
+    device = []
+    for n in sizes:
+        d = load.index(min(load))
+        device.append(d)
+        load[d] += n
+    return device, load
+
+
+def device_layout(reference: np.ndarray, n_dev: int):
+    """Rows per device, each reference group whole on one device (balanced by row count).
+
+    Returns ``(perm, local_ref, pos)``: ``perm`` (n_dev·B,) the original row at each layout
+    position (padding repeats a row of the same device and is its own reference),
+    ``local_ref`` the reference's index inside the device block, ``pos`` (R,) the layout
+    position of each original row.
+    """
+    reference = np.asarray(reference)
+    groups = groups_of(reference)
+    blocks: list[list[int]] = [[] for _ in range(n_dev)]
+    for rows, d in zip(groups, assign([len(g) for g in groups], n_dev)[0]):
+        blocks[d].extend(rows)
+    B = max(len(b) for b in blocks)
+    perm, local_ref, pos = [], [], np.empty(len(reference), np.int64)
+    for d, block in enumerate(blocks):
+        where = {r: i for i, r in enumerate(block)}
+        for i, r in enumerate(block):
+            pos[r] = d * B + i
+            perm.append(r)
+            local_ref.append(where[int(reference[r])])
+        for i in range(len(block), B):  # padding: a copy of a row of this block (or row 0)
+            perm.append(block[0] if block else 0)
+            local_ref.append(i)
+    return np.asarray(perm, np.int64), np.asarray(local_ref, np.int32), pos
+
+
+def tracked_rows(rows: str, reference: np.ndarray) -> np.ndarray | None:
+    """Original indices of the rows an observer tracks (None: every row)."""
+    reference = np.asarray(reference)
+    own = reference == np.arange(reference.size)
+    if rows == "all" or (rows == "references" and own.all()):
+        return None
+    if rows == "references":
+        return np.flatnonzero(own)
+    if rows == "perturbed":
+        return np.flatnonzero(~own)
+    raise ValueError(f"rows: unknown {rows!r}; allowed: {', '.join(ROWS)}")
+
+
+class _RowLayout:
+    """The device layout of a batch and of each observer's tracked rows inside it."""
+
+    def __init__(self, reference: np.ndarray, n_dev: int, row_sets: list[np.ndarray | None]):
+        self.R = len(reference)
+        self.n_dev = n_dev
+        self.perm, self.local_ref, self.pos = device_layout(reference, n_dev)
+        self.B = len(self.perm) // n_dev
+        self.Rp = len(self.perm)
+        real = np.zeros(self.Rp, bool)
+        real[self.pos] = True
+        self.identity = self.Rp == self.R and np.array_equal(self.pos, np.arange(self.R))
+        self.tracks = []  # per observer: (idx, valid, original rows, their positions)
+        for rows in row_sets:
+            if rows is None:
+                idx = np.tile(np.arange(self.B), n_dev)
+                self.tracks.append((idx, real.copy(), np.arange(self.R), self.pos))
+                continue
+            per_dev = [[] for _ in range(n_dev)]
+            for r in rows:
+                p = int(self.pos[r])
+                per_dev[p // self.B].append((p % self.B, int(r)))
+            T = max(1, max(len(v) for v in per_dev))
+            idx = np.full(n_dev * T, self.B, np.int64)
+            valid = np.zeros(n_dev * T, bool)
+            orig, where = [], []
+            for d, items in enumerate(per_dev):
+                for j, (local, r) in enumerate(items):
+                    idx[d * T + j] = local
+                    valid[d * T + j] = True
+                    orig.append(r)
+                    where.append(d * T + j)
+            order = np.argsort(orig)
+            self.tracks.append(
+                (idx, valid, np.asarray(orig, np.int64)[order], np.asarray(where)[order])
+            )
+
+    def to_rows(self, arr: np.ndarray, which: int | None) -> np.ndarray:
+        """Rows of a gathered array (padded layout on axis 0) → (R, ...) in the original order
+        (NaN for rows an observer does not track)."""
+        if which is None:
+            return arr if self.identity else arr[self.pos]
+        _, _, orig, where = self.tracks[which]
+        out = np.full((self.R, *arr.shape[1:]), np.nan, np.result_type(arr.dtype, np.float64))
+        out[orig] = arr[where]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class Checkpoint:
+    """Atomic ``.npz`` checkpoint of a run (no pickle): the carry, the observers' states and
+    every record so far."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, fingerprint: str, t: int, arrays: dict[str, np.ndarray]) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, __fingerprint__=np.asarray(fingerprint), __t__=np.asarray(t), **arrays)
+        atomic_write_bytes(self.path, buf.getvalue())
+
+    def load(self, fingerprint: str) -> tuple[int, dict[str, np.ndarray]]:
+        with np.load(self.path, allow_pickle=False) as z:
+            fp = str(z["__fingerprint__"])
+            if fp != fingerprint:
+                raise ValueError(
+                    f"resume: checkpoint {self.path} was written for a different run "
+                    "(configuration, replicas or sizes differ); start afresh instead"
+                )
+            return int(z["__t__"]), {k: z[k] for k in z.files if not k.startswith("__")}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> MemoryEstimate:
+    """Device memory one replica of a run needs, by part.
+
+    ``state``: the state and its copies inside a step (carry, update, frozen select);
+    ``step``: every intermediate of one step (activations, gradients, optimizer update) from
+    the step's jaxpr; one entry per observer: its carried state (Krylov warm starts, tangent
+    bases) and the intermediates of one update, weighted by the share of rows it tracks.
+    Arrays shared by all replicas (the dataset) are not counted.
+    """
+    from chaosjax.training import TrainingMap
+
+    dim = int(replicas.states.shape[1])
+    dtype = replicas.states.dtype
+    parts = {"state": 4 * dim * np.dtype(dtype).itemsize}
+    t = jnp.zeros((), jnp.int32)
+    program, kind, layout, has_args = _program_of(model, replicas)
+    spec = _Spec((), (), 1, 1, 0.0, 0.0, (), dim, (), RunInfo(0, 1, 1), kind, layout, has_args)
+    flow = _flow(spec, program)
+    x1 = jax.ShapeDtypeStruct((dim,), dtype)
+    c1 = _row_struct(replicas.carry)
+    a1 = _row_struct(replicas.hparams)
+    parts["step"] = estimate_bytes(lambda x, c, a: flow(x, c, t, a), x1, c1, a1)
+    info = info or RunInfo(0, 1, 1)
+    R = len(replicas)
+    for tr in trackers:
+        rows = tracked_rows(getattr(tr, "rows", "all"), replicas.reference)
+        share = 1.0 if rows is None else len(rows) / R
+        if hasattr(tr, "memory"):
+            b = tr.memory(info, flow, x1, c1, a1)
+            if isinstance(b, Mapping):  # named parts
+                for name, v in b.items():
+                    parts[name] = parts.get(name, 0) + int(np.ceil(v * share))
+                continue
+        elif isinstance(model, TrainingMap):
+            xb = jax.ShapeDtypeStruct((1, dim), dtype)
+            hb = {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in replicas.hparams.items()}
+            _, ts = jax.eval_shape(lambda x, hp, tr=tr: tr.init(model, x, hp, t), xb, hb)
+            b = estimate_bytes(lambda x, hp, st, tr=tr: tr.update(model, x, hp, st, t), xb, hb, ts)
+        else:
+            b = 0
+        parts[type(tr).__name__] = int(np.ceil(b * share))
+    return MemoryEstimate(parts)
+
+
+def _row_struct(tree):
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(jnp.shape(a)[1:], jnp.result_type(a)), tree
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+
+
+def _program_of(model, batch):
+    """(program, kind, layout, has_args) of a model: a TrainingMap or a step callable."""
+    from chaosjax._util import as_traceable, check_step_signature
+    from chaosjax.training import TrainingMap
+
+    if isinstance(model, TrainingMap):
+        return Partial(TrainingMap.flow, model), "training", None, False
+    step = as_traceable(model)
+    has_args = bool(jax.tree_util.tree_leaves(batch.hparams))
+    if not has_args:
+        check_step_signature(step)
+    layout = batch.layout
+    if layout is None:
+        from chaosjax._layout import layout_of
+
+        layout = layout_of(batch.states, batched=True)
+    return step, "plain", layout, has_args
+
+
+def coords_of(batch) -> dict[str, np.ndarray]:
+    """The stored coordinates of a batch: its labels, the reference index and every
+    hyper-parameter per replica."""
+    coords = dict(batch.coords)
+    coords["reference"] = np.asarray(batch.reference)
+    if isinstance(batch.hparams, Mapping):
+        for k, v in batch.hparams.items():
+            if np.ndim(v) == 1:
+                coords.setdefault(k, np.asarray(v))
+    return coords
+
+
+def _chunk_plan(t: int, end: int, chunk_steps: int, stops: Sequence[int]) -> int:
+    """Steps of the next chunk: at most chunk_steps, ending at the next snapshot step."""
+    n = min(chunk_steps, end - t)
+    for s in stops:
+        if t < s < t + n:
+            n = s - t
+    return n
+
+
+def run(
+    model,
+    replicas,
+    *,
+    steps: int,
+    record_every: int = 1,
+    observables: Sequence[str] | None = None,
+    custom_observables: Mapping[str, Callable] | None = None,
+    trackers: Sequence = (),
+    distance_every: int | None = None,
+    chunk_steps: int | None = None,
+    loss_bound: float = 1e8,
+    state_bound: float = np.inf,
+    t0: int = 0,
+    progress: bool = True,
+    desc: str = "replicas",
+    checkpoint: str | os.PathLike | None = None,
+    store: str | os.PathLike | None = None,
+    resume: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+    devices=None,
+    memory_limit=None,
+) -> ReplicaResults:
+    """The engine behind :func:`chaosjax.run_replicas` (see there for the arguments)."""
+    from chaosjax.training import TrainingMap
+
+    steps, record_every = int(steps), int(record_every)
+    if steps < 1:
+        raise ValueError(f"steps: must be >= 1, got {steps}")
+    if record_every < 1 or steps % record_every:
+        raise ValueError(f"record_every: must be >= 1 and divide steps={steps}, got {record_every}")
+    is_tm = isinstance(model, TrainingMap)
+    allowed = TRAINING_OBSERVABLES if is_tm else GENERIC_OBSERVABLES
+    if observables is None:
+        observables = (
+            ("loss", "param_norm", "distance_l1", "distance_l2")
+            + (("accuracy",) if is_tm and model.task == "classification" else ())
+            if is_tm
+            else ("norm", "distance_l2")
+        )
+    observables = tuple(observables)
+    for name in observables:
+        if name not in allowed:
+            raise ValueError(f"observables: unknown {name!r}; allowed: {', '.join(allowed)}")
+        if is_tm and "accuracy" in name and model.task != "classification":
+            raise ValueError(f"observables: {name!r} needs a classification dataset")
+    custom = tuple(sorted((custom_observables or {}).items()))
+    for name, fn in custom:
+        if name in observables or not callable(fn):
+            raise ValueError(f"custom_observables: {name!r} must be a new name with a callable")
+    if distance_every is None:
+        distance_every = record_every
+    distance_every = int(distance_every)
+    if distance_every < 1 or record_every % distance_every:
+        raise ValueError(
+            f"distance_every: must be a positive divisor of record_every={record_every}, "
+            f"got {distance_every}"
+        )
+    fine_distances = distance_every < record_every and any(n in DISTANCES for n in observables)
+    info = RunInfo(int(t0), steps, record_every)
+    trackers = tuple(trackers)
+    dim = int(replicas.states.shape[1])
+    taken = set(observables) | {c[0] for c in custom}
+    rec_specs: dict[str, tuple[int, Record]] = {}
+    for i, tr in enumerate(trackers):
+        _validate(tr, model, dim, info)
+        recs = records_of(tr, model)
+        clash = taken & set(recs)
+        if clash:
+            raise ValueError(f"trackers: record names {sorted(clash)} are used twice")
+        taken |= set(recs)
+        for name, r in recs.items():
+            rec_specs[name] = (i, r)
+
+    program, kind, layout, has_args = _program_of(model, replicas)
+    model_arg = model if is_tm else None  # a plain step travels as the program
+    if is_tm:
+        layers = tuple(model.layers.values())
+        layer_names = tuple(model.layers)
+        n_params = model.n_params
+    else:
+        layers, layer_names, n_params = (), (), dim
+    R = len(replicas)
+    if chunk_steps is None:
+        chunk_steps = max(record_every, (500 // record_every) * record_every)
+    chunk_steps = int(chunk_steps)
+    if chunk_steps < 1 or chunk_steps % record_every:
+        raise ValueError(f"chunk_steps: must be a positive multiple of record_every={record_every}")
+    chunk_steps = min(chunk_steps, steps)
+    mesh = replica_mesh(devices)
+    sharded = is_sharded(mesh)
+    n_dev = mesh_size(mesh) if sharded else 1
+    estimate = replica_memory(model, replicas, trackers, info=info)
+    plan = plan_batches(R, estimate, mesh, memory_limit=memory_limit)
+    meta = {
+        "environment": environment_info(),
+        "dtype": str(replicas.states.dtype),
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "memory_plan": plan.describe(),
+        **dict(attrs or {}),
+    }
+    coords = coords_of(replicas)
+    main = is_main_process()
+    owner = _owner(trackers, replicas.reference)
+    stops = sorted({int(s) for tr in trackers for s in _snapshot_steps(tr, info)})
+    axes_all: dict[str, np.ndarray] = {}
+    for tr in trackers:
+        if hasattr(tr, "axes"):
+            axes_all.update({k: np.asarray(v) for k, v in tr.axes(info).items()})
+    if fine_distances:
+        axes_all[DISTANCE_AXIS] = np.arange(t0, t0 + steps + 1, distance_every, dtype=np.int64)
+    dims: dict[str, tuple[str, ...]] = {
+        name: (r.axis, *r.dims) for name, (_, r) in rec_specs.items() if r.axis != "step" or r.dims
+    }
+    if fine_distances:
+        for name in observables:
+            if name in DISTANCES:
+                dims[name] = (DISTANCE_AXIS, *(("layer",) if "layer" in name else ()))
+    transient = tuple(name for name, (_, r) in rec_specs.items() if not r.stored)
+
+    def spec_for(n):
+        return _Spec(
+            observables,
+            custom,
+            n // record_every,
+            record_every,
+            float(loss_bound),
+            float(state_bound),
+            layers,
+            n_params,
+            trackers,
+            info,
+            kind,
+            layout,
+            has_args,
+            fine_distances,
+            owner,
+        )
+
+    def result_from(rec_steps, records, axes_steps, states, div_step, carry, batch_coords):
+        return ReplicaResults(
+            steps=np.concatenate(rec_steps),
+            records={k: np.concatenate(v, axis=1) for k, v in records.items()},
+            final_state=np.asarray(states),
+            diverged_step=np.asarray(div_step),
+            coords=batch_coords,
+            layer_names=layer_names,
+            attrs=meta,
+            dims=dims,
+            axes={k: np.concatenate(v) for k, v in axes_steps.items()},
+            final_carry=tuple(np.asarray(c) for c in carry),
+            transient=transient,
+        )
+
+    def call(which: int, spec: _Spec, args):  # 0: first record, 1: a chunk
+        if sharded:
+            return _sharded_fns(mesh, spec)[which](*args)
+        return (_first_jit, _chunk_jit)[which](*args, spec=spec)
+
+    def one_pass(batch, checkpoint, stream, bar) -> ReplicaResults:
+        R = len(batch)
+        row_sets = [
+            None if i == owner else tracked_rows(getattr(tr, "rows", "all"), batch.reference)
+            for i, tr in enumerate(trackers)
+        ]
+        lay = _RowLayout(batch.reference, n_dev, row_sets)
+        owner_of = {name: i for name, (i, _) in rec_specs.items()}
+        which_of = {  # the row space of every record: None = every row
+            name: (None if row_sets[i] is None else i) for name, i in owner_of.items()
+        }
+
+        def place(x):  # host rows (R, ...) → device rows (Rp, ...) in the device layout
+            x = np.asarray(x)[lay.perm]
+            return put_rows(x, mesh) if sharded else jnp.asarray(x)
+
+        def place_track(i):
+            idx, valid, _, _ = lay.tracks[i]
+            if sharded:
+                return put_rows(idx, mesh), put_rows(valid, mesh)
+            return jnp.asarray(idx), jnp.asarray(valid)
+
+        def host(x):  # device rows → host rows (R, ...), original order, on every process
+            return gather(x)[lay.pos]
+
+        ref = put_rows(lay.local_ref, mesh) if sharded else jnp.asarray(lay.local_ref)
+        hp = jax.tree_util.tree_map(place, batch.hparams)
+        track = tuple(place_track(i) for i in range(len(trackers)))
+        fingerprint = dumps(
+            {
+                "steps": steps,
+                "record_every": record_every,
+                "distance_every": distance_every,
+                "chunk_steps": chunk_steps,
+                "t0": int(t0),
+                "observables": observables,
+                "custom": [c[0] for c in custom],
+                "trackers": [repr(tr) for tr in trackers],
+                "R": R,
+                "padded": lay.Rp,
+                "processes": jax.process_count(),
+                "shape": list(batch.states.shape),
+                "coords": {k: np.asarray(v).tolist() for k, v in batch.coords.items()},
+                "state_sum": float(np.asarray(batch.states, np.float64).sum()),
+            }
+        )
+        ckpt = Checkpoint(process_path(checkpoint)) if checkpoint else None
+        batch_coords = coords_of(batch)
+
+        def pack(name, tree):  # all rows (one process) or this process's rows, per leaf
+            out = {}
+            for j, x in enumerate(jax.tree_util.tree_leaves(tree)):
+                if jax.process_count() == 1:
+                    out[f"{name}__{j}"] = gather(x)
+                else:
+                    rows, data = local_rows(x)
+                    out[f"{name}__{j}"], out[f"{name}__{j}__rows"] = data, rows
+            return out
+
+        def unpack(arrays, name, like):
+            leaves, treedef = jax.tree_util.tree_flatten(like)
+            out = []
+            for j, leaf in enumerate(leaves):
+                data = arrays[f"{name}__{j}"]
+                if f"{name}__{j}__rows" in arrays:
+                    shape = (jnp.shape(leaf)[0], *data.shape[1:])
+                    out.append(from_local_rows(arrays[f"{name}__{j}__rows"], data, shape, mesh))
+                else:
+                    out.append(put_rows(data, mesh) if sharded else jnp.asarray(data))
+            return jax.tree_util.tree_unflatten(treedef, out)
+
+        records: dict[str, list[np.ndarray]] = {}
+        axes_steps: dict[str, list[np.ndarray]] = {}
+        rec_steps: list[np.ndarray] = []
+
+        def merge(into_rec, into_axes, new_rec, new_axes):
+            for name, v in new_rec.items():
+                into_rec.setdefault(name, []).append(v)
+            for axis, st in new_axes.items():
+                into_axes.setdefault(axis, []).append(np.asarray(st, np.int64))
+
+        def snapshots(t, state, tstates):
+            """Records of the observers that read their state at step t (CLV bases, states
+            kept for later analyses): ({name: (R, 1, ...)}, {axis: [t]})."""
+            out, axes = {}, {}
+            xs = None
+            for i, tr in enumerate(trackers):
+                if t not in _snapshot_steps(tr, info):
+                    continue
+                if xs is None:
+                    xs = gather(state[0])
+                idx = np.minimum(np.asarray(lay.tracks[i][0]), lay.B - 1)
+                blocks = np.repeat(np.arange(n_dev), len(idx) // n_dev) * lay.B
+                which = None if row_sets[i] is None else i
+                vals = tr.snapshot(info, t, gather(tstates[i]), xs[blocks + idx])
+                for name, v in vals.items():
+                    out[name] = lay.to_rows(np.asarray(v, np.float64), which)[:, None]
+                    axes[rec_specs[name][1].axis] = [t]
+            return out, axes
+
+        def to_host(vals, steps_here=None):
+            """Device values → host rows: record-cadence values (steps_here None) or the
+            per-step values of a chunk, kept at the steps of their axes."""
+            out, axes = {}, {}
+            for name, v in vals.items():
+                v = np.asarray(v, np.float64)
+                which = which_of.get(name)
+                if steps_here is None:  # (n_records, rows, ...)
+                    out[name] = lay.to_rows(np.moveaxis(v, 1, 0), which)
+                    continue
+                v = v.reshape(-1, *v.shape[2:])  # (n_rec·record_every, rows, ...)
+                v = lay.to_rows(np.moveaxis(v, 1, 0), which)
+                axis = rec_specs[name][1].axis if name in rec_specs else DISTANCE_AXIS
+                sel = np.isin(steps_here, axes_all[axis])
+                out[name] = v if sel.all() else v[:, sel]
+                axes[axis] = steps_here[sel]
+            return out, axes
+
+        def host_records(values, steps_by_axis, rec):
+            out = {}
+            for tr in trackers:
+                if hasattr(tr, "host_records"):
+                    out.update(tr.host_records(info, values, steps_by_axis, rec))
+            return out
+
+        def carried(state):
+            return [host(c) for c in jax.tree_util.tree_leaves(state[1])]
+
+        t = int(t0)
+        resumed = False
+        if resume and ckpt is not None and ckpt.exists():
+            t, arrays = ckpt.load(fingerprint)
+            like_state = (
+                jax.ShapeDtypeStruct((lay.Rp, dim), replicas.states.dtype),
+                jax.tree_util.tree_map(
+                    lambda c: jax.ShapeDtypeStruct((lay.Rp, *np.shape(c)[1:]), np.asarray(c).dtype),
+                    batch.carry,
+                ),
+                jax.ShapeDtypeStruct((lay.Rp,), bool),
+                jax.ShapeDtypeStruct((lay.Rp,), np.int32),
+            )
+            state = unpack(arrays, "state", like_state)
+            like_ts = jax.eval_shape(
+                lambda: call(
+                    0,
+                    spec_for(record_every),
+                    (program, model_arg, hp, ref, state, jnp.asarray(t, jnp.int32), track),
+                )
+            )[1]
+            tstates = unpack(arrays, "tracker", like_ts)
+            rec_steps = [arrays["rec_steps"]]
+            for k in arrays:
+                if k.startswith("record__"):
+                    records[k[len("record__") :]] = [arrays[k]]
+                elif k.startswith("axis__"):
+                    axes_steps[k[len("axis__") :]] = [arrays[k]]
+            resumed = True
+            if store:  # gathers are collectives: every process takes part
+                st_host, div_host, cr_host = host(state[0]), host(state[3]), carried(state)
+                if stream is not None:
+                    stream.append(
+                        result_from(
+                            rec_steps,
+                            _stored(records, transient),
+                            axes_steps,
+                            st_host,
+                            div_host,
+                            cr_host,
+                            batch_coords,
+                        ).to_xarray()
+                    )
+        else:
+            state = (
+                place(batch.states),
+                jax.tree_util.tree_map(place, batch.carry),
+                place(np.ones((R,), bool)),
+                place(np.full((R,), -1, np.int32)),
+            )
+            obs0, tstates = call(
+                0,
+                spec_for(record_every),
+                (program, model_arg, hp, ref, state, jnp.asarray(t, jnp.int32), track),
+            )
+            first, first_axes = {}, {axis: np.zeros(0, np.int64) for axis in axes_all}
+            for name, v in gather(obs0).items():
+                first[name] = lay.to_rows(np.asarray(v, np.float64), which_of.get(name))[:, None]
+                if fine_distances and name in DISTANCES:
+                    first_axes[DISTANCE_AXIS] = np.asarray([t])
+            for tr in trackers:
+                if hasattr(tr, "empty_host_records"):
+                    first.update(tr.empty_host_records(R, 1))
+            snap, snap_axes = snapshots(t, state, tstates)
+            first.update(snap)
+            first_axes.update(snap_axes)
+            rec_steps = [np.asarray([t])]
+            merge(records, axes_steps, first, first_axes)
+            if stream is not None:
+                stream.append(
+                    result_from(
+                        rec_steps,
+                        _stored(records, transient),
+                        axes_steps,
+                        np.asarray(batch.states),
+                        np.full(R, -1, np.int32),
+                        [np.asarray(c) for c in jax.tree_util.tree_leaves(batch.carry)],
+                        batch_coords,
+                    ).to_xarray()
+                )
+        if bar is not None:
+            bar.update(t - int(t0))
+        end = int(t0) + steps
+        while t < end:
+            n = _chunk_plan(t, end, chunk_steps, stops)
+            args = (program, model_arg, hp, ref, state, tstates, jnp.asarray(t, jnp.int32), track)
+            (state, tstates), (obs, fine) = call(1, spec_for(n), args)
+            obs, fine = gather(obs), gather(fine)  # the only device → host transfer
+            new_steps = t + record_every * (1 + np.arange(n // record_every))
+            chunk, chunk_axes = to_host(obs)
+            fine_vals, fine_axes = to_host(fine, t + 1 + np.arange(n))
+            chunk.update(host_records(fine_vals, fine_axes, new_steps))
+            chunk.update(fine_vals)
+            chunk_axes.update(fine_axes)
+            t += n
+            snap, snap_axes = snapshots(t, state, tstates)
+            chunk.update(snap)
+            chunk_axes.update(snap_axes)
+            merge(records, axes_steps, chunk, chunk_axes)
+            rec_steps.append(new_steps)
+            if store:  # gathers are collectives: every process takes part
+                now = (host(state[0]), host(state[3]), carried(state))
+                if stream is not None:
+                    stream.append(
+                        result_from(
+                            [new_steps],
+                            {k: [v] for k, v in _stored(chunk, transient).items()},
+                            {k: [v] for k, v in chunk_axes.items()},
+                            *now,
+                            batch_coords,
+                        ).to_xarray()
+                    )
+            if ckpt is not None:
+                arrays = {**pack("state", state), **pack("tracker", tstates)}
+                arrays["rec_steps"] = np.concatenate(rec_steps)
+                for k, v in records.items():
+                    arrays[f"record__{k}"] = np.concatenate(v, axis=1)
+                for k, v in axes_steps.items():
+                    arrays[f"axis__{k}"] = np.concatenate(v)
+                ckpt.save(fingerprint, t, arrays)
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(alive=f"{int(host(state[2]).sum())}/{R}")
+            if on_chunk is not None:
+                on_chunk(t)
+        meta["resumed"] = max(int(resumed), int(meta.get("resumed", 0)))
+        res = result_from(
+            rec_steps,
+            records,
+            axes_steps,
+            host(state[0]),
+            host(state[3]),
+            carried(state),
+            batch_coords,
+        )
+        ts_host = gather(tstates)
+        res.tracker_states = [
+            jax.tree_util.tree_map(
+                lambda a, i=i: (
+                    lay.to_rows(np.asarray(a), None if row_sets[i] is None else i)
+                    if np.ndim(a)
+                    else a
+                ),
+                ts_host[i],
+            )
+            for i in range(len(trackers))
+        ]
+        return res
+
+    capacity = plan.limit_bytes // max(plan.bytes_per_replica, 1)  # rows a device can hold
+    passes = pass_rows(replicas.reference, capacity, plan.n_devices if sharded else 1)
+    stream = ZarrStream(store) if store and main else None
+    bar = tqdm(
+        total=steps * len(passes),
+        disable=not (progress and main),
+        unit="step",
+        desc=desc,
+        dynamic_ncols=True,
+    )
+    t_start = time.perf_counter()
+    try:
+        if len(passes) == 1:
+            result = one_pass(replicas, checkpoint, stream, bar)
+        else:
+            parts = []
+            for i, rows in enumerate(passes):
+                ck = pass_path(checkpoint, i) if checkpoint else None
+                parts.append((rows, one_pass(replicas.subset(rows), ck, None, bar)))
+            result = _merge_passes(parts, R, coords)
+            if stream is not None:
+                stream.append(result.to_xarray())
+    finally:
+        bar.close()
+    meta["wall_time_s"] = time.perf_counter() - t_start
+    meta["passes"] = len(passes)
+    return result
+
+
+def _stored(records, transient):
+    return {k: v for k, v in records.items() if k not in transient}
+
+
+def _validate(tr, model, dim, info):
+    try:
+        tr.validate(model, dim=dim, info=info)
+    except TypeError as e:
+        if "unexpected keyword" not in str(e):
+            raise
+        tr.validate(model)
+
+
+def _snapshot_steps(tr, info) -> tuple[int, ...]:
+    return tuple(tr.snapshot_steps(info)) if hasattr(tr, "snapshot_steps") else ()
+
+
+def _owner(trackers, reference) -> int:
+    """The observer that takes the step itself: a tangent observer that tracks every row
+    (its linearisation computes the step anyway). -1 when there is none."""
+    for i, tr in enumerate(trackers):
+        if hasattr(tr, "step") and tracked_rows(getattr(tr, "rows", "all"), reference) is None:
+            return i
+    return -1
+
+
+def pass_rows(reference: np.ndarray, per_device: int, n_dev: int) -> list[np.ndarray]:
+    """Split rows into passes of at most ``per_device`` rows on each of ``n_dev`` devices,
+    keeping every reference group whole on one device (groups in order, each to the
+    least-loaded device, as :func:`device_layout` places them)."""
+    passes, cur, load = [], [], [0] * n_dev
+    for rows in groups_of(reference):
+        if len(rows) > per_device:
+            raise ValueError(
+                f"memory_limit: a reference group of {len(rows)} replicas does not fit on one "
+                f"device ({per_device} per device); use fewer perturbed replicas per group or "
+                "more memory"
+            )
+        d = load.index(min(load))
+        if cur and load[d] + len(rows) > per_device:
+            passes.append(np.asarray(cur))
+            cur, load = [], [0] * n_dev
+            d = 0
+        cur += rows
+        load[d] += len(rows)
+    if cur:
+        passes.append(np.asarray(cur))
+    return passes
+
+
+def _merge_passes(parts, R: int, coords) -> ReplicaResults:
+    order = np.concatenate([rows for rows, _ in parts])
+    inv = np.empty(R, np.int64)
+    inv[order] = np.arange(R)
+    res = [r for _, r in parts]
+
+    def cat(arrs):
+        return np.concatenate(arrs, axis=0)[inv]
+
+    first = res[0]
+    merged = ReplicaResults(
+        steps=first.steps,
+        records={k: cat([r.records[k] for r in res]) for k in first.records},
+        final_state=cat([r.final_state for r in res]),
+        diverged_step=cat([r.diverged_step for r in res]),
+        coords=coords,
+        layer_names=first.layer_names,
+        attrs=first.attrs,
+        dims=first.dims,
+        axes=first.axes,
+        final_carry=tuple(cat(list(c)) for c in zip(*[r.final_carry for r in res])),
+        transient=first.transient,
+    )
+    merged.tracker_states = [
+        jax.tree_util.tree_map(lambda *a: cat(list(a)) if np.ndim(a[0]) else a[0], *states)
+        for states in zip(*[r.tracker_states for r in res])
+    ]
+    return merged
+
+
+__all__ = [
+    "DISTANCES",
+    "DISTANCE_AXIS",
+    "GENERIC_OBSERVABLES",
+    "TRAINING_OBSERVABLES",
+    "Checkpoint",
+    "coords_of",
+    "device_layout",
+    "pass_rows",
+    "replica_memory",
+    "run",
+    "tracked_rows",
+]
