@@ -93,7 +93,8 @@ class Layout:
     def trivial(self) -> bool:
         """The state is itself a flat float vector (no pytree, nothing carried)."""
         return (
-            self.treedef.num_leaves == 1
+            jax.tree_util.treedef_is_leaf(self.treedef)
+            and self.treedef.num_leaves == 1
             and self.leaves[0].dynamic
             and len(self.leaves[0].shape) == 1
             and self.leaves[0].dtype == self.dtype
@@ -107,6 +108,8 @@ class Layout:
         """One (unbatched) state → ``(x (dim,), carried leaves)``."""
         if self.trivial:
             return jnp.asarray(tree), ()
+        if not self.leaves:
+            return jnp.zeros((0,), self.dtype), ()
         leaves = self.treedef.flatten_up_to(tree)
         vec = [jnp.ravel(v).astype(self.dtype) for v, s in zip(leaves, self.leaves) if s.dynamic]
         carried = tuple(v for v, s in zip(leaves, self.leaves) if not s.dynamic)
@@ -171,10 +174,10 @@ def layout_of(
             carried rather than dynamical (e.g. running statistics).
         dtype: dtype of the flat vector (default: the result type of the dynamical leaves).
         what: the name used in error messages.
+
+    A tree without leaves (an empty optimizer state) has dim 0.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    if not flat:
-        raise ValueError(f"{what}: the state has no array leaves")
     specs, dyn_dtypes = [], []
     for path, leaf in flat:
         name = path_name(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -122,6 +123,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def environment_info() -> dict[str, str]:
     """Versions and device of this process, for result attributes and benchmark tables."""
+    return {**dict(_environment_info()), "x64": str(x64_enabled())}
+
+
+@functools.lru_cache(maxsize=1)
+def _environment_info() -> tuple:
     import importlib.metadata as md
 
     info = {"python": platform.python_version(), "platform": platform.platform()}
@@ -133,8 +139,7 @@ def environment_info() -> dict[str, str]:
     devs = jax.devices()
     info["backend"] = jax.default_backend()
     info["device"] = f"{len(devs)} x {devs[0].device_kind}"
-    info["x64"] = str(x64_enabled())
-    return info
+    return tuple(info.items())
 
 
 def to_jsonable(obj: Any) -> Any:

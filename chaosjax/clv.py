@@ -224,7 +224,7 @@ def covariant_lyapunov_vectors(
     Returns:
         :class:`CLVResult`.
     """
-    from chaosjax.lyapunov import _cadence, _check_run, _check_windows, _engine, _prepare
+    from chaosjax.lyapunov import _check_run, _check_windows, _engine, _prepare
 
     step, batch, dim = _prepare(step, x0, batched, args)
     _check_run(steps, renorm_every, k, dim)
@@ -273,7 +273,6 @@ def covariant_lyapunov_vectors(
         clv=window,
     )
     total = start + int(steps) + int(backward_transient)
-    record_every, chunk = _cadence(total, chunk_steps, start, keep_per * re)
     res = _engine(
         step,
         batch,
@@ -281,8 +280,8 @@ def covariant_lyapunov_vectors(
         batched=batched,
         total=total,
         t0=t0,
-        record_every=record_every,
-        chunk=chunk,
+        chunk_steps=chunk_steps,
+        windows=(start, keep_per * re),
         progress=progress,
         desc="clv forward",
         checkpoint=checkpoint,

@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 
+from chaosjax._layout import layout_of
 from chaosjax.curvature import (
     PRECISION,
     adaptive_preconditioner,
@@ -52,6 +52,7 @@ from chaosjax.curvature import (
     preconditioned_operator,
     preconditioner_diagonal,
 )
+from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
 
 #: base optimizers a controller can drive (the direction; the controller sets η).
 CONTROLLED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
@@ -244,7 +245,7 @@ def sharpness_margin(
     every, num_blocks, cold_blocks = int(every), int(num_blocks), int(cold_blocks)
 
     def init_fn(params):
-        flat = ravel_pytree(params)[0]
+        flat = layout_of(params, what="params").ravel(params)
         v = jax.random.normal(jax.random.PRNGKey(seed), flat.shape, flat.dtype)
         return SharpnessControlState(
             count=jnp.zeros((), jnp.int32),
@@ -343,29 +344,6 @@ class FTLEControlState(NamedTuple):
     inner: Any
 
 
-def _float_split(tree):
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    is_f = tuple(bool(jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)) for x in leaves)
-    return leaves, treedef, is_f
-
-
-def _gram_schmidt(w):
-    """Modified Gram–Schmidt of the rows of w (k, m): (orthonormal rows, |diag R|) — pure JAX,
-    differentiable, no LAPACK call."""
-    k = w.shape[0]
-    rows, norms = [], []
-    for i in range(k):
-        u = w[i]
-        for q in rows:
-            u = u - (q @ u) * q
-        for q in rows:  # twice is enough
-            u = u - (q @ u) * q
-        n = jnp.linalg.norm(u)
-        rows.append(u / jnp.where(n > 0, n, 1.0))
-        norms.append(n)
-    return jnp.stack(rows), jnp.stack(norms)
-
-
 def ftle_target(
     target=0.0,
     learning_rate=0.01,
@@ -434,18 +412,17 @@ def ftle_target(
     warmup = window if warmup is None else int(warmup)
 
     def init_fn(params):
-        flat = ravel_pytree(params)[0]
+        p_lay = layout_of(params, what="params")
         inner = base.init(params)
-        leaves, _, is_f = _float_split(inner)
-        n = flat.shape[0] + sum(int(np.size(x)) for x, f in zip(leaves, is_f) if f)
+        n = p_lay.dim + layout_of(inner, what="optimizer state").dim
         if k > n:
             raise ValueError(f"k: must be <= the tangent dimension {n}, got {k}")
-        w = jax.random.normal(jax.random.PRNGKey(seed), (k, n), flat.dtype)
+        dt = jnp.dtype(p_lay.dtype)
         return FTLEControlState(
             count=jnp.zeros((), jnp.int32),
-            learning_rate=jnp.asarray(learning_rate, flat.dtype),
-            ftle=jnp.zeros((), flat.dtype),
-            tangents=_gram_schmidt(w)[0],
+            learning_rate=jnp.asarray(learning_rate, dt),
+            ftle=jnp.zeros((), dt),
+            tangents=random_basis(jax.random.PRNGKey(seed), n, k, dt).T,
             inner=inner,
         )
 
@@ -456,31 +433,27 @@ def ftle_target(
         dt = eta0.dtype
         direction, inner = base.update(updates, state.inner, params)
 
-        flat, unravel = ravel_pytree(params)
-        n_p = flat.shape[0]
-        leaves, treedef, is_f = _float_split(state.inner)
-        s_flat, s_unravel = ravel_pytree([x for x, f in zip(leaves, is_f) if f])
+        p_lay = layout_of(params, what="params")
+        i_lay = layout_of(state.inner, what="optimizer state")
+        n_p = p_lay.dim
+        s_flat, ints = i_lay.split(state.inner)
 
-        def uncontrolled(z):  # the step at fixed η as a map on (params, float moments)
-            p = unravel(z[:n_p])
-            floats = iter(s_unravel(z[n_p:]))
-            inn = jax.tree_util.tree_unflatten(
-                treedef, [next(floats) if f else x for x, f in zip(leaves, is_f)]
-            )
+        def uncontrolled(z, t):  # the step at fixed η as a map on (params, float moments)
+            del t
+            p = p_lay.unravel(z[:n_p])
             g = jax.grad(value_fn)(p)
-            d, new_inner = base.update(g, inn, p)
-            new_p = ravel_pytree(p)[0] - eta0 * ravel_pytree(d)[0]
-            nl, _, nf = _float_split(new_inner)
-            return jnp.concatenate([new_p, ravel_pytree([x for x, f in zip(nl, nf) if f])[0]])
+            d, new_inner = base.update(g, i_lay.merge(z[n_p:], ints), p)
+            new_p = p_lay.ravel(p) - eta0 * p_lay.ravel(d)
+            return jnp.concatenate([new_p, i_lay.split(new_inner)[0]]).astype(z.dtype)
 
-        z = jnp.concatenate([flat, s_flat]).astype(dt)
+        z = jnp.concatenate([p_lay.ravel(params), s_flat]).astype(dt)
         with jax.default_matmul_precision(PRECISION):
-            w = jax.vmap(lambda u: jax.jvp(uncontrolled, (z,), (u,))[1])(state.tangents)
-        q, r = _gram_schmidt(w.astype(dt))
-        growth = jnp.log(jnp.maximum(r[0], jnp.finfo(dt).tiny))
+            _, w = tangent_step(uncontrolled, z, state.tangents.T, 0)
+        q, r = qr_renormalize(w.astype(dt))
+        growth = jnp.log(jnp.maximum(r[0, 0], jnp.finfo(dt).tiny))
         ok = jnp.isfinite(growth) & jnp.all(jnp.isfinite(q))
         ftle = jnp.where(ok, state.ftle + (growth - state.ftle) / window, state.ftle)
-        tangents = jnp.where(ok, q, state.tangents)
+        tangents = jnp.where(ok, q.T, state.tangents)
         act = (state.count >= warmup) & ((state.count - warmup) % every == 0) & ok
         new = _ratio_step(
             eta0, gain * (target - ftle), max_change, min_learning_rate, max_learning_rate
@@ -528,7 +501,7 @@ def gradient_noise(scale, *, seed: int = 0, relative: bool = False) -> optax.Gra
         sigma = scale(state.count) if callable(scale) else scale
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         if relative:
-            flat = ravel_pytree(leaves)[0]
+            flat = layout_of(leaves, what="updates").ravel(leaves)
             sigma = sigma * jnp.linalg.norm(flat) / jnp.sqrt(max(flat.size, 1))
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
         keys = jax.random.split(key, max(len(leaves), 1))

@@ -39,9 +39,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from chaosjax import _smalllinalg as _sl
+from chaosjax._layout import layout_of
 
 PRECISION = "highest"
 
@@ -49,12 +49,18 @@ PRECISION = "highest"
 # operators
 
 
+def _ravel(params):
+    """(flat params, unravel) in the one flat layout of :mod:`chaosjax._layout`."""
+    lay = layout_of(params, what="params")
+    return lay.ravel(params), lay.unravel
+
+
 def _flat(loss: Callable, params):
     """(loss on flat vectors, flat params, unravel)."""
     if isinstance(params, jax.Array | np.ndarray) and jnp.ndim(params) == 1:
         p = jnp.asarray(params)
         return loss, p, lambda v: v
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = _ravel(params)
     return (lambda v: loss(unravel(v))), flat, unravel
 
 
@@ -95,7 +101,7 @@ def ggn_operator(
     parameters.
     """
     flat, unravel = (
-        ravel_pytree(params)
+        _ravel(params)
         if not (isinstance(params, jax.Array) and params.ndim == 1)
         else (params, lambda v: v)
     )
@@ -140,9 +146,9 @@ def adaptive_preconditioner(opt_state) -> tuple[jax.Array, str]:
         opt_state, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")
     ):
         if isinstance(leaf, optax.ScaleByAdamState):
-            return ravel_pytree(leaf.nu)[0], "adam", leaf.count
+            return _ravel(leaf.nu)[0], "adam", leaf.count
         if isinstance(leaf, optax.ScaleByRmsState):
-            return ravel_pytree(leaf.nu)[0], "rmsprop", None
+            return _ravel(leaf.nu)[0], "rmsprop", None
     raise ValueError(
         "optimizer: the state holds no Adam or RMSProp second moments to precondition with"
     )
@@ -398,7 +404,7 @@ def hessian_eigs(
     """The k largest algebraic Hessian eigenvalues of ``loss`` at ``params`` (Lanczos).
 
     ``loss`` maps a parameter pytree (or a flat vector) to a scalar. Eigenvectors are flat
-    unit rows in ``ravel_pytree`` order. See :func:`lanczos_eigs`.
+    unit rows in ``jax.tree_util`` leaf order (the flat layout of :mod:`chaosjax._layout`). See :func:`lanczos_eigs`.
     """
     matvec, p = hessian_operator(loss, params)
     return lanczos_eigs(
@@ -445,7 +451,7 @@ def trace_estimate(
     g_n = max(2, num_probes - 2 * m)
     ks, kg = jax.random.split(key)
     s = jax.random.rademacher(ks, (m, dim), dtype)
-    q = jnp.linalg.qr(mv(s).T)[0]
+    q = _sl.qr_q(mv(s).T)
     exact = jnp.trace(q.T @ mv(q.T).T)
     g = jax.random.rademacher(kg, (g_n, dim), dtype)
     g = g - (g @ q) @ q.T

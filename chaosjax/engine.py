@@ -12,9 +12,9 @@ are NaN and the rest of the batch goes on. The replica axis can be sharded over 
 (each reference group whole on one device, no collective in a chunk) and a batch that does
 not fit runs in passes of whole reference groups.
 
-:func:`chaosjax.run_replicas` is the public entry point; :func:`chaosjax.lyapunov_spectrum`,
-:func:`chaosjax.twin_lyapunov` and :func:`chaosjax.covariant_lyapunov_vectors` are thin calls
-of :func:`run`.
+:func:`run_replicas` (exported as :func:`chaosjax.run_replicas`) is the one driver;
+:func:`chaosjax.lyapunov_spectrum`, :func:`chaosjax.twin_lyapunov` and
+:func:`chaosjax.covariant_lyapunov_vectors` are thin calls of it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from chaosjax.results import ReplicaResults, ZarrStream
 from chaosjax.sharding import (
     AXIS,
     MemoryEstimate,
+    donating_jit,
     estimate_bytes,
     from_local_rows,
     gather,
@@ -263,18 +264,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
     return jax.lax.scan(outer, (state, tstates), times)
 
 
-def _donating(fn, static, donate):
-    plain = jax.jit(fn, static_argnames=static)
-    donating = jax.jit(fn, static_argnames=static, donate_argnums=donate)
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return (plain if jax.default_backend() == "cpu" else donating)(*args, **kwargs)
-
-    return call
-
-
-_chunk_jit = _donating(_chunk, ("spec",), (4, 5))  # states and observer states
+_chunk_jit = donating_jit(_chunk, ("spec",), (4, 5))  # states and observer states
 _first_jit = jax.jit(_first, static_argnames=("spec",))
 
 
@@ -471,7 +461,45 @@ class Checkpoint:
 # memory
 
 
+_MEMORY: dict = {}  # estimates by shapes: tracing a step costs tens of ms per call
+
+
+def _shapes(tree):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(v)), str(jnp.result_type(v))) for v in leaves)
+
+
 def replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> MemoryEstimate:
+    """Device memory one replica of a run needs, by part (see :func:`_replica_memory`);
+    estimates are reused for the same shapes, model structure and observers."""
+    try:
+        program = _program_of(model, replicas)[0]
+        key = (
+            _shapes(program),
+            _shapes((replicas.states[:1], replicas.carry, replicas.hparams)),
+            replicas.layout,
+            tuple(trackers),
+            info,
+            tuple(_tracked_share(trackers, replicas.reference)),
+        )
+        hash(key)
+    except TypeError:  # an unhashable piece (a custom observer): estimate afresh
+        return _replica_memory(model, replicas, trackers, info=info)
+    if key not in _MEMORY:
+        _MEMORY[key] = _replica_memory(model, replicas, trackers, info=info)
+    return _MEMORY[key]
+
+
+def _tracked_share(trackers, reference) -> list[float]:
+    """The share of rows each observer tracks."""
+    out = []
+    for tr in trackers:
+        rows = tracked_rows(getattr(tr, "rows", "all"), reference)
+        out.append(1.0 if rows is None else len(rows) / len(reference))
+    return out
+
+
+def _replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> MemoryEstimate:
     """Device memory one replica of a run needs, by part.
 
     ``state``: the state and its copies inside a step (carry, update, frozen select);
@@ -494,10 +522,7 @@ def replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> Me
     a1 = _row_struct(replicas.hparams)
     parts["step"] = estimate_bytes(lambda x, c, a: flow(x, c, t, a), x1, c1, a1)
     info = info or RunInfo(0, 1, 1)
-    R = len(replicas)
-    for tr in trackers:
-        rows = tracked_rows(getattr(tr, "rows", "all"), replicas.reference)
-        share = 1.0 if rows is None else len(rows) / R
+    for tr, share in zip(trackers, _tracked_share(trackers, replicas.reference)):
         if hasattr(tr, "memory"):
             b = tr.memory(info, flow, x1, c1, a1)
             if isinstance(b, Mapping):  # named parts
@@ -565,7 +590,7 @@ def _chunk_plan(t: int, end: int, chunk_steps: int, stops: Sequence[int]) -> int
     return n
 
 
-def run(
+def run_replicas(
     model,
     replicas,
     *,
@@ -589,7 +614,57 @@ def run(
     devices=None,
     memory_limit=None,
 ) -> ReplicaResults:
-    """The engine behind :func:`chaosjax.run_replicas` (see there for the arguments)."""
+    """Run a replica batch for ``steps`` steps, record observables and advance observers.
+
+    This is chaosjax's one engine: every analysis of a trajectory (Lyapunov spectra, FTLEs,
+    CLVs, twin estimates, curvature, training response, replica distances) is an observer
+    advanced inside the same jitted chunk as the states it observes, so every number of a run
+    is measured on the trajectory that was recorded.
+
+    Args:
+        model: a :class:`TrainingMap` or a plain ``step(x, t)`` callable (``step(x, t, args)``
+            when the batch carries per-replica arguments in ``hparams``).
+        replicas: from :func:`make_replicas`.
+        steps: number of steps (a multiple of ``record_every``).
+        record_every: record cadence; records are at t0, t0 + r, …, t0 + steps.
+        observables: names to record. Training maps: ``loss``, ``accuracy``, ``test_loss``,
+            ``test_accuracy``, ``param_norm``, ``distance_l1``, ``distance_l2`` (parameters, to
+            the reference replica), ``layer_distance`` / ``layer_distance_l1`` (per layer).
+            Plain maps: ``norm``, ``distance_l1``, ``distance_l2``.
+        custom_observables: {name: fn(state) -> scalar or vector}, vmapped over replicas.
+        trackers: observers: :class:`chaosjax.LyapunovTracker` (tangents and FTLEs along the
+            recorded trajectory), :class:`chaosjax.CurvatureTracker`,
+            :class:`chaosjax.ResponseTracker`, or any object following the protocol of
+            :mod:`chaosjax.observers`. Their state (tangent bases, warm starts) is carried
+            between steps and records and checkpointed.
+        distance_every: cadence of the distance observables, a divisor of ``record_every``
+            (default: ``record_every``). Finer distances get their own time axis
+            ``distance_step`` (see :meth:`ReplicaResults.steps_of`): a fit of the replica
+            separation needs its points, while expensive trackers keep ``record_every``.
+        chunk_steps: steps per jitted chunk (default about 500, a multiple of record_every).
+        loss_bound: a replica whose batch loss exceeds this (or is not finite) diverges.
+        state_bound: a replica whose largest |state entry| exceeds this diverges.
+        t0: time of the initial states (batches and optimizer counters follow t).
+        progress: show a tqdm progress bar.
+        checkpoint: path of a ``.npz`` checkpoint written after every chunk.
+        store: path of a zarr store the records are appended to chunk by chunk.
+        resume: continue from ``checkpoint`` if it exists.
+        attrs: extra metadata stored with the results.
+        on_chunk: called with the current time after every chunk (tests use it to interrupt).
+        devices: devices sharing the replica axis (:func:`chaosjax.sharding.replica_mesh`):
+            ``None`` = every device (of every process after
+            :func:`chaosjax.sharding.initialize_distributed`), an int = that many local
+            devices, or a list of devices / a mesh. States, observer states and
+            hyper-parameters stay on the devices between chunks; only the records come back.
+        desc: the progress bar's label.
+        memory_limit: bytes (or ``"8GiB"``) a device may use; default 80 % of the device's
+            (or the host's share of) memory. A batch that does not fit runs in passes of
+            whole reference groups; a run in which one replica does not fit is refused.
+
+    Returns:
+        :class:`ReplicaResults` with records (R, steps // record_every + 1, ...) on the
+        record axis, and the observers' own axes (``results.steps_of(name)``).
+    """
     from chaosjax.training import TrainingMap
 
     steps, record_every = int(steps), int(record_every)
@@ -1122,6 +1197,6 @@ __all__ = [
     "device_layout",
     "pass_rows",
     "replica_memory",
-    "run",
+    "run_replicas",
     "tracked_rows",
 ]

@@ -235,32 +235,23 @@ def _check_windows(**windows):
             raise ValueError(f"{name}: must be a non-negative integer, got {v!r}")
 
 
-def _cadence(total: int, chunk_steps: int, *windows: int) -> tuple[int, int]:
-    """(record_every, chunk_steps) of a driver's run: records are bookkeeping here, so as few
-    as the run's windows allow (record_every divides the run, every window start and the
-    chunk length)."""
-    r = math.gcd(int(total), max(int(chunk_steps), 1), *[int(w) for w in windows if w])
-    return r, max(r, (int(chunk_steps) // r) * r)
-
-
-def _engine(
-    step, batch, trackers, *, batched, total, t0, record_every, chunk, progress, desc, **kw
-):
+def _engine(step, batch, trackers, *, batched, total, t0, chunk_steps, windows, desc, **kw):
+    """One run of the engine for a driver. Records are bookkeeping here, so as few as the
+    run's windows allow: record_every divides the run, every window start and the chunk."""
     from chaosjax import engine
 
     if not batched:
         kw["devices"] = 1  # one trajectory: nothing to share
-
-    return engine.run(
+    r = math.gcd(int(total), max(int(chunk_steps), 1), *[int(w) for w in windows if w])
+    return engine.run_replicas(
         step,
         batch,
         steps=total,
-        record_every=record_every,
+        record_every=r,
         observables=(),
         trackers=trackers,
-        chunk_steps=chunk,
+        chunk_steps=max(r, (int(chunk_steps) // r) * r),
         t0=int(t0),
-        progress=progress,
         desc=desc,
         **kw,
     )
@@ -350,7 +341,6 @@ def lyapunov_spectrum(
         key=key_data(key),
         log_det=bool(log_det),
     )
-    record_every, chunk = _cadence(total, chunk_steps, int(warmup) + n_align)
     res = _engine(
         step,
         batch,
@@ -358,8 +348,8 @@ def lyapunov_spectrum(
         batched=batched,
         total=total,
         t0=t0,
-        record_every=record_every,
-        chunk=chunk,
+        chunk_steps=chunk_steps,
+        windows=(int(warmup) + n_align,),
         progress=progress,
         desc="lyapunov",
         checkpoint=checkpoint,
@@ -515,7 +505,6 @@ def twin_lyapunov(
         layout=batch.layout,
     )
     total = int(warmup) + int(steps)
-    record_every, chunk = _cadence(total, chunk_steps, int(warmup))
     res = _engine(
         step,
         pair_batch,
@@ -523,8 +512,8 @@ def twin_lyapunov(
         batched=batched,
         total=total,
         t0=t0,
-        record_every=record_every,
-        chunk=chunk,
+        chunk_steps=chunk_steps,
+        windows=(int(warmup),),
         progress=progress,
         desc="twin",
         checkpoint=checkpoint,
@@ -700,7 +689,7 @@ def local_growth_rates(
         reference=np.repeat((m + 1) * np.arange(n), m + 1).astype(np.int32),
         coords={"member": np.tile(np.arange(m + 1), n)},
     )
-    res = engine.run(
+    res = engine.run_replicas(
         step,
         batch,
         steps=int(delta_t),

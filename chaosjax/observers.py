@@ -50,7 +50,7 @@ import numpy as np
 
 from chaosjax._smalllinalg import log_abs_det
 from chaosjax.sharding import estimate_bytes
-from chaosjax.tangents import qr_renormalize, random_basis
+from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
 
 ROWS = ("all", "references", "perturbed")
 
@@ -317,12 +317,11 @@ class LyapunovTracker(NamedTuple):
     def _propagate(self, flow, x, carry, args, t, q):
         """One row: the step's primal outputs and J q (n, k) from one linearisation."""
 
-        def f(v):
+        def f(v, t):
             x2, c2, loss = flow(v, carry, t, args)
             return x2, (c2, loss)
 
-        x2, lin, (c2, loss) = jax.linearize(f, x, has_aux=True)
-        y = jax.vmap(lin, in_axes=1, out_axes=1)(q)
+        x2, y, (c2, loss) = tangent_step(f, x, q, t, has_aux=True)
         return x2, c2, loss, y
 
     def _finish(self, info, ctx, y, alive):

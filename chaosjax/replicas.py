@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax import engine
 from chaosjax._layout import Layout, layout_of
 from chaosjax._util import warn_if_below_resolution
-from chaosjax.engine import GENERIC_OBSERVABLES, TRAINING_OBSERVABLES, Checkpoint, replica_memory
+from chaosjax.engine import (
+    GENERIC_OBSERVABLES,
+    TRAINING_OBSERVABLES,
+    Checkpoint,
+    replica_memory,
+    run_replicas,
+)
 from chaosjax.results import ReplicaResults
 from chaosjax.training import TrainingMap
 
@@ -251,107 +255,6 @@ def make_replicas(
         coords={k: np.asarray(v) for k, v in coords.items()},
         carry=tuple(jnp.broadcast_to(c, (n, *jnp.shape(c))) for c in carry),
         layout=layout,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# the driver
-
-
-def run_replicas(
-    model,
-    replicas: ReplicaBatch,
-    *,
-    steps: int,
-    record_every: int = 1,
-    observables: Sequence[str] | None = None,
-    custom_observables: Mapping[str, Callable] | None = None,
-    trackers: Sequence = (),
-    distance_every: int | None = None,
-    chunk_steps: int | None = None,
-    loss_bound: float = 1e8,
-    state_bound: float = np.inf,
-    t0: int = 0,
-    progress: bool = True,
-    checkpoint: str | os.PathLike | None = None,
-    store: str | os.PathLike | None = None,
-    resume: bool = False,
-    attrs: Mapping[str, Any] | None = None,
-    on_chunk: Callable[[int], None] | None = None,
-    devices=None,
-    memory_limit=None,
-) -> ReplicaResults:
-    """Run a replica batch for ``steps`` steps, record observables and advance observers.
-
-    This is chaosjax's one engine: every analysis of a trajectory (Lyapunov spectra, FTLEs,
-    CLVs, twin estimates, curvature, training response, replica distances) is an observer
-    advanced inside the same jitted chunk as the states it observes, so every number of a run
-    is measured on the trajectory that was recorded.
-
-    Args:
-        model: a :class:`TrainingMap` or a plain ``step(x, t)`` callable (``step(x, t, args)``
-            when the batch carries per-replica arguments in ``hparams``).
-        replicas: from :func:`make_replicas`.
-        steps: number of steps (a multiple of ``record_every``).
-        record_every: record cadence; records are at t0, t0 + r, …, t0 + steps.
-        observables: names to record. Training maps: ``loss``, ``accuracy``, ``test_loss``,
-            ``test_accuracy``, ``param_norm``, ``distance_l1``, ``distance_l2`` (parameters, to
-            the reference replica), ``layer_distance`` / ``layer_distance_l1`` (per layer).
-            Plain maps: ``norm``, ``distance_l1``, ``distance_l2``.
-        custom_observables: {name: fn(state) -> scalar or vector}, vmapped over replicas.
-        trackers: observers: :class:`chaosjax.LyapunovTracker` (tangents and FTLEs along the
-            recorded trajectory), :class:`chaosjax.CurvatureTracker`,
-            :class:`chaosjax.ResponseTracker`, or any object following the protocol of
-            :mod:`chaosjax.observers`. Their state (tangent bases, warm starts) is carried
-            between steps and records and checkpointed.
-        distance_every: cadence of the distance observables, a divisor of ``record_every``
-            (default: ``record_every``). Finer distances get their own time axis
-            ``distance_step`` (see :meth:`ReplicaResults.steps_of`): a fit of the replica
-            separation needs its points, while expensive trackers keep ``record_every``.
-        chunk_steps: steps per jitted chunk (default about 500, a multiple of record_every).
-        loss_bound: a replica whose batch loss exceeds this (or is not finite) diverges.
-        state_bound: a replica whose largest |state entry| exceeds this diverges.
-        t0: time of the initial states (batches and optimizer counters follow t).
-        progress: show a tqdm progress bar.
-        checkpoint: path of a ``.npz`` checkpoint written after every chunk.
-        store: path of a zarr store the records are appended to chunk by chunk.
-        resume: continue from ``checkpoint`` if it exists.
-        attrs: extra metadata stored with the results.
-        on_chunk: called with the current time after every chunk (tests use it to interrupt).
-        devices: devices sharing the replica axis (:func:`chaosjax.sharding.replica_mesh`):
-            ``None`` = every device (of every process after
-            :func:`chaosjax.sharding.initialize_distributed`), an int = that many local
-            devices, or a list of devices / a mesh. States, observer states and
-            hyper-parameters stay on the devices between chunks; only the records come back.
-        memory_limit: bytes (or ``"8GiB"``) a device may use; default 80 % of the device's
-            (or the host's share of) memory. A batch that does not fit runs in passes of
-            whole reference groups; a run in which one replica does not fit is refused.
-
-    Returns:
-        :class:`ReplicaResults` with records (R, steps // record_every + 1, ...) on the
-        record axis, and the observers' own axes (``results.steps_of(name)``).
-    """
-    return engine.run(
-        model,
-        replicas,
-        steps=steps,
-        record_every=record_every,
-        observables=observables,
-        custom_observables=custom_observables,
-        trackers=trackers,
-        distance_every=distance_every,
-        chunk_steps=chunk_steps,
-        loss_bound=loss_bound,
-        state_bound=state_bound,
-        t0=t0,
-        progress=progress,
-        checkpoint=checkpoint,
-        store=store,
-        resume=resume,
-        attrs=attrs,
-        on_chunk=on_chunk,
-        devices=devices,
-        memory_limit=memory_limit,
     )
 
 

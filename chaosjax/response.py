@@ -26,8 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
+from chaosjax.curvature import _ravel as ravel_params
 from chaosjax.models import ACTIVATIONS
 
 
@@ -50,7 +50,7 @@ def ntk(apply_fn: Callable, params, x1, x2=None, *, chunk_size: int = 64, trace:
         (n1, n2, out, out) kernel (or (n1, n2) with ``trace=True`` or scalar outputs).
     """
     x2 = x1 if x2 is None else x2
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = ravel_params(params)
 
     def f(p, x):
         return _outputs_2d(apply_fn(unravel(p), x))
@@ -101,7 +101,7 @@ def one_step_response(
     ``out_loss(outputs, y) -> scalar`` is the loss of the batch (x, y) (e.g. the training
     map's MSE); the first-order prediction uses the same batch-mean convention.
     """
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = ravel_params(params)
 
     def f(p, xx):
         return _outputs_2d(apply_fn(unravel(p), xx))
@@ -222,7 +222,7 @@ def fragility(
 ) -> Fragility:
     """Output sensitivity to small random input and weight perturbations (finite differences)."""
     key = jax.random.PRNGKey(0) if key is None else key
-    flat, unravel = ravel_pytree(params)
+    flat, unravel = ravel_params(params)
     f0 = _outputs_2d(apply_fn(params, x))
     kx, kw = jax.random.split(key)
 

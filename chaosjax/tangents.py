@@ -22,21 +22,26 @@ import jax.numpy as jnp
 from chaosjax import _smalllinalg as _sl
 
 
-def tangent_step(step: Callable, x, basis, t, args=None):
+def tangent_step(step: Callable, x, basis, t, args=None, *, has_aux: bool = False):
     """Advance a state and k tangent vectors by one step.
 
     Args:
-        step: ``step(x, t) -> x`` (or ``step(x, t, args)``) on a flat array state.
+        step: ``step(x, t) -> x`` (or ``step(x, t, args)``) on a flat array state; with
+            ``has_aux=True`` it returns ``(x_next, aux)`` and ``aux`` (e.g. carried leaves, the
+            loss) is passed through untouched.
         x: state, shape (n,).
         basis: tangent vectors as columns, shape (n, k).
         t: time index.
         args: optional extra argument of the step (e.g. hyper-parameters).
 
     Returns:
-        ``(x_next, J basis)`` with shapes (n,) and (n, k); one linearisation of the step,
-        reused for the k vectors (cost ∝ k, no dense Jacobian).
+        ``(x_next, J basis)`` (and ``aux``) with shapes (n,) and (n, k); one linearisation of
+        the step, reused for the k vectors (cost ∝ k, no dense Jacobian).
     """
     f = (lambda v: step(v, t)) if args is None else (lambda v: step(v, t, args))
+    if has_aux:
+        y, lin, aux = jax.linearize(f, x, has_aux=True)
+        return y, jax.vmap(lin, in_axes=1, out_axes=1)(basis), aux
     y, lin = jax.linearize(f, x)
     return y, jax.vmap(lin, in_axes=1, out_axes=1)(basis)
 

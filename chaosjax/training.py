@@ -13,7 +13,6 @@ so a grid of learning rates runs as one vmapped batch (``step_with``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from chaosjax._layout import layout_of
 from chaosjax._util import x64_enabled
 from chaosjax.datasets import Dataset
 
@@ -140,64 +140,6 @@ def _loss_fn(loss) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# flat layout
-
-
-@dataclasses.dataclass(frozen=True)
-class _Leaf:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    size: int
-    is_weight: bool
-
-
-def _path_name(path) -> str:
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            if k.name != "value":
-                parts.append(k.name)
-        else:
-            parts.append(str(k).strip(".[]'\""))
-    return "/".join(parts) or "x"
-
-
-def _layout(tree, offset: int = 0, what: str = "params"):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    specs = []
-    for path, leaf in leaves:
-        leaf = jnp.asarray(leaf)
-        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(
-                f"{what}: leaf {_path_name(path)!r} has dtype {leaf.dtype}; parameters must be floats"
-            )
-        name = _path_name(path)
-        last = name.rsplit("/", 1)[-1]
-        is_weight = last in ("kernel", "w", "weight", "W") or (leaf.ndim >= 2 and last != "bias")
-        specs.append(
-            _Leaf(name, tuple(leaf.shape), leaf.dtype.name, offset, int(leaf.size), is_weight)
-        )
-        offset += int(leaf.size)
-    return tuple(specs), offset
-
-
-def _flatten(leaves, dtype) -> jax.Array:
-    if not leaves:
-        return jnp.zeros((0,), dtype)
-    return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
-
-
-def _unflatten(vec, specs):
-    return [vec[s.offset : s.offset + s.size].reshape(s.shape).astype(s.dtype) for s in specs]
-
-
-# ---------------------------------------------------------------------------------------------
 # the map
 
 
@@ -312,22 +254,24 @@ class TrainingMap:
         self.matmul_precision = matmul_precision
         self.name = name or "training_map"
 
-        # layout of parameters and optimizer state
-        self._param_specs, n_params = _layout(params)
-        self._param_treedef = jax.tree_util.tree_structure(params)
+        # layout of parameters and optimizer state (one flat layout: chaosjax._layout)
+        self._params_layout = layout_of(params, what="params")
+        if self._params_layout.n_carried:
+            bad = next(s for s in self._params_layout.leaves if not s.dynamic)
+            raise TypeError(
+                f"params: leaf {bad.name!r} has dtype {bad.dtype}; parameters must be floats"
+            )
+        n_params = self._params_layout.dim
         opt = self._factory(**self.hparams)
         opt_state = opt.init(params)
-        o_leaves, self._opt_treedef = jax.tree_util.tree_flatten(opt_state)
-        o_leaves = [jnp.asarray(v) for v in o_leaves]
-        self._opt_is_float = tuple(bool(jnp.issubdtype(v.dtype, jnp.inexact)) for v in o_leaves)
-        float_leaves = [v for v, f in zip(o_leaves, self._opt_is_float) if f]
-        self._opt_specs, dim = _layout(float_leaves, n_params, what="optimizer state")
-        self._opt_specs = tuple(
-            dataclasses.replace(s, name=f"opt/{i}") for i, s in enumerate(self._opt_specs)
+        self._opt_layout = layout_of(opt_state, what="optimizer state")
+        self.counters0 = tuple(
+            jnp.asarray(v)
+            for v, spec in zip(jax.tree_util.tree_leaves(opt_state), self._opt_layout.leaves)
+            if not spec.dynamic
         )
-        self.counters0 = tuple(v for v, f in zip(o_leaves, self._opt_is_float) if not f)
         self.n_params = n_params
-        self.dim = dim
+        self.dim = n_params + self._opt_layout.dim
         self._check_counters(opt, params, opt_state)
         self._params0 = params
 
@@ -387,8 +331,7 @@ class TrainingMap:
         _, new_state = optax.with_extra_args_support(opt).update(
             zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
         )
-        new_leaves = jax.tree_util.tree_leaves(new_state)
-        new_ints = [jnp.asarray(v) for v, f in zip(new_leaves, self._opt_is_float) if not f]
+        new_ints = self._opt_layout.split(new_state)[1]
         for old, new in zip(self.counters0, new_ints):
             if not bool(jnp.all(new == old + 1)):
                 raise ValueError(
@@ -460,11 +403,8 @@ class TrainingMap:
         "features_fn",
         "matmul_precision",
         "name",
-        "_param_specs",
-        "_param_treedef",
-        "_opt_treedef",
-        "_opt_is_float",
-        "_opt_specs",
+        "_params_layout",
+        "_opt_layout",
         "n_params",
         "dim",
     )
@@ -504,7 +444,7 @@ class TrainingMap:
         params = jax.tree_util.tree_map(
             lambda a, ref: jnp.asarray(a, ref.dtype), params, self._params0
         )
-        if jax.tree_util.tree_structure(params) != self._param_treedef:
+        if jax.tree_util.tree_structure(params) != self._params_layout.treedef:
             raise ValueError("params: structure differs from the training map's parameters")
         opt_state = self._factory(**self.hparams).init(params)
         return self._flat(params, opt_state)
@@ -521,16 +461,13 @@ class TrainingMap:
         return self.init(self.init_fn(key))
 
     def _flat(self, params, opt_state) -> jax.Array:
-        p = _flatten(jax.tree_util.tree_leaves(params), self.state_dtype)
-        o = jax.tree_util.tree_leaves(opt_state)
-        o = _flatten([v for v, f in zip(o, self._opt_is_float) if f], self.state_dtype)
+        p = self._params_layout.ravel(params).astype(self.state_dtype)
+        o = self._opt_layout.split(opt_state)[0].astype(self.state_dtype)
         return jnp.concatenate([p, o])
 
     def params(self, state) -> Any:
         """Parameter pytree of a state (dim,)."""
-        return jax.tree_util.tree_unflatten(
-            self._param_treedef, _unflatten(state, self._param_specs)
-        )
+        return self._params_layout.unravel(state[: self.n_params])
 
     def flat_params(self, state) -> jax.Array:
         """The parameter part of the state, shape (n_params,)."""
@@ -538,33 +475,23 @@ class TrainingMap:
 
     def opt_state(self, state, t) -> Any:
         """The full optax state at step ``t`` (float moments from the state, counters from t)."""
-        floats = iter(_unflatten(state, self._opt_specs))
         t = jnp.asarray(t)
-        ints = iter([(c + t).astype(c.dtype) for c in self.counters0])
-        leaves = [next(floats) if f else next(ints) for f in self._opt_is_float]
-        return jax.tree_util.tree_unflatten(self._opt_treedef, leaves)
+        counters = tuple((c + t).astype(c.dtype) for c in self.counters0)
+        return self._opt_layout.merge(state[self.n_params :], counters)
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
         """Parameter ranges per layer: {layer name: (start, stop)} within the parameter part."""
-        out: dict[str, list[int]] = {}
-        for s in self._param_specs:
-            layer = s.name.rsplit("/", 1)[0] if "/" in s.name else s.name
-            lo, hi = out.get(layer, [s.offset, s.offset + s.size])
-            out[layer] = [min(lo, s.offset), max(hi, s.offset + s.size)]
-        return {k: (v[0], v[1]) for k, v in out.items()}
+        return self._params_layout.groups()
 
     @property
     def weight_mask(self) -> np.ndarray:
         """Boolean mask (n_params,) of weight entries (kernels; not biases)."""
-        m = np.zeros(self.n_params, bool)
-        for s in self._param_specs:
-            m[s.offset : s.offset + s.size] = s.is_weight
-        return m
+        return self._params_layout.weight_mask()
 
     @property
     def param_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self._param_specs)
+        return tuple(s.name for s in self._params_layout.leaves)
 
     # -- the map ----------------------------------------------------------------------------
 
