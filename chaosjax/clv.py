@@ -263,6 +263,9 @@ def covariant_lyapunov_vectors(
     n_align = -(-int(align) // re) * re
     start = int(warmup) + n_align
     window = CLVWindow(start, int(steps), int(backward_transient), keep_per * re)
+    if math.gcd(start + int(steps) + int(backward_transient), int(chunk_steps), start or 0,
+                keep_per * re) == keep_per * re:  # fmt: skip
+        window = window._replace(by_records=True)  # every record is a kept step: no splitting
     tracker = LyapunovTracker(
         k=int(k),
         renorm_every=re,

@@ -901,19 +901,29 @@ def run_replicas(
                     axes[rec_specs[name][1].axis] = [t]
             return out, axes
 
-        def to_host(vals, steps_here=None):
-            """Device values → host rows: record-cadence values (steps_here None) or the
-            per-step values of a chunk, kept at the steps of their axes."""
+        def axis_of(name):
+            if name in rec_specs:
+                return rec_specs[name][1].axis
+            return DISTANCE_AXIS if fine_distances and name in DISTANCES else "step"
+
+        def to_host(vals, steps_here=None, rec_at=None):
+            """Device values → host rows: record-cadence values (at the record steps
+            ``rec_at``) or the per-step values of a chunk (at ``steps_here``), kept at the steps
+            of their axes."""
             out, axes = {}, {}
             for name, v in vals.items():
                 v = np.asarray(v, np.float64)
                 which = which_of.get(name)
+                axis = axis_of(name)
                 if steps_here is None:  # (n_records, rows, ...)
                     out[name] = lay.to_rows(np.moveaxis(v, 1, 0), which)
+                    if axis != "step":  # a record-cadence value kept at its own axis' steps
+                        sel = np.isin(rec_at, axes_all[axis])
+                        out[name] = out[name][:, sel]
+                        axes[axis] = rec_at[sel]
                     continue
                 v = v.reshape(-1, *v.shape[2:])  # (n_rec·record_every, rows, ...)
                 v = lay.to_rows(np.moveaxis(v, 1, 0), which)
-                axis = rec_specs[name][1].axis if name in rec_specs else DISTANCE_AXIS
                 sel = np.isin(steps_here, axes_all[axis])
                 out[name] = v if sel.all() else v[:, sel]
                 axes[axis] = steps_here[sel]
@@ -984,11 +994,9 @@ def run_replicas(
                 spec_for(record_every),
                 (program, model_arg, hp, ref, state, jnp.asarray(t, jnp.int32), track),
             )
-            first, first_axes = {}, {axis: np.zeros(0, np.int64) for axis in axes_all}
-            for name, v in gather(obs0).items():
-                first[name] = lay.to_rows(np.asarray(v, np.float64), which_of.get(name))[:, None]
-                if fine_distances and name in DISTANCES:
-                    first_axes[DISTANCE_AXIS] = np.asarray([t])
+            first = {name: np.asarray(v)[None] for name, v in gather(obs0).items()}
+            first, first_axes = to_host(first, rec_at=np.asarray([t]))
+            first_axes = {**{axis: np.zeros(0, np.int64) for axis in axes_all}, **first_axes}
             for tr in trackers:
                 if hasattr(tr, "empty_host_records"):
                     first.update(tr.empty_host_records(R, 1))
@@ -1018,7 +1026,7 @@ def run_replicas(
             (state, tstates), (obs, fine) = call(1, spec_for(n), args)
             obs, fine = gather(obs), gather(fine)  # the only device → host transfer
             new_steps = t + record_every * (1 + np.arange(n // record_every))
-            chunk, chunk_axes = to_host(obs)
+            chunk, chunk_axes = to_host(obs, rec_at=new_steps)
             fine_vals, fine_axes = to_host(fine, t + 1 + np.arange(n))
             chunk.update(host_records(fine_vals, fine_axes, new_steps))
             chunk.update(fine_vals)

@@ -135,13 +135,17 @@ class CLVWindow(NamedTuple):
 
     The kept range is ``[start, start + steps)``; the R factors of every renormalisation in
     ``[start, start + steps + transient)`` are kept for the backward pass, and the basis and
-    state every ``keep_every`` steps of the kept range.
+    state every ``keep_every`` steps of the kept range. With ``by_records`` (``keep_every``
+    equal to the run's ``record_every``) the bases are emitted with every record, which costs
+    nothing extra when most records are kept; otherwise the engine ends a chunk at every kept
+    step and reads them there.
     """
 
     start: int
     steps: int
     transient: int
     keep_every: int
+    by_records: bool = False
 
 
 class LyapunovTracker(NamedTuple):
@@ -217,7 +221,7 @@ class LyapunovTracker(NamedTuple):
         return out
 
     def snapshot_steps(self, info: RunInfo) -> tuple[int, ...]:
-        if self.clv is None:
+        if self.clv is None or self.clv.by_records:
             return ()
         return tuple(int(s) for s in self.axes(info)[f"{self.prefix}kept"])
 
@@ -235,8 +239,9 @@ class LyapunovTracker(NamedTuple):
             out[f"{p}log_det"] = Record(f"{p}tangent_step", (), "step")
         if self.clv is not None:
             out[f"{p}clv_r"] = Record(f"{p}clv_renorm", ("exponent", "exponent2"), "step", False)
-            out[f"{p}clv_basis"] = Record(f"{p}kept", ("dim", "exponent"), "snapshot", False)
-            out[f"{p}clv_state"] = Record(f"{p}kept", ("dim",), "snapshot", False)
+            how = "record" if self.clv.by_records else "snapshot"
+            out[f"{p}clv_basis"] = Record(f"{p}kept", ("dim", "exponent"), how, False)
+            out[f"{p}clv_state"] = Record(f"{p}kept", ("dim",), how, False)
         return out
 
     def validate(self, model, dim: int | None = None, info: RunInfo | None = None) -> None:
@@ -285,7 +290,14 @@ class LyapunovTracker(NamedTuple):
                 f"clv: the window ({c.start} + {c.steps} steps) and its backward transient "
                 f"({c.transient}) end after the run ({info.steps} steps)"
             )
-        bad = [s for s in self.snapshot_steps(info) if (s - info.t0) % info.record_every]
+        if c.by_records and c.keep_every != info.record_every:
+            raise ValueError(
+                f"clv: by_records needs keep_every = record_every={info.record_every}, got "
+                f"{c.keep_every}"
+            )
+        bad = [
+            s for s in self.axes(info)[f"{self.prefix}kept"] if (s - info.t0) % info.record_every
+        ]
         if bad:
             raise ValueError(
                 f"keep_every: kept steps must fall on records (every {info.record_every} steps); "
@@ -300,10 +312,17 @@ class LyapunovTracker(NamedTuple):
     def init(self, model, states, hparams, t):
         n, dim = states.shape
         q = random_basis(_key(self.key), dim, self.k, states.dtype)
-        return {}, jnp.broadcast_to(q, (n, dim, self.k))
+        q = jnp.broadcast_to(q, (n, dim, self.k))
+        return self._kept(states, q), q
 
     def update(self, model, states, hparams, q, t):
-        return {}, q
+        return self._kept(states, q), q
+
+    def _kept(self, states, q):
+        """The basis and state at a record, when the CLV window keeps them by records."""
+        if self.clv is None or not self.clv.by_records:
+            return {}
+        return {f"{self.prefix}clv_basis": q, f"{self.prefix}clv_state": states}
 
     def evaluate(self, model, x, rows):
         """``tangent_loss``: the training loss of the states the tangents see (training maps),

@@ -58,7 +58,7 @@ def tangent_tracker(cfg: ExperimentConfig):
         n = c.steps or cfg.steps - c.align - c.backward_transient
         unit = math.lcm(cfg.record_every, re)
         keep = c.keep_every or unit * max(1, n // 10 // unit)
-        window = CLVWindow(c.align, n, c.backward_transient, keep)
+        window = CLVWindow(c.align, n, c.backward_transient, keep, keep == cfg.record_every)
     return LyapunovTracker(
         k=k, renorm_every=ly.renorm_every, warmup=warmup, rows="references", clv=window
     )
