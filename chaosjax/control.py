@@ -561,8 +561,9 @@ EPISODE_RULE = (
     "threshold exceeds excursion and ends when it is back at or below 1. A *divergence burst* "
     "starts when the replica distance grows by burst_decades decades within burst_window "
     "records and ends when it stops growing. Overlapping intervals of any kind are one "
-    "episode. Labels: *harmful* if the loss becomes non-finite or exceeds loss_bound after "
-    "the start (divergence), or if the loss has not returned within recover_factor × the "
+    "episode. Labels: *harmful* if the loss becomes non-finite or exceeds loss_bound between "
+    "the start and the end of the episode (divergence; a divergence after an episode has "
+    "recovered is an episode of its own), or if the loss has not returned within recover_factor × the "
     "pre-episode baseline within `recovery` steps of the start (no recovery); *unresolved* if "
     "it has not recovered but the run ended before that window closed; otherwise "
     "*helpful* if, settle records after the end, the sharpness is below (1 − tolerance) × the "
@@ -800,7 +801,7 @@ def instability_episodes(
             "test_loss_after": float(test[after]) if test is not None else nan,
             "reference_test_loss": float(ref_t[after]) if ref_t is not None else nan,
         }
-        if first_bad >= s:
+        if s <= first_bad <= m["end_eff"]:  # a divergence after the recovery is its own episode
             label, reason = "harmful", f"diverged at step {int(steps[first_bad])}"
         elif recovered < 0 and int(steps[-1]) - int(steps[s]) < recovery:
             label = "unresolved"

@@ -360,26 +360,55 @@ def block_krylov_eigs(
     num_blocks: int = 2,
     which: str = "largest",
     tol: float | None = None,
+    k: int | None = None,
+    key=None,
 ) -> EigResult:
     """Top-k eigenpairs by Rayleigh–Ritz on the block Krylov space span{V, AV, …, A^p V}.
 
-    Warm-started from ``v0`` (dim, k) — e.g. the previous eigenvectors while tracking — it
-    needs few blocks. Uses k·(p + 1) matvecs (p = ``num_blocks``) and returns exact residuals.
+    Warm-started from ``v0`` (dim, b) — e.g. the previous eigenvectors while tracking, plus
+    fresh random vectors — it needs few blocks. Uses b·(p + 1) matvecs (p = ``num_blocks``)
+    and returns exact residuals; p is capped so the space is no wider than the dimension.
+    When the space is exhausted (the new block lies in the span
+    already: a low-rank operator, or a start that is nearly invariant) the vanishing columns
+    are replaced by random vectors orthogonal to the basis, and every block is
+    re-orthogonalised after its QR, so the basis stays orthonormal and the Ritz values never
+    exceed the operator's spectrum.
+
+    Args:
+        k: eigenpairs returned (default b, the block width).
+        key: PRNG key of the replacement vectors (default ``PRNGKey(0)``).
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
     v = jnp.asarray(v0)
-    k = v.shape[1]
+    n, b_width = v.shape
+    # a Krylov space wider than the dimension is degenerate: cap the blocks
+    num_blocks = max(0, min(int(num_blocks), n // b_width - 1))
+    k = b_width if k is None else int(k)
+    if not 1 <= k <= b_width:
+        raise ValueError(f"k: must be an integer in [1, {b_width}] (the block width), got {k!r}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    dt = v.dtype
+    eps = jnp.finfo(dt).eps
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
+
+    def orth(basis, w):
+        for _ in range(2):
+            w = w - basis @ (basis.T @ w)
+        return w
+
     blocks = [_sl.qr_q(v)]
     images = []
-    for _ in range(int(num_blocks)):
+    for j in range(int(num_blocks)):
         w = mv(blocks[-1])
         images.append(w)
-        b = jnp.concatenate(blocks, axis=1)
-        for _ in range(2):
-            w = w - b @ (b.T @ w)
-        blocks.append(_sl.qr_q(w))
+        basis = jnp.concatenate(blocks, axis=1)
+        size = jnp.linalg.norm(w, axis=0)
+        w = orth(basis, w)
+        fresh = orth(basis, jax.random.normal(jax.random.fold_in(key, j), w.shape, dt))
+        spent = jnp.linalg.norm(w, axis=0) <= 1e3 * eps * jnp.maximum(size, jnp.finfo(dt).tiny)
+        q = _sl.qr_q(jnp.where(spent[None, :], fresh, w))
+        blocks.append(_sl.qr_q(orth(basis, q)))  # QR of near-dependent columns loses orthogonality
     images.append(mv(blocks[-1]))
     b = jnp.concatenate(blocks, axis=1)
     ab = jnp.concatenate(images, axis=1)
@@ -393,9 +422,9 @@ def block_krylov_eigs(
     norms = jnp.linalg.norm(y, axis=0)
     y, ay = y / norms, ay / norms
     res = jnp.linalg.norm(ay - y * theta, axis=0)
-    tol = _default_tol(v.dtype) if tol is None else tol
-    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(v.dtype).tiny)
-    return EigResult(theta, y.T, res, res <= tol * scale, k * (int(num_blocks) + 1))
+    tol = _default_tol(dt) if tol is None else tol
+    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dt).tiny)
+    return EigResult(theta, y.T, res, res <= tol * scale, b_width * (int(num_blocks) + 1))
 
 
 def hessian_eigs(
@@ -597,7 +626,8 @@ class CurvatureTracker(NamedTuple):
     """Track the top-k curvature of every replica at each record of :func:`run_replicas`.
 
     The first record runs a cold Lanczos (``cold_matvecs``); later records warm-start a block
-    Krylov solve (``num_blocks`` blocks, k·(num_blocks + 1) matvecs) from the previous
+    Krylov solve (``num_blocks`` blocks of k + 1 vectors: the previous eigenvectors and a fresh
+    random vector; (k + 1)·(num_blocks + 1) matvecs) from the previous
     eigenvectors, sign-aligned to them. Recorded per replica:
 
     * ``sharpness`` (k,): top algebraic eigenvalues of the operator;
@@ -696,7 +726,16 @@ class CurvatureTracker(NamedTuple):
                 v_prev,
                 jax.random.normal(jax.random.PRNGKey(1), v_prev.shape, v_prev.dtype),
             )
-            r = block_krylov_eigs(matvec, start, num_blocks=self.num_blocks)
+            # the warm start plus a fresh random vector of this record: a warm start alone
+            # converges to *an* eigenvector and misses an eigenvalue that overtakes it
+            fresh = jax.random.normal(
+                jax.random.fold_in(jax.random.PRNGKey(2), t), (dim, 1), p.dtype
+            )
+            block = start if dim <= self.k else jnp.concatenate([start, fresh], axis=1)
+            r = block_krylov_eigs(
+                matvec, block, num_blocks=self.num_blocks, k=self.k,
+                key=jax.random.fold_in(jax.random.PRNGKey(3), t),
+            )  # fmt: skip
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
             sign = jnp.sign(jnp.sum(vecs * start, axis=0))
             vecs = vecs * jnp.where(sign == 0, 1.0, sign)
@@ -733,7 +772,7 @@ class CurvatureTracker(NamedTuple):
         return jax.vmap(lambda s, h, v: self._one(tmap, s, h, t, v, False))(states, hparams, vecs)
 
     def matvecs(self, first: bool) -> int:
-        return self.cold_matvecs if first else self.k * (self.num_blocks + 1)
+        return self.cold_matvecs if first else (self.k + 1) * (self.num_blocks + 1)
 
 
 __all__ += ["CurvatureTracker"]

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax._fit import MIN_POINTS, line_fit
 from chaosjax._layout import layout_of
 from chaosjax._util import as_traceable, check_step_signature, warn_if_below_resolution
 from chaosjax.observers import LyapunovTracker, TwinTracker, key_data
@@ -564,19 +565,39 @@ def ensemble_log_distance(distances, times=None) -> tuple[np.ndarray, np.ndarray
     return mean, slope
 
 
+#: Danovski et al.'s acceptance of a best-window fit (summaries repeat it)
+ACCEPTANCE_RULE = (
+    "a best-window fit is accepted when it holds at least 10 points, R² > 0.9 and slope > "
+    "0.05 per step (Danovski et al.)"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class WindowFit:
-    """Best exponential fit of d(t) over a window: ln d ≈ intercept + slope·t."""
+    """Best exponential fit of d(t) over a window: ln d ≈ intercept + slope·t.
+
+    Attributes:
+        slope: per step (NaN when no window holds enough points; ``reason`` says why).
+        r2: the window's R²; start, stop: the window (steps); n_points: samples in it.
+        min_r2, min_slope: the acceptance thresholds (Danovski et al.: 0.9 and 0.05).
+    """
 
     slope: float
     intercept: float
     r2: float
     start: int
     stop: int
+    n_points: int = 0
+    reason: str = ""
+    min_r2: float = 0.9
+    min_slope: float = 0.05
 
     @property
     def accepted(self) -> bool:
-        return bool(np.isfinite(self.slope))
+        """R² > min_r2 and slope > min_slope (a window of ≥ 10 points by construction)."""
+        return bool(
+            np.isfinite(self.slope) and self.r2 > self.min_r2 and self.slope > self.min_slope
+        )
 
 
 def best_window_fit(
@@ -586,7 +607,9 @@ def best_window_fit(
     starts=range(0, 101, 5),
     widths=range(30, 101, 5),
     average: str = "mean",
-    min_points: int = 3,
+    min_points: int = MIN_POINTS,
+    min_r2: float = 0.9,
+    min_slope: float = 0.05,
 ) -> WindowFit:
     """Danovski et al.'s exponential fit: fit ln d on every window [x1, x1 + w], keep the best R².
 
@@ -596,13 +619,23 @@ def best_window_fit(
             (``"mean"``: ln of the mean distance, as in the paper; ``"log"``: mean of ln d).
         starts: window starts x1 (steps).
         widths: window widths w (steps).
-        min_points: windows with fewer samples are skipped.
+        min_points: windows with fewer finite samples are skipped (at least 10: a window of
+            fewer points is not a fit). Record the distances finely enough
+            (``run_replicas(distance_every=1)``) for the windows to hold them.
+        min_r2, min_slope: acceptance (:attr:`WindowFit.accepted`).
 
     Returns:
-        :class:`WindowFit` (slope per step); all NaN when no window had enough valid samples.
+        :class:`WindowFit` (slope per step); NaN with a ``reason`` when no window holds
+        ``min_points`` finite samples.
     """
+    if int(min_points) != min_points or min_points < MIN_POINTS:
+        raise ValueError(
+            f"min_points: a window of fewer than {MIN_POINTS} points is not a fit, got {min_points!r}"
+        )
     t = np.asarray(times, np.float64)
     d = np.asarray(distances, np.float64)
+    if average not in ("mean", "log"):
+        raise ValueError(f"average: must be 'mean' or 'log', got {average!r}")
     if d.ndim == 2:
         with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (diverged) → NaN
@@ -616,25 +649,30 @@ def best_window_fit(
             y = np.log(d)
     else:
         raise ValueError(f"distances: expected shape (n,) or (replicas, n), got {d.shape}")
-    if average not in ("mean", "log"):
-        raise ValueError(f"average: must be 'mean' or 'log', got {average!r}")
     if y.shape[0] != t.shape[0]:
         raise ValueError(f"times: length {t.shape[0]} differs from the distances' {y.shape[0]}")
-    best = WindowFit(np.nan, np.nan, -np.inf, -1, -1)
+    thresholds = {"min_r2": float(min_r2), "min_slope": float(min_slope)}
+    best, most = None, 0
     for x1 in starts:
         for w in widths:
             sel = (t >= x1) & (t <= x1 + w) & np.isfinite(y)
-            if sel.sum() < max(min_points, 2):
+            n = int(sel.sum())
+            most = max(most, n)
+            if n < min_points:
                 continue
-            tt, yy = t[sel], y[sel]
-            slope, icpt = np.polyfit(tt, yy, 1)
-            ss_res = float(np.sum((yy - (icpt + slope * tt)) ** 2))
-            ss_tot = float(np.sum((yy - yy.mean()) ** 2))
-            r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 0.0
-            if r2 > best.r2:
-                best = WindowFit(float(slope), float(icpt), r2, int(x1), int(x1 + w))
-    if best.start < 0:
-        return WindowFit(np.nan, np.nan, np.nan, -1, -1)
+            f = line_fit(t[sel], y[sel])
+            if best is None or f.r2 > best.r2:
+                best = WindowFit(
+                    f.slope, f.intercept, f.r2, int(x1), int(x1 + w), n, "", **thresholds
+                )
+    if best is None:
+        spacing = float(np.median(np.diff(t))) if t.size > 1 else float("nan")
+        reason = (
+            f"no window holds {min_points} finite points (at most {most}; samples every "
+            f"{spacing:g} steps): record the distances every step over the fit range"
+        )
+        nan = float("nan")
+        return WindowFit(nan, nan, nan, -1, -1, most, reason, **thresholds)
     return best
 
 
@@ -705,6 +743,7 @@ def local_growth_rates(
 
 
 __all__ = [
+    "ACCEPTANCE_RULE",
     "LyapunovResult",
     "WindowFit",
     "best_window_fit",

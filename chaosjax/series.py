@@ -7,8 +7,9 @@
 * :func:`laminar_segments` — laminar/burst segmentation and laminar-length statistics
   (intermittency);
 * :func:`zero_one_test` — Gottwald & Melbourne's 0–1 test for chaos (K ≈ 0 regular, ≈ 1
-  chaotic);
-* :func:`expansion_rate` — local expansion rates by the method of analogues (Danovski et al.).
+  chaotic; NaN on a frozen series, see :func:`negligible_variation`);
+* :func:`expansion_rate` — local expansion rates by the method of analogues (Danovski et al.),
+  detrended, with a Theiler window, per step.
 
 All inputs are 1-D arrays; NaN entries are not allowed (divergent runs should be cut first).
 
@@ -24,6 +25,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from chaosjax._fit import line_fit
 
 
 def _series(x, name: str = "x", min_len: int = 3) -> np.ndarray:
@@ -206,15 +209,39 @@ def laminar_segments(x, *, threshold: float | None = None, min_length: int = 5) 
     return Segmentation(lam, np.asarray(bursts, int).reshape(-1, 2), thr)
 
 
-def zero_one_test(x, *, n_c: int = 100, ncut: int | None = None, seed: int = 0) -> float:
+def negligible_variation(x, rtol: float = 1e-8) -> str:
+    """Why a series is too flat for a chaos diagnostic ('' when it is not): its spread (standard
+    deviation) is below ``rtol`` × its level (|mean|) — a frozen plateau, or the round-off of a
+    frozen value (float32 round-off is about 1e-7 of the level: pass ``rtol`` of a few times the
+    run's machine epsilon)."""
+    x = _series(x, min_len=2)
+    level = max(abs(float(np.mean(x))), np.finfo(np.float64).tiny)
+    spread = float(np.std(x))
+    if spread <= rtol * level:
+        return (
+            f"the series varies by {spread / level:.1e} of its level (at most {rtol:g}): a frozen "
+            "plateau or round-off, not dynamics"
+        )
+    return ""
+
+
+def zero_one_test(
+    x, *, n_c: int = 100, ncut: int | None = None, seed: int = 0, rtol: float = 1e-8
+) -> float:
     """Gottwald & Melbourne's 0–1 test for chaos (correlation method).
 
     For random frequencies c ∈ (π/5, 4π/5), the translation variables
     p(n) = Σ φ_j cos(jc), q(n) = Σ φ_j sin(jc) of the demeaned series φ are formed; K_c is
     the correlation between n and their mean-square displacement M(n), n ≤ ncut (default
     N/10). Returns K = median over c: ≈ 0 for regular dynamics, ≈ 1 for chaos.
+
+    NaN when the series' variation is negligible against its level
+    (:func:`negligible_variation` with ``rtol``): on a frozen series the test reads round-off
+    as noise and calls it chaotic.
     """
     x = _series(x, min_len=20)
+    if negligible_variation(x, rtol):
+        return float("nan")
     phi = x - x.mean()
     n = phi.size
     ncut = max(2, n // 10) if ncut is None else int(ncut)
@@ -243,10 +270,10 @@ def zero_one_test(x, *, n_c: int = 100, ncut: int | None = None, seed: int = 0) 
 
 @dataclasses.dataclass(frozen=True)
 class ExpansionRate:
-    """Method of analogues: ``slope`` of ln⟨|x(t0+k) − x(t1+k)|⟩ against k (per step) over the
+    """Method of analogues: ``slope`` of ln⟨|x(t0+k) − x(t1+k)|⟩ against k, per step, over the
     best window k = 1…``m`` (highest R²), its ``pvalue`` (slope ≠ 0, two-sided t test),
-    ``expanding`` (slope > 0 and p ≤ 0.05), the mean divergence ``curve`` for k = 0…m_max and
-    the number of analogue pairs."""
+    ``expanding`` (slope > 0 and p ≤ 0.05), the mean divergence ``curve`` for k = 0…m_max,
+    the number of analogue pairs and, when the slope is NaN, the ``reason``."""
 
     slope: float
     r2: float
@@ -255,14 +282,10 @@ class ExpansionRate:
     expanding: bool
     curve: np.ndarray
     n_pairs: int
+    reason: str = ""
 
 
-def _t_pvalue(t: float, df: int) -> float:
-    if not np.isfinite(t):
-        return 0.0
-    from jax.scipy.special import betainc
-
-    return float(betainc(df / 2.0, 0.5, df / (df + t * t)))
+DETRENDS = ("linear", "none")
 
 
 def expansion_rate(
@@ -271,24 +294,59 @@ def expansion_rate(
     e: float = 5e-5,
     n_samples: int = 1000,
     m_range=range(5, 26),
-    exclude: int = 1,
+    theiler: int | None = None,
+    detrend: str = "linear",
+    embedding: int = 1,
+    dt: float = 1.0,
     seed: int = 0,
 ) -> ExpansionRate:
     """Local expansion rate of a scalar series by the method of analogues.
 
-    ``n_samples`` reference times t0 are drawn; their analogues are the times t1 with
-    |x(t1) − x(t0)| < ``e`` and |t1 − t0| > ``exclude``; the divergence
-    D(k) = ⟨|x(t0+k) − x(t1+k)|⟩ over all pairs is fitted as ln D(k) = a + s·k on
+    The series is first detrended (``"linear"``: its least-squares line removed), so a slow
+    drift is not read as divergence. ``n_samples`` reference times t0 are drawn; their
+    analogues are the times t1 with |x(t1) − x(t0)| < ``e`` outside the Theiler window
+    |t1 − t0| > ``theiler`` (default: the largest horizon max(m_range), so the two pieces of
+    trajectory compared do not overlap — a drifting series then has no analogue at all); the
+    divergence D(k) = ⟨|x(t0+k) − x(t1+k)|⟩ over all pairs is fitted as ln D(k) = a + s·k on
     k = 1…m for every m in ``m_range``, keeping the best R² (Danovski et al.).
 
+    A scalar value alone does not fix a state: analogues must move the same way at their
+    times (sign of x(t + 1) − x(t)), and with ``embedding`` = d > 1 match the delay vector
+    (x(t), …, x(t + d − 1)) within ``e`` in every entry (d = 1: Danovski et al.'s scalar
+    analogues). A detrended series with negligible variation (a straight line) is refused.
+
+    Limits: two phases of a smooth periodic signal also separate (algebraically) and can read
+    as expanding; judge a series with the FTLEs and the 0–1 test as well.
+
+    Args:
+        dt: steps between samples (a loss recorded every 10 steps: ``dt=10``); rates are per
+            step.
+
     Returns:
-        :class:`ExpansionRate`; NaN slope when no analogue pair exists (raise ``e``).
+        :class:`ExpansionRate`; NaN slope with a ``reason`` when no analogue pair exists.
     """
     x = _series(x)
+    if detrend not in DETRENDS:
+        raise ValueError(f"detrend: unknown {detrend!r}; allowed: {', '.join(DETRENDS)}")
+    if not dt > 0:
+        raise ValueError(f"dt: must be > 0, got {dt!r}")
     m_max = int(max(m_range))
-    n = x.size - m_max
+    theiler = m_max if theiler is None else int(theiler)
+    if theiler < 0:
+        raise ValueError(f"theiler: must be >= 0, got {theiler}")
+    if int(embedding) != embedding or embedding < 1:
+        raise ValueError(f"embedding: must be a positive integer, got {embedding!r}")
+    n = x.size - max(m_max, int(embedding) - 1, 1)
     if n < 2:
         raise ValueError(f"x: needs more than max(m_range) + 1 = {m_max + 1} values")
+    nan = float("nan")
+    if detrend == "linear":
+        t = np.arange(x.size, dtype=np.float64)
+        resid = x - np.polyval(np.polyfit(t, x, 1), t)
+        if float(np.std(resid)) <= 1e-8 * max(float(np.std(x)), np.finfo(np.float64).tiny):
+            reason = "the detrended series has no variation left (a straight line)"
+            return ExpansionRate(nan, nan, -1, nan, False, np.full(m_max + 1, nan), 0, reason)
+        x = resid
     rng = np.random.default_rng(seed)
     t0s = rng.choice(n, size=min(int(n_samples), n), replace=False)
     order = np.argsort(x[:n])
@@ -299,7 +357,10 @@ def expansion_rate(
         lo = np.searchsorted(xs, x[t0] - e, side="right")
         hi = np.searchsorted(xs, x[t0] + e, side="left")
         t1 = order[lo:hi]
-        t1 = t1[np.abs(t1 - t0) > exclude]
+        t1 = t1[np.abs(t1 - t0) > theiler]
+        t1 = t1[np.sign(x[t1 + 1] - x[t1]) == np.sign(x[t0 + 1] - x[t0])]
+        for j in range(1, embedding):
+            t1 = t1[np.abs(x[t1 + j] - x[t0 + j]) < e]
         if t1.size == 0:
             continue
         ks = np.arange(m_max + 1)
@@ -307,34 +368,30 @@ def expansion_rate(
         sums += d.sum(axis=0)
         pairs += t1.size
     if pairs == 0:
-        nan = float("nan")
-        return ExpansionRate(nan, nan, -1, nan, False, np.full(m_max + 1, np.nan), 0)
+        reason = (
+            f"no analogue pairs within e = {e:g} outside the Theiler window of {theiler} "
+            "samples: the series does not return near its past state (a drift, or e too small)"
+        )
+        return ExpansionRate(nan, nan, -1, nan, False, np.full(m_max + 1, np.nan), 0, reason)
     curve = sums / pairs
     with np.errstate(divide="ignore"):
         y = np.log(curve)
-    best = (np.nan, -np.inf, -1, np.nan)
+    best = None
     for m in m_range:
         k = np.arange(1, int(m) + 1, dtype=float)
         yy = y[1 : int(m) + 1]
         if not np.isfinite(yy).all() or k.size < 3:
             continue
-        slope, icpt = np.polyfit(k, yy, 1)
-        resid = yy - (icpt + slope * k)
-        ss_res, ss_tot = float(resid @ resid), float(((yy - yy.mean()) ** 2).sum())
-        r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 0.0
-        if r2 > best[1]:
-            df = k.size - 2
-            se = (
-                math.sqrt(ss_res / df) / math.sqrt(((k - k.mean()) ** 2).sum())
-                if df > 0
-                else np.nan
-            )
-            t = slope / se if se and se > 0 else np.inf
-            best = (float(slope), r2, int(m), _t_pvalue(t, df))
-    slope, r2, m, p = best
-    return ExpansionRate(
-        slope, r2, m, p, bool(np.isfinite(slope) and slope > 0 and p <= 0.05), curve, pairs
-    )
+        f = line_fit(k, yy)
+        if best is None or f.r2 > best[0].r2:
+            best = (f, int(m))
+    if best is None:
+        reason = "the analogue divergence is zero or not finite at every horizon"
+        return ExpansionRate(nan, nan, -1, nan, False, curve, pairs, reason)
+    f, m = best
+    slope = f.slope / dt
+    expanding = bool(slope > 0 and f.pvalue <= 0.05)
+    return ExpansionRate(slope, f.r2, m, f.pvalue, expanding, curve, pairs)
 
 
 __all__ = [
@@ -346,6 +403,7 @@ __all__ = [
     "expansion_rate",
     "fraction_increasing",
     "laminar_segments",
+    "negligible_variation",
     "power_spectrum",
     "spikes",
     "zero_one_test",

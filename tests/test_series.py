@@ -65,8 +65,8 @@ def test_spikes_and_catapults():
 
 
 def test_analogues_without_pairs_is_nan():
-    r = series.expansion_rate(np.linspace(0, 1, 200), e=1e-9, m_range=range(5, 10))
-    assert np.isnan(r.slope) and not r.expanding and r.n_pairs == 0
+    r = series.expansion_rate(np.exp(np.linspace(0, 1, 200)), e=1e-9, m_range=range(5, 10))
+    assert np.isnan(r.slope) and not r.expanding and r.n_pairs == 0 and r.reason
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,115 @@
+"""The reporting rules of DESIGN.md, each on constructed input whose answer is known."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chaosjax import control, series
+from chaosjax import curvature as cv
+from chaosjax.lyapunov import best_window_fit
+
+
+def test_window_fit_needs_ten_points_and_danovski_acceptance():
+    """Records every 10 steps put 3–11 points in Danovski's windows: no fit on 3 points; the
+    distances recorded every step give the early growth back."""
+    t = np.arange(0, 201)
+    d = 1e-8 * np.exp(0.76 * np.minimum(t, 20)) * (1 + 0.01 * np.sin(t))  # saturates at t = 20
+    coarse = best_window_fit(t[::10], d[::10], starts=range(0, 101, 5), widths=range(20, 31, 5))
+    assert np.isnan(coarse.slope) and not coarse.accepted
+    assert "no window holds 10 finite points" in coarse.reason and coarse.n_points == 4
+    fine = best_window_fit(t, d, starts=range(0, 101, 5), widths=range(10, 101, 5))
+    assert fine.n_points >= 10 and fine.start == 0 and fine.stop <= 20
+    assert abs(fine.slope - 0.76) < 0.02 and fine.accepted
+    # a good straight line with a slope below 0.05 per step is not accepted
+    slow = best_window_fit(t, 1e-3 * np.exp(7e-5 * t))
+    assert slow.r2 > 0.99 and abs(slow.slope - 7e-5) < 1e-9 and not slow.accepted
+    # a steep but poor fit is not accepted either
+    noisy = best_window_fit(t, np.exp(0.1 * t + np.random.default_rng(0).normal(0, 3, t.size)))
+    assert noisy.r2 < 0.9 and not noisy.accepted
+    with pytest.raises(ValueError, match="min_points"):
+        best_window_fit(t, d, min_points=3)
+
+
+def test_zero_one_test_refuses_a_frozen_series():
+    rng = np.random.default_rng(0)
+    frozen = 0.49 + 1e-12 * rng.normal(size=2000)
+    assert np.isnan(series.zero_one_test(frozen))
+    assert "frozen plateau" in series.negligible_variation(frozen)
+    # float32 round-off of a frozen value: about 1e-7 of its level
+    f32 = np.float32(0.49) + np.float32(1e-7) * rng.integers(-1, 2, 2000).astype(np.float32)
+    assert np.isfinite(series.zero_one_test(f32.astype(np.float64)))  # default rtol 1e-8
+    assert np.isnan(
+        series.zero_one_test(f32.astype(np.float64), rtol=10 * np.finfo(np.float32).eps)
+    )
+    # a series that moves is tested as before
+    assert series.negligible_variation(np.sin(np.arange(2000))) == ""
+
+
+def test_analogues_do_not_read_a_drift_as_expansion_and_rates_are_per_step():
+    t = np.arange(2000)
+    drift = series.expansion_rate(0.5 - 1e-6 * np.exp(0.03 * t))
+    assert np.isnan(drift.slope) and not drift.expanding and "Theiler" in drift.reason
+    line = series.expansion_rate(0.3 + 1e-3 * t)
+    assert np.isnan(line.slope) and "straight line" in line.reason
+    x = np.empty(10_000)
+    x[0] = 0.3
+    for i in range(1, x.size):
+        x[i] = 4 * x[i - 1] * (1 - x[i - 1])
+    per_sample = series.expansion_rate(x, e=1e-3)
+    per_step = series.expansion_rate(x, e=1e-3, dt=10)  # a loss recorded every 10 steps
+    assert per_sample.expanding and per_step.slope == pytest.approx(per_sample.slope / 10)
+
+
+def test_recovered_spike_is_not_blamed_for_a_later_divergence():
+    loss = np.exp(-np.arange(200) / 60)
+    loss[20:25] *= 5.0  # a spike that recovers at step 25
+    loss[180:] = np.inf  # a divergence much later
+    eps = control.instability_episodes(loss, recovery=20)
+    assert [(e.start, e.label) for e in eps] == [(20, "neutral"), (180, "harmful")]
+    assert eps[0].numbers["recovered_step"] == 25
+    assert "diverged at step 180" in eps[1].reason
+
+
+def test_block_krylov_does_not_overshoot_an_exhausted_space():
+    """A rank-1 operator exhausts the Krylov space after one block: the Ritz value is the
+    eigenvalue, with a residual at round-off, not above the spectrum."""
+    n = 40
+    u = jax.random.normal(jax.random.PRNGKey(3), (n,))
+    u = u / jnp.linalg.norm(u)
+    lam = 257.67
+
+    def mv(v):
+        return lam * u * (u @ v)
+
+    v0 = jax.random.normal(jax.random.PRNGKey(4), (n, 2))
+    r = cv.block_krylov_eigs(mv, v0, num_blocks=3)
+    assert abs(float(r.eigenvalues[0]) - lam) < 1e-9 * lam
+    assert float(r.residuals[0]) < 1e-8 * lam and bool(r.converged[0])
+    assert np.all(np.asarray(r.eigenvalues) <= lam * (1 + 1e-12))
+
+
+def test_tracker_finds_an_eigenvalue_that_overtakes_the_tracked_one():
+    """Between two records a lower eigenvalue overtakes the tracked one (the warm start is now
+    an eigenvector of eigenvalue 1, the top is 6 along another direction): the block of each
+    record holds a fresh random vector, so the tracker finds the new top."""
+    from chaosjax import datasets
+    from chaosjax.training import TrainingMap
+
+    dim = 12
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(dim, dim)))
+
+    def quadratic_map(a):  # MSE of x·θ with y = 0: H = XᵀX/n = Q diag(a) Qᵀ
+        x = np.sqrt(dim) * np.diag(np.sqrt(a)) @ q.T
+        ds = datasets.Dataset("quad", x, np.zeros((dim, 1)), x, np.zeros((dim, 1)), "regression")
+        return TrainingMap(lambda p, x: x @ p, jnp.ones((dim, 1)), ds, learning_rate=1e-3)
+
+    early = quadratic_map(np.r_[5.0, 4.0, np.full(dim - 2, 0.1)])
+    late = quadratic_map(np.r_[1.0, 6.0, np.full(dim - 2, 0.1)])
+    tr = cv.CurvatureTracker(k=1, cold_matvecs=dim)
+    hp = {k: v[None] for k, v in early.hparams.items()}
+    vals0, vecs = tr.init(early, early.init()[None], hp, 0)
+    assert abs(float(vals0["sharpness"][0, 0]) - 5.0) < 1e-8
+    assert abs(abs(float(np.asarray(vecs)[0, :, 0] @ q[:, 0])) - 1) < 1e-8
+    vals, _ = tr.update(late, late.init()[None], hp, vecs, 10)
+    assert abs(float(vals["sharpness"][0, 0]) - 6.0) < 1e-8
