@@ -631,7 +631,9 @@ class CurvatureTracker(NamedTuple):
     eigenvectors, sign-aligned to them. Recorded per replica:
 
     * ``sharpness`` (k,): top algebraic eigenvalues of the operator;
-    * ``threshold``: the optimizer's stability threshold (:func:`stability_threshold`);
+    * ``threshold``: the optimizer's stability threshold (:func:`stability_threshold`) at the
+      learning rate of the next step, η_t (:meth:`TrainingMap.learning_rate_at`: schedules
+      included; NaN for an optimizer without a known threshold or learning rate);
     * ``sharpness_ratio``: sharpness / threshold (1 = edge of stability);
     * ``rotation``: 1 − |⟨v1(prev), v1⟩| between consecutive records (NaN at the first);
     * ``subspace_angle`` (k,): principal angles between consecutive top-k subspaces (radians);
@@ -739,7 +741,8 @@ class CurvatureTracker(NamedTuple):
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
             sign = jnp.sign(jnp.sum(vecs * start, axis=0))
             vecs = vecs * jnp.where(sign == 0, 1.0, sign)
-        thr, _ = stability_threshold(tmap.optimizer_name, hparams)
+        eta_t = tmap.learning_rate_at(state, t, hparams)  # η of the next step, schedules too
+        thr, _ = stability_threshold(tmap.optimizer_name, {**hparams, "learning_rate": eta_t})
         thr = jnp.asarray(thr, p.dtype)
         g = jax.grad(loss)(p)
         u = tmap.flat_params(tmap.step_with(state, t, hparams)) - p

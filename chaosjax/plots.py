@@ -79,6 +79,7 @@ def replica_distance(
     ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
     pert = results.coords.get("member", np.ones(results.n_replicas)) > 0
     groups = _groups(results, by)
+    t = results.steps_of(name)
     for color, (v, sel) in zip(_colors(len(groups)), groups):
         d = results.records[name][sel & pert]
         if d.size == 0:
@@ -87,26 +88,28 @@ def replica_distance(
             warnings.simplefilter("ignore", RuntimeWarning)
             logd = np.log(np.where(d > 0, d, np.nan))
             for row in d:
-                ax.plot(
-                    results.steps, np.where(row > 0, row, np.nan), color=color, lw=0.4, alpha=0.3
-                )
+                ax.plot(t, np.where(row > 0, row, np.nan), color=color, lw=0.4, alpha=0.3)
             mean = np.exp(np.nanmean(logd, axis=0))
-        ax.plot(results.steps, mean, color=color, lw=2.0, label=_label(by, v))
+        ax.plot(t, mean, color=color, lw=2.0, label=_label(by, v))
     if fits is not None and "fit_slope" in fits:
         lrs = list(np.unique(fits["learning_rate"].values))
         cols = _colors(len(lrs))
+        accepted = fits["fit_accepted"].values if "fit_accepted" in fits else None
         for g in range(fits.sizes["group"]):
             slope = float(fits["fit_slope"].values[g])
             if not np.isfinite(slope):
                 continue
+            ls = "--" if accepted is None or accepted[g] else ":"
             a, b = int(fits["fit_start"].values[g]), int(fits["fit_stop"].values[g])
             icpt = float(fits["fit_intercept"].values[g]) if "fit_intercept" in fits else None
             if icpt is None:
                 continue
             tt = np.linspace(a, b, 20)
             c = cols[lrs.index(fits["learning_rate"].values[g])]
-            ax.plot(tt, np.exp(icpt + slope * tt), ls="--", color=c, lw=1.5)
-        ax.plot([], [], ls="--", color="gray", label="best-window fit")
+            ax.plot(tt, np.exp(icpt + slope * tt), ls=ls, color=c, lw=1.5)
+        ax.plot([], [], ls="--", color="gray", label="best-window fit (accepted)")
+        if accepted is not None and not accepted.all():
+            ax.plot([], [], ls=":", color="gray", label="best-window fit (rejected)")
     ax.set_yscale("log")
     ax.set_xlabel("step t")
     unit = {"distance_l1": "L1 Σ|θ−θ′|", "distance_l2": "L2 ‖θ−θ′‖"}.get(name, name)
@@ -117,7 +120,7 @@ def replica_distance(
 
 
 def spectrum_by(ds, *, ax=None):
-    """Top-k Lyapunov spectrum per learning rate (mean over seeds, ± standard error), from a
+    """Top-k Lyapunov spectrum per learning rate (mean ± standard error over seeds), from a
     run's ``lyapunov`` dataset (dims group × exponent)."""
     ax = ax or plt.subplots(figsize=(6.4, 4.2))[1]
     lrs = ds["learning_rate"].values
@@ -126,11 +129,11 @@ def spectrum_by(ds, *, ax=None):
     for color, lr in zip(_colors(len(uniq)), uniq):
         sel = lrs == lr
         ex = ds["exponents"].values[sel]
-        se = ds["stderr"].values[sel]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # mean ± standard error over seeds
             warnings.simplefilter("ignore", RuntimeWarning)
             m = np.nanmean(ex, axis=0)
-            e = np.sqrt(np.nansum(se**2, axis=0)) / max(sel.sum(), 1)
+            n = np.isfinite(ex).sum(axis=0)
+            e = np.where(n >= 2, np.nanstd(ex, axis=0, ddof=1) / np.sqrt(np.maximum(n, 1)), 0.0)
         ax.errorbar(
             np.arange(1, k + 1),
             m,
@@ -229,9 +232,9 @@ def sharpness_vs_threshold(results: ReplicaResults, *, by: str = "learning_rate"
                 color=f"C{i}",
             )
         thr = results.records["threshold"][sel[0]] if len(sel) else np.array([np.nan])
-        if np.isfinite(thr).any():
-            ax.axhline(
-                float(np.nanmax(thr)), color="k", ls="--", lw=1.0, label="threshold (2/η for GD)"
+        if np.isfinite(thr).any():  # at η of each step: a schedule moves it
+            ax.plot(
+                results.steps, thr, color="k", ls="--", lw=1.0, label="threshold (2/η_t for GD)"
             )
         ax.set_yscale("log")
         ax.set_title(_label(by, float(v)), fontsize=9)

@@ -94,6 +94,19 @@ class ReplicaResults:
         axis = self.dims_of(name)[0]
         return np.asarray(self.steps if axis == "step" else self.axes[axis])
 
+    def at_records(self, name: str) -> np.ndarray:
+        """A record at the record steps ``steps`` (a record on a finer axis, e.g. distances
+        every step, is sampled there; NaN where its axis has no such step)."""
+        t = self.steps_of(name)
+        arr = np.asarray(self.records[name])
+        if np.array_equal(t, self.steps):
+            return arr
+        pos = np.searchsorted(t, self.steps)
+        hit = (pos < t.size) & (t[np.minimum(pos, t.size - 1)] == self.steps)
+        out = np.full((arr.shape[0], self.steps.size, *arr.shape[2:]), np.nan)
+        out[:, hit] = arr[:, pos[hit]]
+        return out
+
     def to_xarray(self) -> xr.Dataset:
         """An ``xarray.Dataset`` with dims ``replica``, ``step`` (and every other time axis,
         ``layer``, ``dim``); transient records are left out."""
@@ -259,12 +272,21 @@ def write_zarr_atomic(
     ds.to_zarr(tmp, mode="w", consolidated=False, zarr_format=2)
     for name, g in (groups or {}).items():
         g.to_zarr(tmp, group=name, mode="w", consolidated=False, zarr_format=2)
+    _consolidate(tmp)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def _consolidate(path: Path) -> None:
+    """Consolidated metadata at the root (groups included): ``xarray.open_zarr(path)`` opens
+    the store without falling back, and so without a warning."""
+    import zarr
+
+    zarr.consolidate_metadata(str(path))
 
 
 def _time_axis(ds: xr.Dataset, name) -> str | None:
@@ -293,6 +315,7 @@ class ZarrStream:
         if not self.started:
             self.reset()
             ds.to_zarr(self.path, mode="w", consolidated=False, zarr_format=2)
+            _consolidate(self.path)
             self.started = True
             return
         by_axis: dict[str, list] = {}
@@ -309,6 +332,7 @@ class ZarrStream:
         if fixed:  # the latest states and divergence flags replace the earlier ones
             part = ds[fixed]
             part.drop_vars(list(part.coords)).to_zarr(self.path, mode="a", consolidated=False)
+        _consolidate(self.path)
 
 
 __all__ = ["ReplicaResults", "ZarrStream", "open_group", "open_store", "write_zarr_atomic"]

@@ -236,6 +236,10 @@ class TrainingMap:
         self._factory, hp, self.optimizer_name = self._resolve_optimizer(
             optimizer, learning_rate, hparams, schedule, dict(schedule_options or {})
         )
+        # the learning-rate schedule of a named optimizer (η_t for thresholds and ηt units)
+        self._schedule = (
+            (schedule, _frozen(schedule_options or {})) if isinstance(optimizer, str) else None
+        )
         self.hparams = {k: jnp.asarray(v, pdtype) for k, v in sorted(hp.items())}
 
         n_train = int(self.data["x_train"].shape[0])
@@ -274,6 +278,12 @@ class TrainingMap:
         self.dim = n_params + self._opt_layout.dim
         self._check_counters(opt, params, opt_state)
         self._params0 = params
+        if self._schedule is not None:
+            self._lr_source = "schedule"
+        elif _held_learning_rate(opt_state) is not None:
+            self._lr_source = "state"
+        else:
+            self._lr_source = "hparam" if "learning_rate" in self.hparams else "unknown"
 
     # -- construction helpers --------------------------------------------------------------
 
@@ -388,6 +398,8 @@ class TrainingMap:
     # -- pytree -----------------------------------------------------------------------------
 
     _STATIC = (
+        "_schedule",
+        "_lr_source",
         "_apply_fn",
         "_loss",
         "loss_name",
@@ -428,8 +440,53 @@ class TrainingMap:
 
     @property
     def learning_rate(self) -> float | None:
+        """The base (peak) learning rate; η at step t is :meth:`learning_rate_at`."""
         lr = self.hparams.get("learning_rate")
         return None if lr is None else float(lr)
+
+    @property
+    def learning_rate_source(self) -> str:
+        """How η_t is known: ``"schedule"`` (a named optimizer's schedule, a function of t),
+        ``"state"`` (held by the optimizer state: ``optax.inject_hyperparams`` or a chaosjax
+        controller), ``"hparam"`` (a factory's ``learning_rate``, taken as constant), or
+        ``"unknown"``."""
+        return self._lr_source
+
+    def learning_rate_at(self, state, t, hparams=None) -> jax.Array:
+        """η of the step taken at ``t`` (jittable): a named optimizer's schedule at the step's
+        count; the learning rate an ``optax.inject_hyperparams`` state or a chaosjax controller
+        holds (the η of the last step taken); a factory's ``learning_rate`` hyper-parameter;
+        NaN when the map cannot know (a ready ``GradientTransformation``:
+        :attr:`learning_rate_source` says so). Thresholds 2/η_t and ηt units use it."""
+        hp = self.hparams if hparams is None else hparams
+        src = self.learning_rate_source
+        nan = jnp.full((), jnp.nan, self.state_dtype)
+        if src == "schedule":
+            kind, opts = self._schedule
+            sched = make_schedule(kind, hp["learning_rate"], **_thawed(opts))
+            return jnp.asarray(sched(t) if callable(sched) else sched, self.state_dtype)
+        if src == "state":
+            return jnp.asarray(_held_learning_rate(self.opt_state(state, t)), self.state_dtype)
+        if src == "hparam":
+            return jnp.asarray(hp["learning_rate"], self.state_dtype)
+        return nan
+
+    def learning_rates(self, steps, hparams=None) -> tuple[np.ndarray | None, str]:
+        """η at each of ``steps`` when it is a function of t alone, with ``''``; else ``None``
+        and the reason (η held by the optimizer state, or unknown)."""
+        src = self.learning_rate_source
+        if src in ("schedule", "hparam"):
+            f = jax.vmap(lambda t: self.learning_rate_at(None, t, hparams))
+            return np.asarray(f(jnp.asarray(steps)), np.float64), ""
+        if src == "state":
+            return None, (
+                "η is held by the optimizer state (inject_hyperparams or a controller): known at "
+                "the records, not at every step"
+            )
+        return None, (
+            f"the optimizer ({self.optimizer_name}) does not expose its learning rate: pass a "
+            "named optimizer, a factory with learning_rate, or optax.inject_hyperparams"
+        )
 
     @property
     def apply_fn(self) -> Callable:
@@ -611,6 +668,35 @@ class TrainingMap:
 
 
 jax.tree_util.register_pytree_node_class(TrainingMap)
+
+
+def _frozen(options: Mapping[str, Any]) -> tuple:
+    """Schedule options as a hashable tuple (static pytree data)."""
+    return tuple(
+        sorted((k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in options.items())
+    )
+
+
+def _thawed(options: tuple) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options}
+
+
+def _held_learning_rate(opt_state):
+    """The learning rate an optimizer state holds (``inject_hyperparams``' hyperparams or a
+    chaosjax controller's η), or None."""
+
+    def is_node(n):
+        return isinstance(n, tuple) and hasattr(n, "_fields")
+
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_node):
+        if not is_node(node):
+            continue
+        hyper = getattr(node, "hyperparams", None)
+        if isinstance(hyper, Mapping) and "learning_rate" in hyper:
+            return hyper["learning_rate"]
+        if type(node).__name__ in ("SharpnessControlState", "FTLEControlState"):
+            return node.learning_rate
+    return None
 
 
 class _nullcontext:

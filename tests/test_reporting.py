@@ -113,3 +113,90 @@ def test_tracker_finds_an_eigenvalue_that_overtakes_the_tracked_one():
     assert abs(abs(float(np.asarray(vecs)[0, :, 0] @ q[:, 0])) - 1) < 1e-8
     vals, _ = tr.update(late, late.init()[None], hp, vecs, 10)
     assert abs(float(vals["sharpness"][0, 0]) - 6.0) < 1e-8
+
+
+def test_regime_labels_from_ftle_windows():
+    from chaosjax.experiments.analyses import regime
+
+    w = 100
+    hot, cold = 0.5, 1e-4  # λ·W = 50 (expanding) and 0.01
+    assert regime(np.full(20, cold), w) == "regular"
+    assert regime(np.full(20, hot), w) == "chaotic throughout"
+    assert regime(np.r_[np.full(5, hot), np.full(15, cold)], w) == "transient chaos then frozen"
+    assert regime(np.r_[np.full(15, cold), np.full(5, hot)], w) == "late onset"
+    assert regime(np.r_[hot, cold, cold, hot, np.full(10, cold)], w) == "intermittent"
+    assert regime(np.full(20, 0.04), w) == "regular"  # λ·W = 4 < 5: not expanding
+    assert regime(np.full(20, hot), w, diverged_step=70) == "diverged (step 70)"
+
+
+def test_sign_of_lambda1_needs_growth_and_three_seeds():
+    from chaosjax.experiments.analyses import sign_of
+
+    assert sign_of([0.447, 0.039], 2000).startswith("not claimed (2 seeds)")
+    assert sign_of([9e-5, 8e-5, 1e-4], 2000) == "not resolved (|λ1|·T < 5)"  # λ1·T = 0.18
+    assert sign_of([0.2, 0.21, 0.19], 2000) == "> 0"
+    assert sign_of([-0.2, -0.21, -0.19], 2000) == "< 0"
+    assert sign_of([0.4, -0.3, 0.01], 2000) == "≈ 0"  # beyond 5/T but within 3 SE over seeds
+
+
+def test_seed_statistics_are_over_seeds():
+    """η = 4 of the quickstart gave seeds 0.447 and 0.039: the spread between seeds is the
+    error bar, not the within-run batch means pooled as √(Σse²)/n (0.05 there)."""
+    from chaosjax.experiments.stats import over_seeds, seeds_cell
+
+    s = over_seeds([0.447, 0.039])
+    assert s.mean == pytest.approx(0.243) and s.sem == pytest.approx(0.204)
+    assert seeds_cell([0.447, 0.039]) == "0.243 ± 0.2 (0.447, 0.039)"
+    assert "12 seeds, range" in seeds_cell(np.arange(12.0))
+
+
+def test_flat_plateau_is_its_own_verdict():
+    from chaosjax.experiments.analyses import verdict
+
+    n = 200
+    ratio = np.r_[np.linspace(1.5, 3.0, 20), np.full(n - 20, 2e-5)]
+    stalled = np.r_[np.linspace(0.6, 0.49, 50), np.full(n - 50, 0.49)]
+    assert verdict(ratio, -1, stalled)[0] == "flat plateau"
+    bursts = ratio.copy()
+    bursts[-10] = 1.6
+    assert verdict(bursts, -1, stalled)[0] == "flat plateau with bursts"
+    converged = np.exp(-np.arange(n) / 10.0)  # the loss went to 0: not a plateau
+    assert verdict(ratio, -1, converged)[0] == "stable after crossing"
+    assert verdict(ratio, -1)[0] == "stable after crossing"  # no loss: not claimed
+
+
+def test_threshold_and_eta_t_follow_a_learning_rate_schedule():
+    """After a 10× drop the threshold is 2/η_t, not 2/η_peak (the ratio was 10× off)."""
+    from chaosjax import datasets, models
+    from chaosjax.replicas import make_replicas, run_replicas
+    from chaosjax.training import TrainingMap
+
+    net = models.PureMLP((2, 4, 2))
+    tm = TrainingMap(
+        net.apply,
+        net.init_params(jax.random.PRNGKey(0)),
+        datasets.two_moons(40),
+        learning_rate=0.5,
+        schedule="step",
+        schedule_options={"boundaries": [30], "factor": 0.1},
+    )
+    assert tm.learning_rate_source == "schedule"
+    eta, why = tm.learning_rates(np.arange(60))
+    np.testing.assert_allclose(eta, np.r_[np.full(30, 0.5), np.full(30, 0.05)])
+    res = run_replicas(tm, make_replicas(tm), steps=60, record_every=10, progress=False,
+                       trackers=[cv.CurvatureTracker(k=1, cold_matvecs=8)])  # fmt: skip
+    np.testing.assert_allclose(res.records["threshold"][0], [4, 4, 4, 40, 40, 40, 40])
+    # a ready GradientTransformation does not expose η: NaN with the reason, not a guess
+    import optax
+
+    fixed = TrainingMap(net.apply, net.init_params(jax.random.PRNGKey(0)),
+                        datasets.two_moons(40), optimizer=optax.sgd(0.1))  # fmt: skip
+    assert fixed.learning_rate_source == "unknown"
+    eta, why = fixed.learning_rates(np.arange(3))
+    assert eta is None and "inject_hyperparams" in why
+    assert np.isnan(float(fixed.learning_rate_at(fixed.init(), 0)))
+    injected = TrainingMap(net.apply, net.init_params(jax.random.PRNGKey(0)),
+                           datasets.two_moons(40),
+                           optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))  # fmt: skip
+    assert injected.learning_rate_source == "state"
+    assert float(injected.learning_rate_at(injected.init(), 0)) == pytest.approx(0.1)

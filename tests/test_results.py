@@ -37,9 +37,13 @@ def test_zarr_roundtrip_without_pickle(tmp_path):
     assert back.attrs["environment"] == {"jax": "0"} and back.attrs["complete"] == 1
     assert back.layer_names == r.layer_names
     assert set(back.coords) == set(r.coords)
-    # readable with plain xarray
-    with xr.open_zarr(tmp_path / "r.zarr", consolidated=False) as ds:
-        assert ds["loss"].shape == (4, 3)
+    # readable with plain xarray, without the unconsolidated-metadata warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with xr.open_zarr(tmp_path / "r.zarr") as ds:
+            assert ds["loss"].shape == (4, 3)
     # overwriting is atomic: no temporary folders left behind
     r.save(tmp_path / "r.zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr"]

@@ -10,6 +10,7 @@ import xarray as xr
 
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments.stats import over_seeds, seeds_cell
 
 
 def reference_groups(batch) -> np.ndarray:
@@ -64,12 +65,69 @@ def tangent_tracker(cfg: ExperimentConfig):
     )
 
 
-def lyapunov_stage(cfg: ExperimentConfig, batch, results):
-    """Top-k spectrum, FTLEs and the replica-distance fit of every reference run, from the
-    tangents the run carried along its recorded trajectory."""
+#: the regime of a run from its finite-time exponents (summaries repeat it)
+REGIME_RULE = (
+    "Regime of a run from its finite-time λ1 over consecutive windows of W steps: a window is "
+    "*expanding* when λ1·W ≥ 5 (nearby trajectories separate by at least e⁵ within it). "
+    "*Regular*: no expanding window; *chaotic throughout*: at least 80 % of the windows, the "
+    "last one included, are expanding; *transient chaos then frozen*: the expanding windows "
+    "form one block that ends before the last quarter of the run; *late onset*: one block that "
+    "reaches into the last quarter; *intermittent*: two or more separate blocks."
+)
+
+#: when a sign of λ1 is claimed (summaries repeat it)
+SIGN_RULE = (
+    "λ1 > 0 is claimed when its mean over seeds times the accumulated steps T is ≥ 5 (growth "
+    "by at least e⁵) and the mean lies more than 3 standard errors over seeds above 0 (at least "
+    "3 seeds); < 0 likewise; *≈ 0* within 3 standard errors; *not resolved* when |λ1|·T < 5; "
+    "with fewer than 3 seeds no sign is claimed and each seed is shown."
+)
+
+
+def regime(ftle, window: int, diverged_step: int = -1) -> str:
+    """The regime of one run by :data:`REGIME_RULE` from its λ1 FTLE windows (per step)."""
+    f = np.asarray(ftle, np.float64)
+    if diverged_step >= 0:
+        return f"diverged (step {diverged_step})"
+    f = f[np.isfinite(f)]
+    if f.size == 0:
+        return "n/a (no finite window)"
+    e = f * window >= 5.0
+    if not e.any():
+        return "regular"
+    n = e.size
+    late = n - max(1, -(-n // 4))  # first window of the last quarter
+    starts = np.flatnonzero(e & ~np.r_[False, e[:-1]])
+    if e.mean() >= 0.8 and e[-1]:
+        return "chaotic throughout"
+    if starts.size >= 2:
+        return "intermittent"
+    end = int(np.flatnonzero(e)[-1])
+    return "transient chaos then frozen" if end < late else "late onset"
+
+
+def sign_of(values, steps: int) -> str:
+    """The sign of λ1 over seeds by :data:`SIGN_RULE`."""
+    s = over_seeds(values)
+    if s.n == 0:
+        return "n/a"
+    if s.n < 3:
+        return f"not claimed ({s.n} seed{'s' if s.n > 1 else ''})"
+    if abs(s.mean) * steps < 5:
+        return "not resolved (|λ1|·T < 5)"
+    if s.mean - 3 * s.sem > 0:
+        return "> 0"
+    if s.mean + 3 * s.sem < 0:
+        return "< 0"
+    return "≈ 0"
+
+
+def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
+    """Top-k spectrum, FTLEs, regimes and the replica-distance fit of every reference run, from
+    the tangents the run carried along its recorded trajectory."""
     from chaosjax.lyapunov import LyapunovResult, _reasons, best_window_fit
 
-    ly = cfg.lyapunov
+    ly, dv = cfg.lyapunov, cfg.divergence
     refs = reference_groups(batch)
     t0 = int(results.steps[0])
     t_start = t0 + ly.warmup
@@ -80,10 +138,21 @@ def lyapunov_stage(cfg: ExperimentConfig, batch, results):
     res = LyapunovResult(log_growth=lg, renorm_every=ly.renorm_every, t_start=t_start)
     steps = int(sel.sum()) * ly.renorm_every
     reasons = _reasons(lg, ends[sel], results.diverged_step[refs])
-    lr = np.asarray(batch.hparams["learning_rate"], np.float64)[refs]
     window = min(ly.ftle_window, steps - steps % ly.renorm_every)
     window -= window % ly.renorm_every
     ftle = res.ftle(window)
+    regimes = [
+        regime(ftle[g, :, 0], window, int(results.diverged_step[r])) for g, r in enumerate(refs)
+    ]
+    # exponents per unit ηt: Σ log growth / Σ η_t over the steps (η at each step)
+    per_eta = np.full_like(res.exponents, np.nan)
+    eta_reason = ""
+    t_steps = np.arange(t_start, stop)
+    for g, r in enumerate(refs):
+        hp = {k: v[r] for k, v in batch.hparams.items()}
+        eta, eta_reason = tmap.learning_rates(t_steps, hp)
+        if eta is not None:
+            per_eta[g] = lg[g].sum(axis=0) / eta.sum()
     # replica-distance fit per group (Danovski et al.)
     starts = range(ly.fit_starts[0], ly.fit_starts[1] + 1, ly.fit_starts[2])
     widths = range(ly.fit_widths[0], ly.fit_widths[1] + 1, ly.fit_widths[2])
@@ -99,6 +168,8 @@ def lyapunov_stage(cfg: ExperimentConfig, batch, results):
                     results.records["distance_l1"][pert],
                     starts=starts,
                     widths=widths,
+                    min_r2=dv.min_r2,
+                    min_slope=dv.min_slope,
                 )
             )
         else:
@@ -107,14 +178,21 @@ def lyapunov_stage(cfg: ExperimentConfig, batch, results):
     data = {
         "exponents": (("group", "exponent"), res.exponents),
         "stderr": (("group", "exponent"), res.stderr),
-        "per_eta_t": (("group", "exponent"), res.exponents / lr[:, None]),
+        "per_eta_t": (("group", "exponent"), per_eta),
         "ftle": (("group", "window", "exponent"), ftle),
         "running_lambda1": (("group", "renorm"), res.running[..., 0]),
+        "regime": (("group",), np.asarray(regimes, dtype=str)),
         "fit_slope": (("group",), [f.slope if f else nan for f in fits]),
         "fit_r2": (("group",), [f.r2 if f else nan for f in fits]),
         "fit_intercept": (("group",), [f.intercept if f else nan for f in fits]),
         "fit_start": (("group",), [f.start if f else -1 for f in fits]),
         "fit_stop": (("group",), [f.stop if f else -1 for f in fits]),
+        "fit_points": (("group",), [f.n_points if f else 0 for f in fits]),
+        "fit_accepted": (("group",), np.asarray([bool(f and f.accepted) for f in fits], np.int8)),
+        "fit_reason": (
+            ("group",),
+            np.asarray([(f.reason if f else "no perturbed replicas") for f in fits], dtype=str),
+        ),
         "reason": (("group",), np.asarray(reasons, dtype=str)),
     }
     if "tangent_loss" in results.records:  # the loss of the trajectory the tangents followed
@@ -135,6 +213,11 @@ def lyapunov_stage(cfg: ExperimentConfig, batch, results):
             "warmup": ly.warmup,
             "ftle_window": window,
             "t_start": t_start,
+            "per_eta_t_reason": eta_reason,
+            "regime_rule": REGIME_RULE,
+            "sign_rule": SIGN_RULE,
+            "min_r2": dv.min_r2,
+            "min_slope": dv.min_slope,
         },
     )
 
@@ -301,15 +384,20 @@ def curvature_tracker(cfg: ExperimentConfig):
 
 #: documented verdict rule (summary.md repeats it)
 VERDICT_RULE = (
-    "Verdict from the reference replica's sharpness ratio r = λ1 / threshold over the run: "
-    "*unstable* if it diverged or the median r over the last quarter of records exceeds 1.15; "
-    "*edge of stability* if r reached 0.95 and the last-quarter median lies in [0.85, 1.15]; "
-    "*stable* otherwise (*stable after crossing* if r exceeded 1 at some point)."
+    "Verdict from the reference replica's sharpness ratio r = λ1 / threshold over the run "
+    "(threshold at the learning rate of each step, schedules included): *unstable* if it "
+    "diverged or the median r over the last quarter of records exceeds 1.15; *flat plateau* "
+    "if the last-quarter median r is below 0.01 while the loss has stalled (it changed by less "
+    "than 1 % over the last quarter) above 1 % of its initial value ('with bursts' when r "
+    "still exceeded 1 in the last quarter); *edge of stability* if r reached 0.95 and the "
+    "last-quarter median lies in [0.85, 1.15]; *stable* otherwise (*stable after crossing* if "
+    "r exceeded 1 at some point)."
 )
 
 
-def verdict(ratio: np.ndarray, diverged_step: int) -> tuple[str, float, float]:
-    """(verdict, max ratio, last-quarter median ratio) by :data:`VERDICT_RULE`."""
+def verdict(ratio, diverged_step: int, loss=None) -> tuple[str, float, float]:
+    """(verdict, max ratio, last-quarter median ratio) by :data:`VERDICT_RULE`; ``loss`` (the
+    run's recorded loss at the same records) tells a flat plateau from a converged run."""
     r = np.asarray(ratio, np.float64)
     if diverged_step >= 0:
         return (
@@ -317,18 +405,33 @@ def verdict(ratio: np.ndarray, diverged_step: int) -> tuple[str, float, float]:
             float(np.nanmax(r)) if np.isfinite(r).any() else float("nan"),
             float("nan"),
         )
-    r = r[np.isfinite(r)]
-    if r.size == 0:
+    finite = np.isfinite(r)
+    if not finite.any():
         return "unknown (no finite sharpness ratio)", float("nan"), float("nan")
-    late = float(np.median(r[-max(1, r.size // 4) :]))
-    mx = float(r.max())
+    q = max(1, finite.sum() // 4)
+    tail = r[finite][-q:]
+    late = float(np.median(tail))
+    mx = float(r[finite].max())
     if late > 1.15:
         return "unstable", mx, late
+    if late < 0.01 and loss is not None and _stalled(np.asarray(loss, np.float64)):
+        return ("flat plateau" + (" with bursts" if tail.max() > 1.0 else "")), mx, late
     if mx >= 0.95 and 0.85 <= late <= 1.15:
         return "edge of stability", mx, late
     if mx > 1.0:
         return "stable after crossing", mx, late
     return "stable", mx, late
+
+
+def _stalled(loss: np.ndarray) -> bool:
+    """The loss changed by under 1 % over the last quarter of records, above 1 % of its start."""
+    loss = loss[np.isfinite(loss)]
+    if loss.size < 4:
+        return False
+    tail = loss[-max(2, loss.size // 4) :]
+    level = float(np.median(tail))
+    change = float(tail.max() - tail.min())
+    return level > 0.01 * float(loss[0]) and change < 0.01 * level
 
 
 def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
@@ -382,7 +485,11 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
                 )
     verdicts, maxr, later = [], [], []
     for r in refs:
-        v, mx, late = verdict(results.records["sharpness_ratio"][r], int(results.diverged_step[r]))
+        v, mx, late = verdict(
+            results.records["sharpness_ratio"][r],
+            int(results.diverged_step[r]),
+            results.records["loss"][r] if "loss" in results.records else None,
+        )
         verdicts.append(v)
         maxr.append(mx)
         later.append(late)
@@ -401,14 +508,27 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
     )
 
 
+def _range(x) -> str:
+    """``a`` for a constant series, ``a → b`` (first → last finite) otherwise."""
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return "n/a"
+    if np.allclose(x, x[0], rtol=1e-9):
+        return fmt(float(x[0]))
+    return f"{fmt(float(x[0]))} → {fmt(float(x[-1]))}"
+
+
 def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
     lines = [
         "## Curvature and the edge of stability",
         "",
         f"Top-{ds.attrs['k']} eigenvalues of the {ds.attrs['operator']} operator ({ds.attrs['mode']} "
         "loss) tracked at every record with warm-started block Krylov; threshold = the "
-        "optimizer's stability threshold (GD 2/η). Rotation: median 1 − |⟨v1(t), v1(t+Δ)⟩| "
-        "between records. Trace: Hutchinson ± stderr at the start → end.",
+        "optimizer's stability threshold (GD 2/η) at the learning rate of the step (start → end "
+        "under a schedule; n/a for an optimizer without a known threshold or learning rate). "
+        "Sharpness is of the loss the step differentiates (train mode). Rotation: median "
+        "1 − |⟨v1(t), v1(t+Δ)⟩| between records. Trace: Hutchinson ± stderr at the start → end.",
         "",
         VERDICT_RULE,
         "",
@@ -424,7 +544,7 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
         tr = ds["trace"].values[g]
         lines.append(
             f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
-            f"{fmt(float(np.nanmax(thr)) if np.isfinite(thr).any() else np.nan)} | {fmt(float(sh[0]))} | "
+            f"{_range(thr)} | {fmt(float(sh[0]))} | "
             f"{fmt(float(fin[-1]) if fin.size else np.nan)} | {fmt(float(ds['max_ratio'].values[g]), '.2f')} | "
             f"{fmt(float(ds['late_ratio'].values[g]), '.2f')} | "
             f"{fmt(finite_median(rot), '.2e')} | "
@@ -450,43 +570,36 @@ def curvature_figures(ds: xr.Dataset, results, folder: Path) -> None:
     plots.save(plots.spectral_density(ds).figure, folder / "density.png")
 
 
-def _sign(mean: float, err: float) -> str:
-    if not np.isfinite(mean):
-        return "n/a"
-    if not np.isfinite(err):
-        err = 0.0
-    if mean - 3 * err > 0:
-        return "> 0"
-    if mean + 3 * err < 0:
-        return "< 0"
-    return "≈ 0"
-
-
 def lyapunov_rows(ds: xr.Dataset) -> list[dict]:
-    """Per learning rate (mean over seeds): λ1 ± stderr, the spectrum, per ηt, the fit."""
+    """Per learning rate: λ1 over seeds (mean, standard error, per seed) and its sign by
+    :data:`SIGN_RULE`, the spectrum, per ηt, early and late FTLEs and regimes per seed, and
+    the accepted fits."""
     rows = []
     lrs = ds["learning_rate"].values
+    steps = int(ds.attrs["steps"])
     for lr in np.unique(lrs):
         sel = lrs == lr
         ex = ds["exponents"].values[sel]
-        se = ds["stderr"].values[sel]
-        ok = np.isfinite(ex[:, 0])
-        lam1 = float(ex[ok, 0].mean()) if ok.any() else float("nan")
-        err1 = float(np.sqrt(np.nansum(se[ok, 0] ** 2)) / ok.sum()) if ok.any() else float("nan")
+        ftle = ds["ftle"].values[sel][..., 0]
+        accepted = ds["fit_accepted"].values[sel].astype(bool)
         slopes = ds["fit_slope"].values[sel]
-        r2 = ds["fit_r2"].values[sel]
         rows.append(
             {
                 "learning_rate": float(lr),
-                "lambda1": lam1,
-                "lambda1_stderr": err1,
-                "lambda1_sign": _sign(lam1, err1),
-                "lambda1_per_eta_t": lam1 / float(lr),
-                "spectrum": ex[ok].mean(axis=0) if ok.any() else np.full(ex.shape[1], np.nan),
-                "fit_slope": finite_median(slopes),
-                "fit_r2": finite_median(r2),
-                "n_valid": int(ok.sum()),
-                "n": int(sel.sum()),
+                "seeds": ds["seed"].values[sel],
+                "lambda1": ex[:, 0],
+                "lambda1_sign": sign_of(ex[:, 0], steps),
+                "lambda1_T": over_seeds(ex[:, 0]).mean * steps,
+                "per_eta_t": ds["per_eta_t"].values[sel][:, 0],
+                "spectrum": np.nanmean(ex, axis=0) if np.isfinite(ex).any() else ex[0],
+                "early": ftle[:, 0] if ftle.shape[1] else np.full(sel.sum(), np.nan),
+                "late": ftle[:, -1] if ftle.shape[1] else np.full(sel.sum(), np.nan),
+                "regimes": [str(x) for x in ds["regime"].values[sel]],
+                "fit_accepted": int(accepted.sum()),
+                "fit_n": int(sel.sum()),
+                "fit_slope": slopes[accepted],
+                "fit_points": ds["fit_points"].values[sel],
+                "fit_reasons": sorted({str(r) for r in ds["fit_reason"].values[sel] if str(r)}),
                 "reasons": sorted({str(r) for r in ds["reason"].values[sel] if str(r)}),
             }
         )
@@ -495,30 +608,72 @@ def lyapunov_rows(ds: xr.Dataset) -> list[dict]:
 
 def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
     a = ds.attrs
+    w = a["ftle_window"]
     lines = [
         "## Lyapunov exponents",
         "",
-        f"Tangent-space (QR) exponents of each reference run over {a['steps']} steps from t = "
-        f"{a['t_start']} (k = {a['k']}, QR every {a['renorm_every']} step(s)), per step; mean over "
-        "seeds ± standard error (batch means). Sign: λ1 beyond 3 standard errors of 0. "
-        "Fit: Danovski et al.'s best-window exponential fit of the perturbed replicas' mean L1 "
-        "distance (slope per step, median over seeds).",
+        f"Tangent-space (QR) exponents of each reference run, from the tangents the run carried "
+        f"along its recorded trajectory, over {a['steps']} steps from t = {a['t_start']} "
+        f"(k = {a['k']}, QR every {a['renorm_every']} step(s)), per step. λ1: mean ± standard "
+        f"error over seeds, each seed in brackets. {a['sign_rule']} Per unit ηt: Σ log growth / "
+        "Σ η_t with η at each step (schedules included).",
         "",
-        "| η | λ1 ± se | sign | λ1 / η | top-k spectrum | fit slope | fit R² | valid |",
-        "|---|---|---|---|---|---|---|---|",
+        "| η | λ1 over seeds (per seed) | λ1·T | sign | λ1 per unit ηt | top-k spectrum (mean) |",
+        "|---|---|---|---|---|---|",
     ]
     notes = []
-    for r in lyapunov_rows(ds):
+    rows = lyapunov_rows(ds)
+    for r in rows:
         spec = ", ".join(fmt(v, ".3g") for v in r["spectrum"])
+        if np.any(np.diff(r["spectrum"]) > 0):  # QR exponents come out ordered once converged
+            spec += " (not ordered: not converged)"
         lines.append(
-            f"| {r['learning_rate']:.4g} | {fmt(r['lambda1'], '.3g')} ± {fmt(r['lambda1_stderr'], '.1g')} | "
-            f"{r['lambda1_sign']} | {fmt(r['lambda1_per_eta_t'], '.3g')} | {spec} | "
-            f"{fmt(r['fit_slope'], '.3g')} | {fmt(r['fit_r2'], '.3f')} | {r['n_valid']}/{r['n']} |"
+            f"| {r['learning_rate']:.4g} | {seeds_cell(r['lambda1'], '.3g')} | "
+            f"{fmt(r['lambda1_T'], '.3g')} | {r['lambda1_sign']} | "
+            f"{seeds_cell(r['per_eta_t'], '.3g')} | {spec} |"
         )
         for reason in r["reasons"]:
-            notes.append(f"- η = {r['learning_rate']:.4g}: NaN because {reason}")
+            notes.append(f"- η = {r['learning_rate']:.4g}: λ NaN because {reason}")
+    if a.get("per_eta_t_reason"):
+        notes.append(f"- per unit ηt: n/a because {a['per_eta_t_reason']}")
     if notes:
         lines += ["", *notes]
+    lines += [
+        "",
+        f"Finite-time λ1 over windows of {w} steps, per seed: the first (early) and the last "
+        f"(late) window, and the regime. {a['regime_rule']}",
+        "",
+        "| η | seed | early FTLE | late FTLE | regime |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for seed, e, lt, reg in zip(r["seeds"], r["early"], r["late"], r["regimes"]):
+            lines.append(
+                f"| {r['learning_rate']:.4g} | {int(seed)} | {fmt(e, '.3g')} | {fmt(lt, '.3g')} | "
+                f"{reg} |"
+            )
+    lines += [
+        "",
+        "Replica separation: Danovski et al.'s best-window exponential fit of the perturbed "
+        f"replicas' mean L1 distance (recorded every step); accepted when the window holds at "
+        f"least 10 points, R² > {a['min_r2']:g} and slope > {a['min_slope']:g} per step. Slope: "
+        "mean ± standard error over the accepted seeds.",
+        "",
+        "| η | accepted | accepted slope (per step) | points per best window |",
+        "|---|---|---|---|",
+    ]
+    fit_notes = []
+    for r in rows:
+        pts = r["fit_points"]
+        lines.append(
+            f"| {r['learning_rate']:.4g} | {r['fit_accepted']}/{r['fit_n']} | "
+            f"{seeds_cell(r['fit_slope'], '.3g') if r['fit_accepted'] else 'n/a'} | "
+            f"{int(pts.min()) if pts.size else 0}–{int(pts.max()) if pts.size else 0} |"
+        )
+        for reason in r["fit_reasons"]:
+            fit_notes.append(f"- η = {r['learning_rate']:.4g}: no fit because {reason}")
+    if fit_notes:
+        lines += ["", *fit_notes]
     lines += ["", "![spectrum](figures/spectrum.png)", "", "![FTLE](figures/ftle.png)", ""]
     return lines
 
@@ -531,9 +686,13 @@ def lyapunov_figures(ds: xr.Dataset, folder: Path) -> None:
 
 
 __all__ = [
+    "REGIME_RULE",
+    "SIGN_RULE",
     "lyapunov_figures",
     "lyapunov_markdown",
     "lyapunov_rows",
     "lyapunov_stage",
     "reference_groups",
+    "regime",
+    "sign_of",
 ]

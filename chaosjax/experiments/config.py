@@ -108,6 +108,11 @@ class ReplicaConfig:
     )
     target: str = fld("weights", "what is perturbed", choices=("weights", "params", "all"))
     loss_bound: float = fld(1e8, "a replica whose loss exceeds this has diverged", positive=True)
+    distance_every: int = fld(
+        1,
+        "replica distances every this many steps (their own axis; a divisor of record_every): a fit of the separation needs at least 10 points per window",
+        lo=1,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +341,11 @@ class ExperimentConfig:
         if self.steps % self.record_every:
             raise ConfigError(
                 f"record_every: must divide steps={self.steps}, got {self.record_every}"
+            )
+        if self.record_every % self.replicas.distance_every:
+            raise ConfigError(
+                f"replicas.distance_every: must divide record_every={self.record_every}, got "
+                f"{self.replicas.distance_every}"
             )
         ly = self.lyapunov
         n = ly.steps or self.steps

@@ -22,6 +22,7 @@ import xarray as xr
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.analyses import curvature_tracker, reference_groups, tangent_tracker
 from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments.stats import seeds_cell
 
 _PARAM = {"sharpness": "margin", "ftle": "target"}
 
@@ -124,6 +125,7 @@ def _controlled_run(cfg, kind: str, values, folder: Path, progress: bool):
 def _runs_of(results, refs, kind, values, lrs, c_thr):
     """Per reference run: label, series (ratio, test metric, loss, sharpness), distance."""
     rec = results.records
+    distance = results.at_records("distance_l2")  # the episodes read every series per record
     out = []
     ref_of = np.asarray(results.coords["reference"])
     member = np.asarray(results.coords["member"])
@@ -142,7 +144,7 @@ def _runs_of(results, refs, kind, values, lrs, c_thr):
                 "loss": rec["loss"][i],
                 "test_loss": rec["test_loss"][i],
                 "test_accuracy": rec["test_accuracy"][i] if "test_accuracy" in rec else None,
-                "distance": rec["distance_l2"][pert[0]] if pert.size else None,
+                "distance": distance[pert[0]] if pert.size else None,
                 "diverged": int(results.diverged_step[i]),
             }
         )
@@ -345,6 +347,10 @@ def comparison_rows(ds: xr.Dataset) -> list[dict]:
                 if "n_unresolved" in ds
                 else 0,
                 "diverged": int((ds["diverged_step"].values[sel] >= 0).sum()),
+                "per_seed": {
+                    k: ds[k].values[sel]
+                    for k in ("final_test", "final_sharpness", "final_lr", "final_ratio", "lambda1")
+                },
             }
         )
     return rows
@@ -404,23 +410,27 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
         f"Fixed η against the sharpness-margin controller (η·λmax held at margin × c, "
         f"c = {ds.attrs['stability_constant']:g} for {ds.attrs['optimizer']}, re-estimated every "
         f"{ds.attrs['every']} steps, smoothing {ds.attrs['smoothing']:g}) and the FTLE "
-        "controller, from the same initialisations. Medians over seeds; episodes summed. "
+        "controller, from the same initialisations. Steps to the target: median over seeds "
+        "(n/a unless every seed reached it); the other columns: mean ± standard error over seeds "
+        "with each seed in brackets; episodes summed over seeds; diverged: seeds. "
         f"η·λmax/c: 1 = edge of stability. λ1: top Lyapunov exponent per step over "
         f"the last {ds.attrs['lyapunov_steps']} steps of each run, from its own tangents (the "
         "controller's state is part of the map).",
         "",
         f"| setting | steps to {metric} {'≥' if metric == 'test accuracy' else '≤'} {tgt:g} | "
         f"reached | final {metric} | final λmax | final η | η·λmax/c | λ1 | helpful | harmful | "
-        "neutral | unresolved | diverged |",
+        "neutral | unresolved | diverged seeds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ps = r["per_seed"]
         lines.append(
             f"| {r['label']} | {fmt(r['steps'], '.0f')} | {r['reached']}/{r['seeds']} | "
-            f"{fmt(r['final_test'], '.3f' if metric == 'test accuracy' else '.3g')} | "
-            f"{fmt(r['final_sharpness'], '.3g')} | {fmt(r['final_lr'], '.3g')} | "
-            f"{fmt(r['final_ratio'], '.3f')} | {fmt(r['lambda1'], '.3g')} | {r['helpful']} | "
-            f"{r['harmful']} | {r['neutral']} | {r['unresolved']} | {r['diverged']} |"
+            f"{seeds_cell(ps['final_test'], '.3f' if metric == 'test accuracy' else '.3g')} | "
+            f"{seeds_cell(ps['final_sharpness'], '.3g')} | {seeds_cell(ps['final_lr'], '.3g')} | "
+            f"{seeds_cell(ps['final_ratio'], '.3f')} | {seeds_cell(ps['lambda1'], '.3g')} | "
+            f"{r['helpful']} | {r['harmful']} | {r['neutral']} | {r['unresolved']} | "
+            f"{r['diverged']}/{r['seeds']} |"
         )
     if tgt > 0:
         lines += [

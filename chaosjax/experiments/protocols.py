@@ -14,6 +14,7 @@ import xarray as xr
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.analyses import group_coords, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments.stats import over_seeds, seeds_cell
 
 
 def _finite_prefix(x: np.ndarray) -> np.ndarray:
@@ -59,6 +60,10 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     acf = np.full((len(refs), max_lag + 1), np.nan)
     low, high = np.full_like(acf, np.nan), np.full_like(acf, np.nan)
     start_idx = int(np.searchsorted(results.steps, c.start))
+    # a frozen series reads as chaos in the 0–1 test: refuse below the run's round-off
+    rtol = max(1e-8, 10 * float(np.finfo(np.dtype(results.attrs.get("dtype", "float64"))).eps))
+    k01_reason = [""] * len(refs)
+    exp_reason = [""] * len(refs)
     for g, r in enumerate(refs):
         x = _finite_prefix(results.records["loss"][r])
         if x.size < 30:
@@ -67,7 +72,8 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
         ep = series.spikes(x, factor=c.spike_factor)
         vals["n_spikes"][g] = len(ep)
         vals["max_spike"][g] = float(ep.height.max()) if len(ep) else np.nan
-        vals["k01"][g] = series.zero_one_test(x)
+        vals["k01"][g] = series.zero_one_test(x, rtol=rtol)
+        k01_reason[g] = series.negligible_variation(x, rtol)
         tail = x[start_idx:]
         if tail.size >= 10:
             a = series.autocorrelation(tail, max_lag, n_surrogates=c.n_surrogates, seed=int(r))
@@ -82,12 +88,17 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
             for k in ("n_laminar", "mean_laminar", "max_laminar", "laminar_fraction"):
                 vals[k][g] = st[k]
         if x.size > 40:
-            er = series.expansion_rate(x, e=c.analogue_e, m_range=range(5, min(26, x.size // 2)))
+            er = series.expansion_rate(
+                x, e=c.analogue_e, m_range=range(5, min(26, x.size // 2)), dt=cfg.record_every
+            )
             vals["expansion_rate"][g], vals["expansion_r2"][g] = er.slope, er.r2
             vals["expansion_p"][g], vals["expanding"][g] = er.pvalue, float(er.expanding)
+            exp_reason[g] = er.reason
     data = {k: (("group",), v) for k, v in vals.items()}
     data.update(
         {
+            "k01_reason": (("group",), np.asarray(k01_reason, dtype=str)),
+            "expansion_reason": (("group",), np.asarray(exp_reason, dtype=str)),
             "acf": (("group", "lag"), acf),
             "acf_low": (("group", "lag"), low),
             "acf_high": (("group", "lag"), high),
@@ -102,6 +113,7 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
             "spike_factor": c.spike_factor,
             "analogue_e": c.analogue_e,
             "laminar_min_length": c.laminar_min_length,
+            "k01_rtol": rtol,
         },
     )
 
@@ -116,14 +128,25 @@ def series_markdown(ds: xr.Dataset) -> list[str]:
         "ratio); the 0–1 test K (≈ 0 regular, ≈ 1 chaotic); lag-1 autocorrelation from step "
         f"{a['start']} with the 3rd–97th percentile band of shuffled surrogates; laminar phases "
         f"(|Δloss| ≤ 1% of its std for ≥ {a['laminar_min_length']} records) as count, mean and max "
-        f"length and share of time; expansion rate by the method of analogues (e = {a['analogue_e']:g}) "
-        "per record with its p-value.",
+        f"length and share of time; expansion rate by the method of analogues (e = {a['analogue_e']:g}; "
+        "detrended, Theiler window of the largest horizon, analogues moving the same way) per "
+        "step with its p-value. The 0–1 test is not applied (n/a) to a series whose variation is "
+        f"below {a.get('k01_rtol', 1e-8):.1g} of its level (frozen, or round-off).",
         "",
         "| η | seed | increasing | spikes (max ×) | 0–1 K | ACF(1) [band] | laminar n / mean / max / share | expansion rate (p) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for g in range(ds.sizes["group"]):
-        v = {k: float(ds[k].values[g]) for k in ds.data_vars if ds[k].dims == ("group",)}
+        v = {
+            k: float(ds[k].values[g])
+            for k in ds.data_vars
+            if ds[k].dims == ("group",) and not k.endswith("reason")
+        }
+        where = f"η = {float(ds['learning_rate'].values[g]):.4g}, seed {int(ds['seed'].values[g])}"
+        for key, what in (("k01_reason", "0–1 test"), ("expansion_reason", "expansion rate")):
+            if key in ds and str(ds[key].values[g]):
+                notes.append(f"- {where}: {what} n/a because {ds[key].values[g]}")
         lines.append(
             f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
             f"{fmt(v['frac_increasing'], '.2f')} | {fmt(v['n_spikes'], '.0f')} ({fmt(v['max_spike'], '.2g')}) | "
@@ -131,6 +154,8 @@ def series_markdown(ds: xr.Dataset) -> list[str]:
             f"{fmt(v['n_laminar'], '.0f')} / {fmt(v['mean_laminar'], '.1f')} / {fmt(v['max_laminar'], '.0f')} / "
             f"{fmt(v['laminar_fraction'], '.2f')} | {fmt(v['expansion_rate'], '.3g')} ({fmt(v['expansion_p'], '.1g')}) |"
         )
+    if notes:
+        lines += ["", *notes]
     return [*lines, "", "![ACF](figures/acf.png)", ""]
 
 
@@ -185,6 +210,8 @@ def divergence_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     shape = (len(refs), len(eps_vals))
     slope, r2 = np.full(shape, np.nan), np.full(shape, np.nan)
     growth = np.full(shape, np.nan)
+    points = np.zeros(shape, np.int64)
+    accepted = np.zeros(shape, bool)
     ref_of = np.asarray(results.coords["reference"])
     eps_of = np.asarray(results.coords["eps"])
     for g, r in enumerate(refs):
@@ -195,17 +222,25 @@ def divergence_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
             if not sel.any():
                 continue
             d = results.records["distance_l1"][sel]
-            f = best_window_fit(results.steps, d, starts=starts, widths=widths)
-            slope[g, e], r2[g, e] = f.slope, f.r2
+            f = best_window_fit(
+                results.steps_of("distance_l1"),
+                d,
+                starts=starts,
+                widths=widths,
+                min_r2=c.min_r2,
+                min_slope=c.min_slope,
+            )
+            slope[g, e], r2[g, e], points[g, e] = f.slope, f.r2, f.n_points
+            accepted[g, e] = f.accepted
             m = np.nanmean(d, axis=0)
             if np.isfinite(m).any() and m[0] > 0:
                 growth[g, e] = float(np.nanmax(m) / m[0])
-    accepted = (r2 > c.min_r2) & (slope > c.min_slope)
     return xr.Dataset(
         {
             "slope": (("group", "eps"), slope),
             "r2": (("group", "eps"), r2),
             "accepted": (("group", "eps"), accepted.astype(np.int8)),
+            "points": (("group", "eps"), points),
             "max_growth": (("group", "eps"), growth),
         },
         coords={**group_coords(batch, refs), "eps": eps_vals},
@@ -219,11 +254,12 @@ def divergence_markdown(ds: xr.Dataset) -> list[str]:
         "## Replica divergence against ε",
         "",
         "For every initialisation, η and ε: Danovski et al.'s best-window fit of ln of the mean L1 "
-        f"distance of its perturbed replicas. Accepted when R² > {a['min_r2']:g} and slope > "
-        f"{a['min_slope']:g} per step; mean ± std over the accepted initialisations. Growth: "
-        "largest mean distance over the initial one (median over initialisations).",
+        f"distance of its perturbed replicas. Accepted when the window holds at least 10 points, "
+        f"R² > {a['min_r2']:g} and slope > {a['min_slope']:g} per step; mean ± standard error over "
+        "the accepted initialisations (accepted n/N: initialisations). Growth: largest mean "
+        "distance over the initial one (median over initialisations).",
         "",
-        "| η | ε | accepted | slope mean ± std (per step) | median max growth |",
+        "| η | ε | accepted | slope mean ± se (per step) | median max growth |",
         "|---|---|---|---|---|",
     ]
     lrs = ds["learning_rate"].values
@@ -231,13 +267,11 @@ def divergence_markdown(ds: xr.Dataset) -> list[str]:
         sel = lrs == lr
         for e, eps in enumerate(ds["eps"].values):
             acc = ds["accepted"].values[sel, e].astype(bool)
-            s = ds["slope"].values[sel, e][acc]
+            s = over_seeds(ds["slope"].values[sel, e][acc])
             gr = ds["max_growth"].values[sel, e]
-            mean = float(s.mean()) if s.size else float("nan")
-            std = float(s.std()) if s.size > 1 else float("nan")
             med = finite_median(gr)
             lines.append(
-                f"| {lr:.4g} | {eps:.0e} | {acc.sum()}/{sel.sum()} | {fmt(mean)} ± {fmt(std, '.2g')} | {fmt(med, '.3g')} |"
+                f"| {lr:.4g} | {eps:.0e} | {acc.sum()}/{sel.sum()} | {fmt(s.mean)} ± {fmt(s.sem, '.2g')} | {fmt(med, '.3g')} |"
             )
     return [*lines, "", "![slope against ε](figures/divergence_eps.png)", ""]
 
@@ -403,11 +437,12 @@ def target_markdown(ds: xr.Dataset, lyap: xr.Dataset | None, div: xr.Dataset | N
         "## Time to target accuracy against the onset of chaos",
         "",
         f"Steps until the reference run first reaches test accuracy {ds.attrs['target']:g} "
-        "(median over seeds; never = n/a), next to the chaos indicators of the same η: the "
-        "tangent-space λ1 (mean over seeds) and the share of initialisations with an accepted "
-        "replica-divergence fit.",
+        "(median over seeds; n/a unless every seed reached it; reached: seeds), next to the "
+        "chaos indicators of the same η: the tangent-space λ1 (mean ± standard error over seeds, "
+        "each seed in brackets) and the initialisations with an accepted replica-divergence fit "
+        "(at any ε). Final test accuracy: mean ± standard error over seeds.",
         "",
-        "| η | steps to target | reached | final test acc | λ1 (per step) | chaotic fits |",
+        "| η | steps to target | reached | final test acc | λ1 (per step) | accepted fits |",
         "|---|---|---|---|---|---|",
     ]
     lrs = ds["learning_rate"].values
@@ -417,17 +452,16 @@ def target_markdown(ds: xr.Dataset, lyap: xr.Dataset | None, div: xr.Dataset | N
         st = ds["steps_to_target"].values[sel]
         reached = np.isfinite(st)
         med = float(np.median(st[reached])) if reached.all() else float("nan")
-        lam = float("nan")
+        lam = "n/a"
         if lyap is not None:
-            v = lyap["exponents"].values[lyap["learning_rate"].values == lr, 0]
-            lam = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            lam = seeds_cell(lyap["exponents"].values[lyap["learning_rate"].values == lr, 0])
         chaotic = "n/a"
         if div is not None:
             a = div["accepted"].values[div["learning_rate"].values == lr]
             chaotic = f"{int(a.any(axis=1).sum())}/{a.shape[0]}"
         fa = ds["final_test_accuracy"].values[sel]
         lines.append(
-            f"| {lr:.4g} | {fmt(med, '.0f')} | {reached.sum()}/{sel.sum()} | {fmt(finite_median(fa), '.3f')} | {fmt(lam)} | {chaotic} |"
+            f"| {lr:.4g} | {fmt(med, '.0f')} | {reached.sum()}/{sel.sum()} | {seeds_cell(fa, '.3f')} | {lam} | {chaotic} |"
         )
         if np.isfinite(med) and (best is None or med < best[1]):
             best = (lr, med)
@@ -687,6 +721,7 @@ def instability_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -
     ref_of = np.asarray(results.coords["reference"])
     member = np.asarray(results.coords["member"])
     ftle_t = lyap["window_end"].values
+    t_layer = results.steps_of("layer_distance")
     for g, r in enumerate(refs):
         sel = (ref_of == r) & (member > 0)
         if sel.any():
@@ -701,7 +736,7 @@ def instability_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -
                 if not np.isfinite(y[0]) or y[0] <= 0:
                     continue
                 hit = y >= c.separation_factor * y[0]
-                sep[g, layer] = results.steps[np.argmax(hit)] if hit.any() else np.nan
+                sep[g, layer] = t_layer[np.argmax(hit)] if hit.any() else np.nan
                 fin = y[np.isfinite(y)]
                 peak[g, layer] = float(fin.max())
                 reconv[g, layer] = int(hit.any() and fin[-1] < c.reconverge_fraction * fin.max())

@@ -16,8 +16,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from chaosjax._util import atomic_write_text, finite_median, fmt
+from chaosjax._util import atomic_write_text, fmt
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
+from chaosjax.experiments.stats import seeds_cell
 from chaosjax.sharding import is_main_process, parse_bytes, process_path, replica_mesh
 
 CHECKPOINT = "checkpoint.npz"
@@ -367,6 +368,7 @@ def run_experiment(
         steps=cfg.steps,
         record_every=cfg.record_every,
         observables=observables,
+        distance_every=r.distance_every,
         chunk_steps=max(cfg.record_every, cfg.chunk_steps - cfg.chunk_steps % cfg.record_every),
         loss_bound=r.loss_bound,
         progress=progress,
@@ -386,7 +388,7 @@ def run_experiment(
     if cfg.lyapunov.enabled:
         from chaosjax.experiments.analyses import lyapunov_stage
 
-        groups["lyapunov"] = lyapunov_stage(cfg, batch, results)
+        groups["lyapunov"] = lyapunov_stage(cfg, tmap, batch, results)
     if cfg.clv.enabled:
         from chaosjax.experiments.analyses import clv_stage
 
@@ -407,8 +409,9 @@ def run_experiment(
 
 
 def summary_rows(results) -> list[dict]:
-    """Per learning rate: final losses and accuracies (median over reference replicas), the
-    separation d(T)/d(0) of perturbed replicas (geometric mean) and divergences."""
+    """Per learning rate: final losses and accuracies of the reference replicas (one per seed),
+    the separation d(T)/d(0) of perturbed replicas (mean log growth) and how many seeds
+    (reference replicas) and replicas diverged."""
     rows = []
     lrs = results.coords.get("learning_rate")
     member = results.coords.get("member")
@@ -416,17 +419,17 @@ def summary_rows(results) -> list[dict]:
         sel = lrs == lr
         ref = sel & (member == 0)
         pert = sel & (member > 0)
-        row = {"learning_rate": float(lr), "replicas": int(sel.sum())}
+        row = {"learning_rate": float(lr), "replicas": int(sel.sum()), "seeds": int(ref.sum())}
         for k in ("loss", "test_loss", "accuracy", "test_accuracy"):
             if k in results.records:
-                v = results.records[k][ref, -1]
-                row[k] = finite_median(v)
+                row[k] = results.records[k][ref, -1]
         if "distance_l1" in results.records and pert.any():
             d = results.records["distance_l1"][pert]
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.log(d[:, -1]) - np.log(d[:, 0])
             ok = np.isfinite(ratio)
             row["log_growth"] = float(np.mean(ratio[ok])) if ok.any() else float("nan")
+        row["diverged_seeds"] = int(results.diverged[ref].sum())
         row["diverged"] = int(results.diverged[sel].sum())
         rows.append(row)
     return rows
@@ -457,26 +460,32 @@ def render_summary(results, cfg_text: str) -> str:
         "",
         "## Results per learning rate",
         "",
-        "Losses and accuracies: median over the reference replicas at the last step. "
-        "⟨ln d(T)/d(0)⟩: mean over perturbed replicas of the log growth of their L1 distance "
-        "to the reference (positive: nearby runs separate).",
+        "Losses and accuracies at the last step: mean ± standard error over seeds (the "
+        "reference replica of each seed), per-seed values in brackets. ⟨ln d(T)/d(0)⟩: mean "
+        "over perturbed replicas of the log growth of their L1 distance to the reference "
+        "(positive: nearby runs separate). Diverged: seeds (reference replicas) and replicas "
+        "that diverged, of all.",
         "",
     ]
     rows = summary_rows(results)
     cols = [
-        ("learning_rate", "η", ".4g"),
         ("loss", "train loss", ".3g"),
         ("test_loss", "test loss", ".3g"),
         ("accuracy", "train acc", ".3f"),
         ("test_accuracy", "test acc", ".3f"),
-        ("log_growth", "⟨ln d(T)/d(0)⟩", ".2f"),
-        ("diverged", "diverged", "d"),
     ]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
-    lines.append("| " + " | ".join(c[1] for c in cols) + " |")
-    lines.append("|" + "---|" * len(cols))
+    growth = any("log_growth" in r for r in rows)
+    head = ["η", *(c[1] for c in cols)] + (["⟨ln d(T)/d(0)⟩"] if growth else [])
+    head += ["diverged seeds", "diverged replicas"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
     for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c[0]), c[2]) for c in cols) + " |")
+        cells = [f"{r['learning_rate']:.4g}", *(seeds_cell(r[c[0]], c[2]) for c in cols)]
+        if growth:
+            cells.append(fmt(r.get("log_growth"), ".2f"))
+        cells += [f"{r['diverged_seeds']}/{r['seeds']}", f"{r['diverged']}/{r['replicas']}"]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Figures",
