@@ -79,8 +79,9 @@ REGIME_RULE = (
 SIGN_RULE = (
     "λ1 > 0 is claimed when its mean over seeds times the accumulated steps T is ≥ 5 (growth "
     "by at least e⁵) and the mean lies more than 3 standard errors over seeds above 0 (at least "
-    "3 seeds); < 0 likewise; *≈ 0* within 3 standard errors; *not resolved* when |λ1|·T < 5; "
-    "with fewer than 3 seeds no sign is claimed and each seed is shown."
+    "3 seeds); < 0 likewise; otherwise *not resolved*: |λ1|·T < 5, or the seeds differ (the "
+    "mean within 3 standard errors of 0); with fewer than 3 seeds no sign is claimed and each "
+    "seed is shown."
 )
 
 
@@ -119,7 +120,7 @@ def sign_of(values, steps: int) -> str:
         return "> 0"
     if s.mean + 3 * s.sem < 0:
         return "< 0"
-    return "≈ 0"
+    return "not resolved (within 3 SE over seeds)"
 
 
 def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
@@ -157,9 +158,17 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
     starts = range(ly.fit_starts[0], ly.fit_starts[1] + 1, ly.fit_starts[2])
     widths = range(ly.fit_widths[0], ly.fit_widths[1] + 1, ly.fit_widths[2])
     fits = []
+    member = np.asarray(results.coords["member"])
+    eps_of = np.asarray(results.coords["eps"], np.float64)
+    fit_eps = float("nan")
+    if (member > 0).any():  # one ε: the mean distance of mixed ε is the largest ε's
+        grid = np.unique(eps_of[member > 0])
+        fit_eps = float(grid[np.argmin(np.abs(np.log(grid) - np.log(dv.histogram_eps)))])
     for r in refs:
-        pert = (np.asarray(results.coords["reference"]) == r) & (
-            np.asarray(results.coords["member"]) > 0
+        pert = (
+            (np.asarray(results.coords["reference"]) == r)
+            & (member > 0)
+            & np.isclose(eps_of, fit_eps, rtol=1e-9, atol=0.0)
         )
         if "distance_l1" in results.records and pert.any():
             fits.append(
@@ -218,6 +227,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
             "sign_rule": SIGN_RULE,
             "min_r2": dv.min_r2,
             "min_slope": dv.min_slope,
+            "fit_eps": fit_eps,
         },
     )
 
@@ -654,8 +664,9 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
             )
     lines += [
         "",
-        "Replica separation: Danovski et al.'s best-window exponential fit of the perturbed "
-        f"replicas' mean L1 distance (recorded every step); accepted when the window holds at "
+        "Replica separation: Danovski et al.'s best-window exponential fit of the mean L1 "
+        f"distance of the replicas perturbed by ε = {a.get('fit_eps', float('nan')):.0e} "
+        f"(recorded every step); accepted when the window holds at "
         f"least 10 points, R² > {a['min_r2']:g} and slope > {a['min_slope']:g} per step. Slope: "
         "mean ± standard error over the accepted seeds.",
         "",
