@@ -19,6 +19,7 @@ from chaosjax import control as control
 from chaosjax import datasets as datasets
 from chaosjax import models as models
 from chaosjax import observers as observers
+from chaosjax import optimizers as optimizers
 from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
@@ -43,7 +44,6 @@ from chaosjax.curvature import hessian_eigs as hessian_eigs
 from chaosjax.curvature import hessian_trace as hessian_trace
 from chaosjax.curvature import hvp as hvp
 from chaosjax.curvature import smooth_density as smooth_density
-from chaosjax.curvature import stability_threshold as stability_threshold
 from chaosjax.datasets import Dataset as Dataset
 from chaosjax.lyapunov import LyapunovResult as LyapunovResult
 from chaosjax.lyapunov import WindowFit as WindowFit
@@ -57,6 +57,7 @@ from chaosjax.observers import CLVWindow as CLVWindow
 from chaosjax.observers import LyapunovTracker as LyapunovTracker
 from chaosjax.observers import StateSnapshots as StateSnapshots
 from chaosjax.observers import TwinTracker as TwinTracker
+from chaosjax.optimizers import stability_threshold as stability_threshold
 from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
@@ -65,12 +66,15 @@ from chaosjax.response import ResponseTracker as ResponseTracker
 from chaosjax.response import ntk as ntk
 from chaosjax.results import ReplicaResults as ReplicaResults
 from chaosjax.results import open_store as open_store
+from chaosjax.stepmap import StepMap as StepMap
 from chaosjax.tangents import log_det_jacobian as log_det_jacobian
 from chaosjax.tangents import qr_renormalize as qr_renormalize
 from chaosjax.tangents import random_basis as random_basis
 from chaosjax.tangents import tangent_step as tangent_step
+from chaosjax.training import MapState as MapState
 from chaosjax.training import TrainingMap as TrainingMap
 from chaosjax.training import make_schedule as make_schedule
+from chaosjax.training import split_state as split_state
 
 try:
     from importlib.metadata import version as _version

@@ -14,11 +14,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class MapState(NamedTuple):
+    """The state of a map that carries more than its dynamical coordinates.
+
+    Attributes:
+        x: (dim,) the dynamical coordinates (a training map's parameters first, then its float
+            optimizer moments).
+        carry: what the step advances exactly but never differentiates, perturbs or measures
+            a distance on (BatchNorm statistics, step counters, PRNG keys, …). Every leaf of
+            ``carry`` is carried by :func:`layout_of`, floats included.
+    """
+
+    x: Any
+    carry: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +190,15 @@ def layout_of(
         dtype: dtype of the flat vector (default: the result type of the dynamical leaves).
         what: the name used in error messages.
 
-    A tree without leaves (an empty optimizer state) has dim 0.
+    A tree without leaves (an empty optimizer state) has dim 0. In a :class:`MapState` only
+    ``x`` is dynamical.
     """
+    if isinstance(tree, MapState):
+        user = carried
+
+        def carried(name, leaf):
+            return name == "carry" or name.startswith("carry/") or bool(user and user(name, leaf))
+
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     specs, dyn_dtypes = [], []
     for path, leaf in flat:
@@ -202,4 +224,4 @@ def layout_of(
     return Layout(treedef, tuple(out), jnp.dtype(dtype).name)
 
 
-__all__ = ["Layout", "LeafSpec", "is_float", "layout_of", "path_name"]
+__all__ = ["Layout", "LeafSpec", "MapState", "is_float", "layout_of", "path_name"]

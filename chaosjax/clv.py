@@ -183,6 +183,7 @@ def covariant_lyapunov_vectors(
     resume: bool = False,
     devices=None,
     memory_limit=None,
+    strategy: str | int | None = None,
 ) -> CLVResult:
     """Covariant Lyapunov vectors (Ginelli) of ``step`` over ``steps`` steps.
 
@@ -215,6 +216,7 @@ def covariant_lyapunov_vectors(
         devices: with ``batched=True``, the devices sharing the batch axis (default every
             device; see :func:`chaosjax.sharding.replica_mesh`).
         memory_limit: bytes (or ``"8GiB"``) a device may use.
+        strategy: how a device runs the rows (see :func:`chaosjax.engine.run_replicas`).
 
     Memory: the device holds the state and a (dim, k) basis per batch element; the host holds
     ``clv_memory_bytes(dim, k, N, n_kept, batch)`` bytes — R and C factors for every interval
@@ -291,6 +293,7 @@ def covariant_lyapunov_vectors(
         resume=resume,
         devices=devices,
         memory_limit=memory_limit,
+        strategy=strategy,
     )
     out = from_forward(
         res.records["clv_r"],

@@ -52,18 +52,12 @@ from chaosjax.curvature import (
     preconditioned_operator,
     preconditioner_diagonal,
 )
+from chaosjax.optimizers import CONTROLLED, OPTIMIZERS, with_defaults
 from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
 
-#: base optimizers a controller can drive (the direction; the controller sets η).
-CONTROLLED_OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
-
-_BASE_HPARAMS = {
-    "sgd": {},
-    "momentum": {"momentum": 0.9},
-    "nesterov": {"momentum": 0.9},
-    "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-20},
-    "rmsprop": {"decay": 0.9, "eps": 1e-8},
-}
+#: base optimizers a controller can drive (the direction; the controller sets η): those of the
+#: one registry (:data:`chaosjax.optimizers.OPTIMIZERS`) with a direction.
+CONTROLLED_OPTIMIZERS = CONTROLLED
 
 
 def _concrete(x) -> float | None:
@@ -103,31 +97,15 @@ def _base(optimizer: str, hparams: dict):
         raise ValueError(
             f"optimizer: unknown {optimizer!r}; allowed: {', '.join(CONTROLLED_OPTIMIZERS)}"
         )
-    defaults = _BASE_HPARAMS[optimizer]
-    unknown = set(hparams) - set(defaults)
-    if unknown:
-        raise ValueError(
-            f"hparams: {sorted(unknown)} not used by {optimizer!r}; allowed: {sorted(defaults) or 'none'}"
-        )
-    hp = {**defaults, **hparams}
+    s = OPTIMIZERS[optimizer]
+    hp = with_defaults(optimizer, hparams)
+    hp.pop("learning_rate", None)
     for name in ("momentum", "b1", "b2", "decay"):
         if name in hp:
             _check(name, hp[name], lo=0.0, hi=1.0)
             if _concrete(hp[name]) == 1.0:
                 raise ValueError(f"{name}: must be < 1, got {hp[name]!r}")
-    if optimizer == "sgd":
-        return optax.identity(), 2.0, False, hp
-    if optimizer == "momentum":
-        b = hp["momentum"]
-        return optax.trace(decay=b), 2.0 + 2.0 * b, False, hp
-    if optimizer == "nesterov":
-        b = hp["momentum"]
-        return optax.trace(decay=b, nesterov=True), (2.0 + 2.0 * b) / (1.0 + 2.0 * b), False, hp
-    if optimizer == "adam":
-        tx = optax.scale_by_adam(b1=hp["b1"], b2=hp["b2"], eps=hp["eps"], eps_root=hp["eps_root"])
-        return tx, (2.0 + 2.0 * hp["b1"]) / (1.0 - hp["b1"]), True, hp
-    tx = optax.scale_by_rms(decay=hp["decay"], eps=hp["eps"])
-    return tx, 2.0, True, hp
+    return s.direction(hp), s.constant(hp), s.operator == "preconditioned", hp
 
 
 def stability_constant(optimizer: str, **hparams):

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ import numpy as np
 
 from chaosjax import _smalllinalg as _sl
 from chaosjax._layout import layout_of
+from chaosjax.optimizers import operator_of, optimizer_hparams
 
 PRECISION = "highest"
 
@@ -142,16 +143,26 @@ def adaptive_preconditioner(opt_state) -> tuple[jax.Array, str]:
     """
     import optax
 
-    for leaf in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")
-    ):
-        if isinstance(leaf, optax.ScaleByAdamState):
-            return _ravel(leaf.nu)[0], "adam", leaf.count
-        if isinstance(leaf, optax.ScaleByRmsState):
-            return _ravel(leaf.nu)[0], "rmsprop", None
-    raise ValueError(
-        "optimizer: the state holds no Adam or RMSProp second moments to precondition with"
-    )
+    def find(tree):
+        for node in jax.tree_util.tree_leaves(
+            tree, is_leaf=lambda n: isinstance(n, tuple) and hasattr(n, "_fields")
+        ):
+            if isinstance(node, optax.ScaleByAdamState):
+                return _ravel(node.nu)[0], "adam", node.count
+            if isinstance(node, optax.ScaleByRmsState):
+                return _ravel(node.nu)[0], "rmsprop", None
+            if isinstance(node, tuple) and hasattr(node, "_fields"):  # a wrapper: look inside
+                found = find(tuple(node))
+                if found is not None:
+                    return found
+        return None
+
+    found = find(opt_state)
+    if found is None:
+        raise ValueError(
+            "optimizer: the state holds no Adam or RMSProp second moments to precondition with"
+        )
+    return found
 
 
 def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
@@ -161,8 +172,9 @@ def training_preconditioner(tmap, state, t, hparams=None) -> jax.Array:
     (count = 0) Adam holds no second-moment estimate, so P is NaN there rather than eps.
     """
     hp = tmap.hparams if hparams is None else hparams
-    nu, kind, count = adaptive_preconditioner(tmap.opt_state(state, t))
-    p = preconditioner_diagonal(nu, kind, count, hp)
+    opt_state = tmap.opt_state(state, t)
+    nu, kind, count = adaptive_preconditioner(opt_state)
+    p = preconditioner_diagonal(nu, kind, count, optimizer_hparams(tmap, opt_state, hp))
     return jnp.where(count > 0, p, jnp.nan) if kind == "adam" else p
 
 
@@ -191,22 +203,11 @@ def training_loss(tmap, state, t=0, *, mode: str = "full", subset: int | None = 
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode: unknown {mode!r}; allowed: {', '.join(LOSS_MODES)}")
-    x, y = tmap.data["x_train"], tmap.data["y_train"]
-    info = {"mode": mode}
-    if mode == "subset":
-        n = x.shape[0] if subset is None else int(subset)
-        if not 1 <= n <= x.shape[0]:
-            raise ValueError(f"subset: must be in [1, {x.shape[0]}], got {subset!r}")
-        x, y = x[:n], y[:n]
-        info["indices"] = (0, n)
-    elif mode == "batch":
-        idx = tmap.batch_indices(t)
-        x, y = x[idx], y[idx]
-        info["t"] = t
+    batch, info = tmap.curvature_batch(t, mode, subset)
     params = tmap.flat_params(state)
 
     def loss(p):
-        return tmap.loss_of_params(tmap.params(jnp.concatenate([p, state[tmap.n_params :]])), x, y)
+        return tmap.batch_loss(tmap.unravel_params(p), batch, state)
 
     return loss, params, info
 
@@ -432,9 +433,16 @@ def hessian_eigs(
 ) -> EigResult:
     """The k largest algebraic Hessian eigenvalues of ``loss`` at ``params`` (Lanczos).
 
-    ``loss`` maps a parameter pytree (or a flat vector) to a scalar. Eigenvectors are flat
-    unit rows in ``jax.tree_util`` leaf order (the flat layout of :mod:`chaosjax._layout`). See :func:`lanczos_eigs`.
+    ``loss`` maps a parameter pytree (or a flat vector) to a scalar; or pass a
+    :class:`chaosjax.TrainingMap` (any ``from_*``) and one of its states: the Hessian of the
+    loss its step differentiates, on the full training set (:func:`training_loss`). Eigenvectors
+    are flat unit rows in ``jax.tree_util`` leaf order (the flat layout of
+    :mod:`chaosjax._layout`). See :func:`lanczos_eigs`.
     """
+    from chaosjax.training import TrainingMap
+
+    if isinstance(loss, TrainingMap):
+        loss, params, _ = training_loss(loss, params)
     matvec, p = hessian_operator(loss, params)
     return lanczos_eigs(
         matvec, p.shape[0], k, num_matvecs=num_matvecs, key=key, which=which, dtype=p.dtype, tol=tol
@@ -555,35 +563,6 @@ def smooth_density(nodes, weights, grid=None, *, width: float | None = None, n_g
 # stability thresholds
 
 
-def stability_threshold(optimizer: str, hparams: dict[str, Any]) -> tuple[Any, str]:
-    """The optimizer's stability threshold on the largest curvature, and its operator.
-
-    GD 2/η; heavy ball (2 + 2β)/η; Nesterov (2 + 2β)/(η(1 + 2β)); Adam/AdamW
-    (2 + 2β1)/((1 − β1)η) and RMSProp 2/η on the preconditioned operator P^{-1/2} H P^{-1/2}.
-
-    Returns:
-        ``(threshold, operator)`` with operator ``"hessian"`` or ``"preconditioned"``;
-        ``(nan, "unknown")`` for optimizers without a known threshold.
-    """
-    lr = hparams.get("learning_rate")
-    if lr is None:
-        return float("nan"), "unknown"
-    if optimizer == "sgd":
-        return 2.0 / lr, "hessian"
-    if optimizer == "momentum":
-        b = hparams["momentum"]
-        return (2.0 + 2.0 * b) / lr, "hessian"
-    if optimizer == "nesterov":
-        b = hparams["momentum"]
-        return (2.0 + 2.0 * b) / (lr * (1.0 + 2.0 * b)), "hessian"
-    if optimizer in ("adam", "adamw"):
-        b1 = hparams["b1"]
-        return (2.0 + 2.0 * b1) / ((1.0 - b1) * lr), "preconditioned"
-    if optimizer == "rmsprop":
-        return 2.0 / lr, "preconditioned"
-    return float("nan"), "unknown"
-
-
 __all__ = [
     "LOSS_MODES",
     "TRACE_METHODS",
@@ -605,7 +584,6 @@ __all__ = [
     "preconditioned_operator",
     "preconditioner_diagonal",
     "smooth_density",
-    "stability_threshold",
     "trace_estimate",
     "training_loss",
     "training_preconditioner",
@@ -631,7 +609,7 @@ class CurvatureTracker(NamedTuple):
     eigenvectors, sign-aligned to them. Recorded per replica:
 
     * ``sharpness`` (k,): top algebraic eigenvalues of the operator;
-    * ``threshold``: the optimizer's stability threshold (:func:`stability_threshold`) at the
+    * ``threshold``: the optimizer's stability threshold (:func:`chaosjax.optimizers.stability_threshold`) at the
       learning rate of the next step, η_t (:meth:`TrainingMap.learning_rate_at`: schedules
       included; NaN for an optimizer without a known threshold or learning rate);
     * ``sharpness_ratio``: sharpness / threshold (1 = edge of stability);
@@ -703,10 +681,7 @@ class CurvatureTracker(NamedTuple):
     def _operator(self, tmap) -> str:
         if self.operator != "auto":
             return self.operator
-        _, op = stability_threshold(
-            tmap.optimizer_name, {"learning_rate": 1.0, "momentum": 0.0, "b1": 0.0}
-        )
-        return "preconditioned" if op == "preconditioned" else "hessian"
+        return operator_of(tmap.optimizer_name)
 
     def _one(self, tmap, state, hparams, t, v_prev, cold: bool):
         loss, p, _ = training_loss(tmap, state, t, mode=self.mode, subset=self.subset)
@@ -741,9 +716,7 @@ class CurvatureTracker(NamedTuple):
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
             sign = jnp.sign(jnp.sum(vecs * start, axis=0))
             vecs = vecs * jnp.where(sign == 0, 1.0, sign)
-        eta_t = tmap.learning_rate_at(state, t, hparams)  # η of the next step, schedules too
-        thr, _ = stability_threshold(tmap.optimizer_name, {**hparams, "learning_rate": eta_t})
-        thr = jnp.asarray(thr, p.dtype)
+        thr = jnp.asarray(tmap.threshold_at(state, t, hparams), p.dtype)
         g = jax.grad(loss)(p)
         u = tmap.flat_params(tmap.step_with(state, t, hparams)) - p
         gu = g / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(p.dtype).tiny)

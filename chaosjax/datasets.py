@@ -33,9 +33,10 @@ class Dataset:
 
     Attributes:
         name: dataset name.
-        x_train: inputs, shape (n_train, features).
+        x_train: inputs, shape (n_train, ...): rows (n, features), images (n, H, W, C), token
+            ids (n, length) — any shape; integer inputs (token ids) stay integers.
         y_train: integer labels (n_train,) for classification, or targets (n_train, outputs).
-        x_test: held-out inputs, shape (n_test, features).
+        x_test: held-out inputs, shape (n_test, ...) (n_test may be 0: no test split).
         y_test: held-out targets, shaped like ``y_train``.
         task: ``"classification"`` or ``"regression"``.
         n_classes: number of classes (classification) or 0.
@@ -51,7 +52,139 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
-        return int(self.x_train.shape[1])
+        """Entries of one input (features of a row; H·W·C of an image)."""
+        return int(np.prod(self.x_train.shape[1:], dtype=np.int64))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input (without the example axis)."""
+        return tuple(int(d) for d in self.x_train.shape[1:])
+
+    @property
+    def has_test(self) -> bool:
+        """True when there is a held-out split."""
+        return int(self.x_test.shape[0]) > 0
+
+    @classmethod
+    def from_arrays(
+        cls,
+        x_train,
+        y_train,
+        x_test=None,
+        y_test=None,
+        *,
+        task: str | None = None,
+        n_classes: int | None = None,
+        name: str = "custom",
+    ) -> Dataset:
+        """A dataset from your own arrays.
+
+        Args:
+            x_train: inputs (n, ...) of any shape: rows, images (n, H, W, C), token ids
+                (integers stay integers, for embeddings).
+            y_train: integer labels (n,) (classification) or float targets (n,) or (n, outputs)
+                (regression; (n,) becomes (n, 1)).
+            x_test, y_test: an optional held-out split (both or neither); without it the test
+                metrics of a run are NaN.
+            task: ``"classification"`` or ``"regression"``; default inferred: integer labels →
+                classification, floats → regression.
+            n_classes: classes of a classification task (default: the largest label + 1).
+            name: the dataset's name in reports.
+
+        Raises:
+            ValueError / TypeError naming the field: mismatched lengths, NaN or infinite values,
+            labels that are not integers for a classification task, negative labels.
+        """
+        x_train, y_train = _array("x_train", x_train), _array("y_train", y_train)
+        if (x_test is None) != (y_test is None):
+            raise ValueError("x_test: give x_test and y_test together, or neither")
+        if x_test is None:
+            x_test = np.zeros((0, *x_train.shape[1:]), x_train.dtype)
+            y_test = np.zeros((0, *y_train.shape[1:]), y_train.dtype)
+        x_test, y_test = _array("x_test", x_test), _array("y_test", y_test)
+        for xs, ys, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+            if xs.shape[0] != ys.shape[0]:
+                raise ValueError(
+                    f"y_{split}: {ys.shape[0]} targets for {xs.shape[0]} inputs in x_{split}"
+                )
+        if x_train.shape[0] < 1:
+            raise ValueError("x_train: needs at least one example")
+        if x_test.shape[1:] != x_train.shape[1:]:
+            raise ValueError(
+                f"x_test: inputs of shape {x_test.shape[1:]} differ from x_train's {x_train.shape[1:]}"
+            )
+        if x_train.dtype.kind not in "fiu" or x_test.dtype.kind not in "fiu":
+            raise TypeError(
+                f"x_train: inputs must be numbers (float, or integer token ids), got {x_train.dtype}"
+            )
+        for arr, field in ((x_train, "x_train"), (x_test, "x_test")):
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise ValueError(f"{field}: contains NaN or infinite values")
+        int_labels = y_train.dtype.kind in "iu"
+        if task is None:
+            task = "classification" if int_labels else "regression"
+        if task not in ("classification", "regression"):
+            raise ValueError(f"task: unknown {task!r}; allowed: classification, regression")
+        if task == "classification":
+            if not int_labels or y_test.dtype.kind not in "iu":
+                raise TypeError(
+                    f"y_train: a classification task needs integer labels, got {y_train.dtype}"
+                )
+            if y_train.ndim != 1 or y_test.ndim != 1:
+                raise ValueError(f"y_train: labels must have shape (n,), got {y_train.shape}")
+            both = np.concatenate([y_train, y_test])
+            if both.size and both.min() < 0:
+                raise ValueError("y_train: labels must be >= 0")
+            k = int(both.max()) + 1 if n_classes is None else int(n_classes)
+            if both.size and both.max() >= k:
+                raise ValueError(f"n_classes: labels reach {int(both.max())}, got n_classes={k}")
+            y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
+        else:
+            if y_train.dtype.kind != "f":
+                y_train, y_test = y_train.astype(np.float64), y_test.astype(np.float64)
+            for arr, field in ((y_train, "y_train"), (y_test, "y_test")):
+                if not np.isfinite(arr).all():
+                    raise ValueError(f"{field}: contains NaN or infinite values")
+            if y_train.ndim == 1:
+                y_train, y_test = y_train[:, None], y_test[:, None]
+            k = 0
+        if x_train.dtype.kind == "f":
+            x_test = x_test.astype(x_train.dtype)
+        return cls(name, x_train, y_train, x_test, y_test, task, k)
+
+    @classmethod
+    def from_npz(cls, path, *, task: str | None = None, name: str | None = None) -> Dataset:
+        """A dataset from an ``.npz`` file with keys ``x_train``, ``y_train`` and optionally
+        ``x_test``, ``y_test`` (the checks of :meth:`from_arrays`)."""
+        import os
+
+        path = os.fspath(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"data.path: no such file {path}") from None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.path: {path} is not a readable .npz file ({e})") from None
+        missing = [k for k in ("x_train", "y_train") if k not in arrays]
+        if missing:
+            raise ValueError(
+                f"data.path: {path} lacks {', '.join(missing)}; keys found: {sorted(arrays)}"
+            )
+        extra = sorted(set(arrays) - {"x_train", "y_train", "x_test", "y_test"})
+        if extra:
+            raise ValueError(
+                f"data.path: unknown keys {extra} in {path}; allowed: x_train, y_train, x_test, y_test"
+            )
+        stem = os.path.splitext(os.path.basename(path))[0]
+        return cls.from_arrays(
+            arrays["x_train"],
+            arrays["y_train"],
+            arrays.get("x_test"),
+            arrays.get("y_test"),
+            task=task,
+            name=name or stem,
+        )
 
     @property
     def n_outputs(self) -> int:
@@ -67,7 +200,10 @@ class Dataset:
         return dataclasses.replace(self, y_train=eye[self.y_train], y_test=eye[self.y_test])
 
     def standardized(self) -> Dataset:
-        """Inputs shifted and scaled by the *training* mean and std (constant features kept)."""
+        """Inputs shifted and scaled by the *training* mean and std (constant features kept;
+        float inputs only)."""
+        if self.x_train.dtype.kind != "f":
+            raise TypeError("standardize: integer inputs (token ids) cannot be standardised")
         mu = self.x_train.mean(0)
         sd = self.x_train.std(0)
         sd = np.where(sd > 0, sd, 1.0)
@@ -76,13 +212,14 @@ class Dataset:
         )
 
     def astype(self, dtype) -> Dataset:
-        """Inputs (and regression / one-hot targets) cast to ``dtype``; integer labels kept."""
-        ys = {}
+        """Float inputs (and regression / one-hot targets) cast to ``dtype``; integer inputs
+        (token ids) and integer labels kept."""
+        out = {}
         if self.y_train.dtype.kind == "f":
-            ys = {"y_train": self.y_train.astype(dtype), "y_test": self.y_test.astype(dtype)}
-        return dataclasses.replace(
-            self, x_train=self.x_train.astype(dtype), x_test=self.x_test.astype(dtype), **ys
-        )
+            out = {"y_train": self.y_train.astype(dtype), "y_test": self.y_test.astype(dtype)}
+        if self.x_train.dtype.kind == "f":
+            out.update(x_train=self.x_train.astype(dtype), x_test=self.x_test.astype(dtype))
+        return dataclasses.replace(self, **out)
 
     def __repr__(self) -> str:
         return (
@@ -104,9 +241,26 @@ def _check_count(name: str, n: int, minimum: int = 2) -> int:
     return int(n)
 
 
-def _split(name, x, y, test_fraction, seed, task, n_classes, standardize) -> Dataset:
+def _array(name: str, a) -> np.ndarray:
+    try:
+        out = np.asarray(a)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: not an array ({e})") from None
+    if out.ndim == 0:
+        raise ValueError(f"{name}: expected an array with an example axis, got a scalar")
+    if out.dtype == object:
+        raise TypeError(f"{name}: expected a numeric array, got dtype object")
+    return out
+
+
+def _split(name, x, y, test_fraction, seed, task, n_classes, standardize, n_test=None):
     n = x.shape[0]
-    n_test = max(1, round(n * _check_fraction(test_fraction)))
+    if n_test is not None:
+        n_test = _check_count("n_test", n_test, 1)
+        if n_test >= n:
+            raise ValueError(f"n_test: must be < {n} (the examples), got {n_test}")
+    else:
+        n_test = max(1, round(n * _check_fraction(test_fraction)))
     perm = np.random.default_rng(seed).permutation(n)
     tr, te = perm[: n - n_test], perm[n - n_test :]
     ds = Dataset(name, x[tr], y[tr], x[te], y[te], task, n_classes)
@@ -129,16 +283,30 @@ def iris(*, seed: int = 0, n_test: int = 30, standardize: bool = False) -> Datas
     return _split("iris", x, y, n_test / len(x), seed, "classification", 3, standardize)
 
 
-def digits(*, seed: int = 0, test_fraction: float = 0.2, standardize: bool = False) -> Dataset:
+def digits(
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    n_test: int | None = None,
+    standardize: bool = False,
+    images: bool = False,
+) -> Dataset:
     """8×8 handwritten digits (scikit-learn's copy of the UCI set), 1797 samples, 10 classes.
 
     Pixel values 0–16 are scaled to [0, 1] (or standardised with ``standardize=True``).
+    ``n_test`` splits by count (e.g. 497 for 1300 / 497) instead of ``test_fraction``;
+    ``images=True`` gives (n, 8, 8, 1) images for convolutional networks.
     """
     with resources.files("chaosjax").joinpath("data/digits.npz").open("rb") as f:
         d = np.load(f)
         x = d["images"].astype(np.float64) / 16.0
         y = d["labels"].astype(np.int32)
-    return _split("digits", x, y, test_fraction, seed, "classification", 10, standardize)
+    ds = _split("digits", x, y, test_fraction, seed, "classification", 10, standardize, n_test)
+    if images:
+        ds = dataclasses.replace(
+            ds, x_train=ds.x_train.reshape(-1, 8, 8, 1), x_test=ds.x_test.reshape(-1, 8, 8, 1)
+        )
+    return ds
 
 
 def two_moons(
@@ -258,6 +426,27 @@ def chebyshev(k: int = 3, n: int = 20, *, n_test: int = 200) -> Dataset:
     )
 
 
+def modular_addition(p: int = 23, *, train_fraction: float = 0.4, seed: int = 0) -> Dataset:
+    """Power et al.'s algorithmic task: every pair (a, b) of residues mod p as the token
+    sequence [a, b, p] (p is the "=" token; vocabulary p + 1) with label (a + b) mod p.
+
+    The p² pairs are shuffled with ``seed`` and the first ``train_fraction`` of them train;
+    the rest is the test split (the generalisation a grokking run reaches late).
+
+    Shapes: x (n, 3) int32 token ids, y (n,) int32 labels in [0, p).
+    """
+    p = _check_count("p", p, 2)
+    if not 0.0 < float(train_fraction) < 1.0:
+        raise ValueError(f"train_fraction: must be in (0, 1), got {train_fraction!r}")
+    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    x = np.stack([a.ravel(), b.ravel(), np.full(p * p, p)], axis=1).astype(np.int32)
+    y = ((a + b) % p).ravel().astype(np.int32)
+    order = np.random.default_rng(seed).permutation(p * p)
+    n_train = max(1, min(p * p - 1, round(float(train_fraction) * p * p)))
+    tr, te = order[:n_train], order[n_train:]
+    return Dataset(f"mod{p}-addition", x[tr], y[tr], x[te], y[te], "classification", p)
+
+
 LOADERS = {
     "iris": iris,
     "digits": digits,
@@ -266,7 +455,12 @@ LOADERS = {
     "blobs": blobs,
     "teacher_student": teacher_student,
     "chebyshev": chebyshev,
+    "modular_addition": modular_addition,
 }
+
+
+from_arrays = Dataset.from_arrays
+from_npz = Dataset.from_npz
 
 
 def load(name: str, **kwargs) -> Dataset:
@@ -283,8 +477,11 @@ __all__ = [
     "chebyshev",
     "circles",
     "digits",
+    "from_arrays",
+    "from_npz",
     "iris",
     "load",
+    "modular_addition",
     "teacher_student",
     "two_moons",
 ]

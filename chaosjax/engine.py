@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from chaosjax._layout import Layout
 from chaosjax._smalllinalg import pure_linalg
 from chaosjax._util import atomic_write_bytes, dumps, environment_info
-from chaosjax.observers import ROWS, Record, RunInfo, StepContext, records_of
+from chaosjax.observers import (
+    ROWS,
+    Record,
+    RunInfo,
+    StepContext,
+    check_strategy,
+    map_rows,
+    records_of,
+)
 from chaosjax.results import ReplicaResults, ZarrStream
 from chaosjax.sharding import (
     AXIS,
@@ -63,6 +71,7 @@ TRAINING_OBSERVABLES = (
     "test_loss",
     "test_accuracy",
     "param_norm",
+    "layer_norm",
     "distance_l1",
     "distance_l2",
     "layer_distance",
@@ -95,6 +104,7 @@ class _Spec(NamedTuple):
     has_args: bool = False
     fine_distances: bool = False  # distances after every step (axis distance_step)
     owner: int = -1  # index of the tracker that takes the step itself (-1: none)
+    strategy: str | int = "vmap"  # how the rows run: vmap, lax.map, or lax.map of vmap blocks
 
 
 def _plain_flow(step, x, carry, t, args, *, layout: Layout, has_args: bool):
@@ -111,22 +121,33 @@ def _flow(spec: _Spec, program):
     return functools.partial(_plain_flow, program, layout=spec.layout, has_args=spec.has_args)
 
 
-def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True):
+def _states(model, spec: _Spec, x, cr):
+    """The rows as the model's states: a training map that carries state (BatchNorm
+    statistics, step counters) sees ``MapState(x, carry)``, every other model ``x``."""
+    if spec.kind == "training" and model is not None and model.has_carry:
+        return model.pack(x, cr)
+    return x
+
+
+def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True, cr=()):
     """The named observables ``names`` (and the custom ones) of every row."""
     out = {}
+    s = _states(model, spec, x, cr)
     p = x[:, : spec.n_params]
     diff = p - p[ref]
     for name in names:
         if name == "loss":
-            v = jax.vmap(model.loss)(x)
+            v = jax.vmap(model.loss)(s)
         elif name == "accuracy":
-            v = jax.vmap(model.accuracy)(x)
+            v = jax.vmap(model.accuracy)(s)
         elif name == "test_loss":
-            v = jax.vmap(lambda s: model.loss(s, "test"))(x)
+            v = jax.vmap(lambda r: model.loss(r, "test"))(s)
         elif name == "test_accuracy":
-            v = jax.vmap(lambda s: model.accuracy(s, "test"))(x)
+            v = jax.vmap(lambda r: model.accuracy(r, "test"))(s)
         elif name in ("param_norm", "norm"):
             v = jnp.linalg.norm(p, axis=-1)
+        elif name == "layer_norm":
+            v = jnp.stack([jnp.linalg.norm(p[:, a:b], axis=-1) for a, b in spec.layers], -1)
         elif name == "distance_l1":
             v = jnp.sum(jnp.abs(diff), axis=-1)
         elif name == "distance_l2":
@@ -140,7 +161,7 @@ def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True):
         out[name] = v
     if custom:
         for name, fn in spec.custom:
-            out[name] = jax.vmap(fn)(x)
+            out[name] = jax.vmap(fn)(s)
     return _mask(out, alive, ref)
 
 
@@ -178,19 +199,21 @@ def _take(tree, idx):
 
 def _first(program, model, hp, ref, state, t, track, spec: _Spec):
     """The first record and the observers' cold starts."""
-    x, _, alive, _ = state
-    out = _observe(model, x, alive, ref, spec, spec.names)
+    x, cr, alive, _ = state
+    out = _observe(model, x, alive, ref, spec, spec.names, cr=cr)
+    s = _states(model, spec, x, cr)
     tstates = []
     for tr, (idx, valid) in zip(spec.trackers, track):
-        vals, ts = tr.init(model, _take(x, idx), _take(hp, idx), t)
+        vals, ts = tr.init(model, _take(s, idx), _take(hp, idx), t)
         if getattr(tr, "evaluates_all_rows", False):
-            vals = {**vals, **tr.evaluate(model, x, idx)}
+            vals = {**vals, **tr.evaluate(model, s, idx)}
         out.update(_mask(dict(vals), _take(alive, idx) & valid))
         tstates.append(ts)
     return out, tuple(tstates)
 
 
 def _update(tracker, model, x, hp, idx, ts, t):
+    # x: the rows as the model's states (see _states)
     """A tracker's record-cadence update on its rows. A tracker that evaluates the recorded
     states (``evaluates_all_rows``, e.g. the loss the tangents saw) evaluates every row with
     the engine's own batched program and keeps its rows, so its numbers equal the records
@@ -203,7 +226,9 @@ def _update(tracker, model, x, hp, idx, ts, t):
 
 def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
     flow = _flow(spec, program)
-    step_b = jax.vmap(flow, in_axes=(0, 0, None, 0))
+
+    def step_b(x, cr, t, hp):
+        return map_rows(lambda xi, ci, hi: flow(xi, ci, t, hi), x, cr, hp, strategy=spec.strategy)
 
     def inner(c, t):
         (x, cr, a, d), ts = c
@@ -211,13 +236,13 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
         fine = {}
         if spec.owner >= 0:
             i = spec.owner
-            ctx = StepContext(flow, x, cr, None, None, a, a, hp, t)
+            ctx = StepContext(flow, x, cr, None, None, a, a, hp, t, spec.strategy)
             new_x, new_cr, loss, ts[i], vals = spec.trackers[i].step(spec.info, ctx, ts[i])
             fine.update(vals)
         else:
             new_x, new_cr, loss = step_b(x, cr, t, hp)
         ok = jnp.all(jnp.isfinite(new_x), axis=-1)
-        if spec.kind == "training":  # a plain step has no loss
+        if spec.kind == "training" and model.has_loss:  # a plain step has no loss
             ok = ok & jnp.isfinite(loss) & (loss <= spec.loss_bound)
         if np.isfinite(spec.state_bound):
             ok = ok & (jnp.max(jnp.abs(new_x), axis=-1, initial=0.0) <= spec.state_bound)
@@ -241,6 +266,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
                 jnp.take(a2, rref),
                 _take(hp, idx),
                 t,
+                spec.strategy,
             )
             ts[i], vals, rows = tr.advance(spec.info, ctx, ts[i])
             fine.update(vals)
@@ -253,10 +279,11 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
     def outer(c, tr):
         c, fine = jax.lax.scan(inner, c, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
         (x, cr, a, d), ts = c
-        obs = _observe(model, x, a, ref, spec, _record_names(spec))
+        obs = _observe(model, x, a, ref, spec, _record_names(spec), cr=cr)
+        s = _states(model, spec, x, cr)
         ts = list(ts)
         for i, (tracker, (idx, valid)) in enumerate(zip(spec.trackers, track)):
-            vals, ts[i] = _update(tracker, model, x, hp, idx, ts[i], tr + spec.record_every)
+            vals, ts[i] = _update(tracker, model, s, hp, idx, ts[i], tr + spec.record_every)
             obs.update(_mask(dict(vals), _take(a, idx) & valid))
         return ((x, cr, a, d), tuple(ts)), (obs, fine)
 
@@ -531,6 +558,13 @@ def _replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> M
                 continue
         elif isinstance(model, TrainingMap):
             xb = jax.ShapeDtypeStruct((1, dim), dtype)
+            if model.has_carry:
+                xb = model.pack(
+                    xb,
+                    jax.tree_util.tree_map(
+                        lambda c: jax.ShapeDtypeStruct((1, *c.shape), c.dtype), c1
+                    ),
+                )
             hb = {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in replicas.hparams.items()}
             _, ts = jax.eval_shape(lambda x, hp, tr=tr: tr.init(model, x, hp, t), xb, hb)
             b = estimate_bytes(lambda x, hp, st, tr=tr: tr.update(model, x, hp, st, t), xb, hb, ts)
@@ -556,7 +590,7 @@ def _program_of(model, batch):
     from chaosjax.training import TrainingMap
 
     if isinstance(model, TrainingMap):
-        return Partial(TrainingMap.flow, model), "training", None, False
+        return Partial(type(model).flow, model), "training", None, False
     step = as_traceable(model)
     has_args = bool(jax.tree_util.tree_leaves(batch.hparams))
     if not has_args:
@@ -613,6 +647,7 @@ def run_replicas(
     on_chunk: Callable[[int], None] | None = None,
     devices=None,
     memory_limit=None,
+    strategy: str | int | None = None,
 ) -> ReplicaResults:
     """Run a replica batch for ``steps`` steps, record observables and advance observers.
 
@@ -628,7 +663,8 @@ def run_replicas(
         steps: number of steps (a multiple of ``record_every``).
         record_every: record cadence; records are at t0, t0 + r, …, t0 + steps.
         observables: names to record. Training maps: ``loss``, ``accuracy``, ``test_loss``,
-            ``test_accuracy``, ``param_norm``, ``distance_l1``, ``distance_l2`` (parameters, to
+            ``test_accuracy``, ``param_norm``, ``layer_norm`` (per layer), ``distance_l1``,
+            ``distance_l2`` (parameters, to
             the reference replica), ``layer_distance`` / ``layer_distance_l1`` (per layer).
             Plain maps: ``norm``, ``distance_l1``, ``distance_l2``.
         custom_observables: {name: fn(state) -> scalar or vector}, vmapped over replicas.
@@ -660,6 +696,12 @@ def run_replicas(
         memory_limit: bytes (or ``"8GiB"``) a device may use; default 80 % of the device's
             (or the host's share of) memory. A batch that does not fit runs in passes of
             whole reference groups; a run in which one replica does not fit is refused.
+        strategy: how a device runs its replicas' steps (and the observers' per-row steps):
+            ``"vmap"`` (one batched program), ``"map"`` (``lax.map``, a loop inside the
+            program) or an int B (``lax.map`` over vmapped blocks of B). Default: the rule of
+            :func:`default_strategy` (from the model and the backend, never from timing, so a
+            rerun or a resume compiles the same program). Recorded in ``attrs`` and in the
+            checkpoint's fingerprint. Results agree to round-off; only speed and memory differ.
 
     Returns:
         :class:`ReplicaResults` with records (R, steps // record_every + 1, ...) on the
@@ -676,7 +718,8 @@ def run_replicas(
     allowed = TRAINING_OBSERVABLES if is_tm else GENERIC_OBSERVABLES
     if observables is None:
         observables = (
-            ("loss", "param_norm", "distance_l1", "distance_l2")
+            (("loss",) if getattr(model, "_loss_fn", True) is not None else ())
+            + ("param_norm", "distance_l1", "distance_l2")
             + (("accuracy",) if is_tm and model.task == "classification" else ())
             if is_tm
             else ("norm", "distance_l2")
@@ -685,6 +728,11 @@ def run_replicas(
     for name in observables:
         if name not in allowed:
             raise ValueError(f"observables: unknown {name!r}; allowed: {', '.join(allowed)}")
+        if is_tm and name in ("loss", "test_loss") and getattr(model, "_loss_fn", True) is None:
+            raise ValueError(
+                f"observables: {name!r} needs loss_fn(params, batch); pass it to from_step or "
+                "record the step's metrics (custom_observables=tmap.metric_observables())"
+            )
         if is_tm and "accuracy" in name and model.task != "classification":
             raise ValueError(f"observables: {name!r} needs a classification dataset")
     custom = tuple(sorted((custom_observables or {}).items()))
@@ -700,6 +748,7 @@ def run_replicas(
             f"got {distance_every}"
         )
     fine_distances = distance_every < record_every and any(n in DISTANCES for n in observables)
+    strategy = default_strategy(model) if strategy is None else check_strategy(strategy)
     info = RunInfo(int(t0), steps, record_every)
     trackers = tuple(trackers)
     dim = int(replicas.states.shape[1])
@@ -741,6 +790,7 @@ def run_replicas(
         "devices": int(mesh.devices.size),
         "processes": jax.process_count(),
         "memory_plan": plan.describe(),
+        "replica_strategy": str(strategy),
         **dict(attrs or {}),
     }
     coords = coords_of(replicas)
@@ -779,6 +829,7 @@ def run_replicas(
             has_args,
             fine_distances,
             owner,
+            strategy,
         )
 
     def result_from(rec_steps, records, axes_steps, states, div_step, carry, batch_coords):
@@ -835,6 +886,7 @@ def run_replicas(
                 "record_every": record_every,
                 "distance_every": distance_every,
                 "chunk_steps": chunk_steps,
+                "strategy": str(strategy),
                 "t0": int(t0),
                 "observables": observables,
                 "custom": [c[0] for c in custom],
@@ -1115,6 +1167,29 @@ def run_replicas(
     return result
 
 
+#: the default replica strategy per model kind and backend, from measurements recorded in
+#: benchmarks/RESULTS.md ("Replica strategies"): on the CPU, vmapping a convolution over
+#: per-replica weights turns it into a grouped convolution that XLA runs ~3x slower than a
+#: loop over replicas; dense layers and plain maps batch well everywhere; GPUs batch both.
+STRATEGY_RULE = (
+    "vmap everywhere, except on the CPU backend for a training map with a convolution kernel "
+    "(a parameter of rank >= 3): lax.map over replicas"
+)
+
+
+def default_strategy(model, backend: str | None = None) -> str:
+    """The replica strategy of :data:`STRATEGY_RULE` for ``model`` on ``backend`` (default:
+    JAX's default backend)."""
+    from chaosjax.training import TrainingMap
+
+    backend = backend or jax.default_backend()
+    model = getattr(model, "__self__", model)  # a map's bound step: the map
+    if backend == "cpu" and isinstance(model, TrainingMap):
+        if any(len(shape) >= 3 for shape in model.param_shapes):
+            return "map"
+    return "vmap"
+
+
 def _stored(records, transient):
     return {k: v for k, v in records.items() if k not in transient}
 
@@ -1199,9 +1274,11 @@ __all__ = [
     "DISTANCES",
     "DISTANCE_AXIS",
     "GENERIC_OBSERVABLES",
+    "STRATEGY_RULE",
     "TRAINING_OBSERVABLES",
     "Checkpoint",
     "coords_of",
+    "default_strategy",
     "device_layout",
     "pass_rows",
     "replica_memory",

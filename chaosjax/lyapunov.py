@@ -289,6 +289,7 @@ def lyapunov_spectrum(
     n_blocks: int = 10,
     devices=None,
     memory_limit=None,
+    strategy: str | int | None = None,
 ) -> LyapunovResult:
     """The top-k Lyapunov spectrum of ``step`` by Benettin's QR method.
 
@@ -321,6 +322,8 @@ def lyapunov_spectrum(
             (:func:`chaosjax.sharding.replica_mesh`; default every device).
         memory_limit: bytes (or ``"8GiB"``) per device; a batch whose tangents do not fit
             runs in passes, and a run where one replica does not fit is refused.
+        strategy: how a device runs the batch's rows (``"vmap"``, ``"map"`` or a block size;
+            see :func:`chaosjax.engine.run_replicas`).
 
     Returns:
         :class:`LyapunovResult`; ``.exponents`` has shape (k,) (or (batch, k)).
@@ -357,6 +360,7 @@ def lyapunov_spectrum(
         resume=resume,
         devices=devices,
         memory_limit=memory_limit,
+        strategy=strategy,
     )
     lg = res.records["log_growth"]
     ld = res.records["log_det"].sum(axis=1) / steps if log_det else None
@@ -411,8 +415,8 @@ def _reasons(lg: np.ndarray, ends: np.ndarray, diverged_step: np.ndarray) -> lis
         else:
             out.append(
                 f"non-finite growth from renormalisation {i} (step {end}): the tangents became "
-                "NaN while the state stayed finite — the step is not differentiable there (e.g. "
-                "Adam with eps_root = 0 at an exactly zero gradient entry)"
+                "NaN while the state stayed finite — the step is not differentiable there (a "
+                "square root, division or log at a point where its derivative is infinite)"
             )
     return out
 
@@ -457,6 +461,7 @@ def twin_lyapunov(
     resume: bool = False,
     devices=None,
     memory_limit=None,
+    strategy: str | int | None = None,
 ) -> LyapunovResult:
     """The largest exponent from two trajectories (Benettin's finite-perturbation method).
 
@@ -471,6 +476,7 @@ def twin_lyapunov(
         checkpoint, resume: as for :func:`lyapunov_spectrum`.
         devices, memory_limit: with ``batched=True``, the devices sharing the batch axis and
             the memory a device may use.
+        strategy: how a device runs the rows (see :func:`chaosjax.engine.run_replicas`).
         Other arguments as for :func:`lyapunov_spectrum`.
 
     Returns:
@@ -521,6 +527,7 @@ def twin_lyapunov(
         resume=resume,
         devices=devices,
         memory_limit=memory_limit,
+        strategy=strategy,
     )
     lg = res.records["twin_log_growth"][1::2, :, None]
     out = LyapunovResult(

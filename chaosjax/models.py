@@ -206,6 +206,189 @@ class CNN(nnx.Module):
         return self.head(x.reshape((x.shape[0], -1)))
 
 
+def batch_norm_layer(features: int, *, dtype, rngs) -> nnx.BatchNorm:
+    """``nnx.BatchNorm`` whose running statistics share the layer's dtype (Flax keeps them in
+    float32 whatever ``dtype`` says, so a float64 network would write float64 statistics into
+    float32 buffers)."""
+    layer = nnx.BatchNorm(features, param_dtype=dtype, dtype=dtype, rngs=rngs)
+    layer.mean.set_value(layer.mean.get_value().astype(dtype))
+    layer.var.set_value(layer.var.get_value().astype(dtype))
+    return layer
+
+
+class ResidualBlock(nnx.Module):
+    """conv → (BatchNorm) → act → conv → (BatchNorm) + shortcut → act (a 1×1 projection when the
+    width or stride changes)."""
+
+    def __init__(self, cin, cout, stride, *, batch_norm, activation, rngs, dtype):
+        def bn(c):
+            return batch_norm_layer(c, dtype=dtype, rngs=rngs) if batch_norm else None
+
+        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
+        self.activation = activation
+        # a bias in front of BatchNorm is cancelled by its mean: no gradient, a null direction
+        # of the map, so the convolutions that feed BatchNorm carry none
+        bias = not batch_norm
+        self.conv1 = nnx.Conv(
+            cin, cout, (3, 3), strides=stride, padding="SAME", use_bias=bias, **kw
+        )
+        self.bn1 = bn(cout)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), padding="SAME", use_bias=bias, **kw)
+        self.bn2 = bn(cout)
+        self.proj = (
+            nnx.Conv(cin, cout, (1, 1), strides=stride, padding="SAME", **kw)
+            if (cin != cout or stride != 1)
+            else None
+        )
+
+    def __call__(self, x):
+        act = ACTIVATIONS[self.activation]
+        h = self.conv1(x)
+        h = act(self.bn1(h) if self.bn1 is not None else h)
+        h = self.conv2(h)
+        h = self.bn2(h) if self.bn2 is not None else h
+        short = self.proj(x) if self.proj is not None else x
+        return act(h + short)
+
+
+class ResNet(nnx.Module):
+    """A small ResNet (Flax NNX): a 3×3 stem, ``depth`` stages of residual blocks (the width
+    doubles and the resolution halves from the second stage on), global average pooling and a
+    dense head. ``batch_norm=False`` gives the same network without BatchNorm (for comparing
+    the edge of stability with and without it).
+
+    Shapes: input (batch, H, W, C) or flat rows (batch, H·W·C) → output (batch, n_outputs).
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int] = (8, 8, 1),
+        n_outputs: int = 10,
+        *,
+        width: int = 8,
+        depth: int = 2,
+        blocks_per_stage: int = 1,
+        batch_norm: bool = True,
+        activation: str = "relu",
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        globals()["activation"](activation)
+        if int(width) < 1 or int(depth) < 1 or int(blocks_per_stage) < 1:
+            raise ValueError(
+                f"width, depth, blocks_per_stage: must be >= 1, got {width}, {depth}, "
+                f"{blocks_per_stage}"
+            )
+        h, w, c = (int(v) for v in image_shape)
+        self.image_shape = (h, w, c)
+        self.activation = activation
+        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
+        self.stem = nnx.Conv(c, int(width), (3, 3), padding="SAME", use_bias=not batch_norm, **kw)
+        self.stem_bn = batch_norm_layer(int(width), dtype=dtype, rngs=rngs) if batch_norm else None
+        blocks, cin = [], int(width)
+        for stage in range(int(depth)):
+            cout = int(width) * 2**stage
+            for b in range(int(blocks_per_stage)):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                blocks.append(
+                    ResidualBlock(
+                        cin,
+                        cout,
+                        stride,
+                        batch_norm=batch_norm,
+                        activation=activation,
+                        rngs=rngs,
+                        dtype=dtype,
+                    )
+                )
+                cin = cout
+        self.blocks = nnx.List(blocks)
+        self.head = nnx.Linear(cin, int(n_outputs), **kw)
+
+    def features(self, x):
+        """The pooled representation before the head, (batch, channels), as a one-item list."""
+        act = ACTIVATIONS[self.activation]
+        x = x.reshape((x.shape[0], *self.image_shape))
+        h = self.stem(x)
+        h = act(self.stem_bn(h) if self.stem_bn is not None else h)
+        for block in self.blocks:
+            h = block(h)
+        return [h.mean(axis=(1, 2))]
+
+    def __call__(self, x):
+        return self.head(self.features(x)[0])
+
+
+class Transformer(nnx.Module):
+    """A decoder-style Transformer on token ids (Flax NNX): token and position embeddings,
+    ``layers`` pre-LayerNorm blocks of multi-head attention (causal or full) and an MLP, a
+    final LayerNorm and a linear read-out of the last position.
+
+    Shapes: input (batch, sequence) integer token ids → output (batch, n_outputs).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        sequence_length: int,
+        n_outputs: int,
+        *,
+        d_model: int = 32,
+        n_heads: int = 4,
+        layers: int = 1,
+        mlp_ratio: int = 4,
+        causal: bool = True,
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        if int(d_model) % int(n_heads):
+            raise ValueError(f"n_heads: must divide d_model={d_model}, got {n_heads}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+        kw = {"param_dtype": dtype, "dtype": dtype, "rngs": rngs}
+        self.causal = bool(causal)
+        self.sequence_length = int(sequence_length)
+        self.embed = nnx.Embed(int(vocab_size), int(d_model), param_dtype=dtype, rngs=rngs)
+        self.pos = nnx.Embed(int(sequence_length), int(d_model), param_dtype=dtype, rngs=rngs)
+        blocks = []
+        for _ in range(int(layers)):
+            blocks.append(
+                nnx.Dict(
+                    ln1=nnx.LayerNorm(int(d_model), **kw),
+                    attn=nnx.MultiHeadAttention(
+                        int(n_heads),
+                        int(d_model),
+                        int(d_model),
+                        dropout_rate=float(dropout),
+                        decode=False,
+                        deterministic=False,
+                        **kw,
+                    ),
+                    ln2=nnx.LayerNorm(int(d_model), **kw),
+                    up=nnx.Linear(int(d_model), int(mlp_ratio) * int(d_model), **kw),
+                    down=nnx.Linear(int(mlp_ratio) * int(d_model), int(d_model), **kw),
+                    drop=nnx.Dropout(float(dropout), rngs=rngs),
+                )
+            )
+        self.blocks = nnx.List(blocks)
+        self.ln_f = nnx.LayerNorm(int(d_model), **kw)
+        self.head = nnx.Linear(int(d_model), int(n_outputs), **kw)
+
+    def features(self, tokens):
+        """The final representation of the last position, (batch, d_model), as a list."""
+        n = tokens.shape[-1]
+        h = self.embed(tokens) + self.pos(jnp.arange(n))
+        mask = nnx.make_causal_mask(tokens) if self.causal else None
+        for b in self.blocks:
+            h = h + b["attn"](b["ln1"](h), mask=mask)
+            h = h + b["drop"](b["down"](nnx.gelu(b["up"](b["ln2"](h)))))
+        return [self.ln_f(h)[:, -1]]
+
+    def __call__(self, tokens):
+        return self.head(self.features(tokens)[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class PureMLP:
     """A pure-function MLP: ``init(key) -> params`` and ``apply(params, x)``.
@@ -267,4 +450,14 @@ class PureMLP:
     __call__ = apply
 
 
-__all__ = ["ACTIVATIONS", "CNN", "INITS", "MLP", "PureMLP", "activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "CNN",
+    "INITS",
+    "MLP",
+    "PureMLP",
+    "ResNet",
+    "ResidualBlock",
+    "Transformer",
+    "activation",
+]

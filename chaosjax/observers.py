@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax._layout import MapState
 from chaosjax._smalllinalg import log_abs_det
 from chaosjax.sharding import estimate_bytes
 from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
@@ -93,6 +94,8 @@ class StepContext(NamedTuple):
         alive: (T,) the row has not diverged; ref_alive: its reference has not.
         args: (T, ...) per-row step arguments (hyper-parameters).
         t: the step index: ``x_next = F_t(x)``.
+        strategy: how per-row work runs over the rows (see :func:`map_rows`): the run's
+            replica strategy, so an observer's step follows the engine's.
     """
 
     flow: Callable
@@ -104,6 +107,38 @@ class StepContext(NamedTuple):
     ref_alive: Any
     args: Any
     t: Any
+    strategy: str | int = "vmap"
+
+    def map(self, fn: Callable, *rows):
+        """``fn`` of one row mapped over the leading axis of every argument in ``rows``."""
+        return map_rows(fn, *rows, strategy=self.strategy)
+
+
+STRATEGIES = ("vmap", "map")
+
+
+def map_rows(fn: Callable, *rows, strategy: str | int = "vmap"):
+    """``fn`` (of one row) over the leading axis of every argument: ``"vmap"`` (one batched
+    program), ``"map"`` (``lax.map``: one row at a time, a loop inside the program), or an int
+    B (``lax.map`` over vmapped blocks of B rows). Results are equal to round-off; only speed
+    and memory differ (vmapping a convolution over per-replica weights makes it a grouped
+    convolution, which XLA's CPU backend runs slower than a loop)."""
+    if strategy == "vmap":
+        return jax.vmap(fn)(*rows)
+    if strategy == "map":
+        return jax.lax.map(lambda a: fn(*a), rows)
+    return jax.lax.map(lambda a: fn(*a), rows, batch_size=int(strategy))
+
+
+def check_strategy(strategy) -> str | int:
+    """A valid replica strategy (``"vmap"``, ``"map"`` or a block size ≥ 1) or ValueError."""
+    if isinstance(strategy, str) and strategy in STRATEGIES:
+        return strategy
+    if isinstance(strategy, int | np.integer) and not isinstance(strategy, bool) and strategy >= 1:
+        return "map" if int(strategy) == 1 else int(strategy)
+    raise ValueError(
+        f"strategy: must be 'vmap', 'map' or a block size (an integer >= 1), got {strategy!r}"
+    )
 
 
 def key_data(key) -> tuple[int, ...]:
@@ -310,19 +345,20 @@ class LyapunovTracker(NamedTuple):
     evaluates_all_rows = True
 
     def init(self, model, states, hparams, t):
-        n, dim = states.shape
-        q = random_basis(_key(self.key), dim, self.k, states.dtype)
+        x = dynamic_rows(states)
+        n, dim = x.shape
+        q = random_basis(_key(self.key), dim, self.k, x.dtype)
         q = jnp.broadcast_to(q, (n, dim, self.k))
-        return self._kept(states, q), q
+        return self._kept(x, q), q
 
     def update(self, model, states, hparams, q, t):
-        return self._kept(states, q), q
+        return self._kept(dynamic_rows(states), q), q
 
-    def _kept(self, states, q):
+    def _kept(self, x, q):
         """The basis and state at a record, when the CLV window keeps them by records."""
         if self.clv is None or not self.clv.by_records:
             return {}
-        return {f"{self.prefix}clv_basis": q, f"{self.prefix}clv_state": states}
+        return {f"{self.prefix}clv_basis": q, f"{self.prefix}clv_state": x}
 
     def evaluate(self, model, x, rows):
         """``tangent_loss``: the training loss of the states the tangents see (training maps),
@@ -369,7 +405,7 @@ class LyapunovTracker(NamedTuple):
             def one(x, c, a):
                 return log_abs_det(jax.jacfwd(lambda v: ctx.flow(v, c, ctx.t, a)[0])(x))
 
-            ld = jax.vmap(one)(ctx.x, ctx.carry, ctx.args)
+            ld = ctx.map(one, ctx.x, ctx.carry, ctx.args)
             out[f"{p}log_det"] = jnp.where(alive, ld, jnp.nan)
         return q, out
 
@@ -386,9 +422,10 @@ class LyapunovTracker(NamedTuple):
         """Tangents along the rows' recorded step (the primal output is not used)."""
 
         def active(q):
-            _, _, _, y = jax.vmap(self._propagate, in_axes=(None, 0, 0, 0, None, 0))(
-                ctx.flow, ctx.x, ctx.carry, ctx.args, ctx.t, q
-            )
+            _, _, _, y = ctx.map(
+                lambda x, c, a, qi: self._propagate(ctx.flow, x, c, a, ctx.t, qi),
+                ctx.x, ctx.carry, ctx.args, q,
+            )  # fmt: skip
             return self._finish(info, ctx, y, ctx.alive)
 
         def idle(q):
@@ -404,16 +441,17 @@ class LyapunovTracker(NamedTuple):
         """The step of every row, taken by its linearisation, and the tangents."""
 
         def active(q):
-            x2, c2, loss, y = jax.vmap(self._propagate, in_axes=(None, 0, 0, 0, None, 0))(
-                ctx.flow, ctx.x, ctx.carry, ctx.args, ctx.t, q
-            )
+            x2, c2, loss, y = ctx.map(
+                lambda x, c, a, qi: self._propagate(ctx.flow, x, c, a, ctx.t, qi),
+                ctx.x, ctx.carry, ctx.args, q,
+            )  # fmt: skip
             ok = jnp.all(jnp.isfinite(x2), axis=-1) & ctx.alive
             q, out = self._finish(info, ctx, y, ok)
             return x2, c2, loss, q, out
 
         def idle(q):
-            x2, c2, loss = jax.vmap(ctx.flow, in_axes=(0, 0, None, 0))(
-                ctx.x, ctx.carry, ctx.t, ctx.args
+            x2, c2, loss = ctx.map(
+                lambda x, c, a: ctx.flow(x, c, ctx.t, a), ctx.x, ctx.carry, ctx.args
             )
             return x2, c2, loss, q, self._idle_values(q.shape[0], q.dtype)
 
@@ -565,6 +603,12 @@ class StateSnapshots(NamedTuple):
 
     def snapshot(self, info, t, state, x):
         return {self.name: np.asarray(x)}
+
+
+def dynamic_rows(states):
+    """The dynamical coordinates (R, dim) of the rows an observer is handed (a training map
+    that carries state hands ``MapState(x, carry)`` rows)."""
+    return states.x if isinstance(states, MapState) else states
 
 
 def records_of(tracker, model) -> dict[str, Record]:

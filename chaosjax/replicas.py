@@ -30,7 +30,7 @@ from chaosjax.engine import (
     run_replicas,
 )
 from chaosjax.results import ReplicaResults
-from chaosjax.training import TrainingMap
+from chaosjax.training import TrainingMap, split_state
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 TARGETS = ("weights", "params", "all")
@@ -80,7 +80,7 @@ class ReplicaBatch:
             hparams=jax.tree_util.tree_map(lambda v: v[rows], self.hparams),
             reference=ref,
             coords={k: np.asarray(v)[rows] for k, v in self.coords.items()},
-            carry=tuple(c[rows] for c in self.carry),
+            carry=jax.tree_util.tree_map(lambda c: c[rows], self.carry),
             layout=self.layout,
         )
 
@@ -155,7 +155,11 @@ def make_replicas(
             map any pytree state — its float leaves are the dynamical coordinates, its
             integer leaves and keys are carried unperturbed (see :mod:`chaosjax._layout`).
         seeds: independent initialisations ``model.init_from_key(seed)`` (replaces ``base``).
-        grid: {hyper-parameter: values}, e.g. ``{"learning_rate": [0.01, 1.0, 5.0]}``.
+        grid: {hyper-parameter: values}, e.g. ``{"learning_rate": [0.01, 1.0, 5.0]}``; values
+            may be set per seed as {seed: values} (the same number for every seed), e.g. η =
+            c/λ0 of each seed's own initial sharpness: ``{"learning_rate": {0: [0.1, 0.5],
+            1: [0.12, 0.6]}}``. The coordinate ``grid_index`` then says which grid point a
+            replica is (its hyper-parameter coordinate holds its own value).
         n_perturbed: perturbed replicas per ε and group.
         eps: perturbation size(s) ε.
         distribution: ``"uniform"`` U(−ε, ε) or ``"gaussian"`` N(0, ε²).
@@ -183,7 +187,15 @@ def make_replicas(
             raise ValueError(
                 f"grid: unknown hyper-parameter {k!r}; allowed: {sorted(model.hparams)}"
             )
-    grid = {k: _as_list(f"grid.{k}", v) for k, v in grid.items()}
+    per_seed = {k: v for k, v in grid.items() if isinstance(v, Mapping)}
+    grid = {
+        k: (
+            {int(s): _as_list(f"grid.{k}[{s}]", vs) for s, vs in v.items()}
+            if isinstance(v, Mapping)
+            else _as_list(f"grid.{k}", v)
+        )
+        for k, v in grid.items()
+    }
 
     layout, carry = None, ()
     if seeds is not None:
@@ -197,10 +209,11 @@ def make_replicas(
                 raise ValueError("base: the initial state is required for a plain step function")
             base = model.init()
         if is_tm:
-            base = jnp.asarray(base)
-            if base.ndim != 1:
+            x0 = split_state(base)[0]
+            if jnp.ndim(x0) != 1 or jnp.shape(x0)[0] != model.dim:
                 raise ValueError(
-                    f"base: expected a flat state of shape (dim,), got shape {base.shape}"
+                    f"base: expected a state of {model.dim} dynamical coordinates (from "
+                    f"model.init()), got shape {jnp.shape(x0)}"
                 )
         else:
             layout = layout_of(base, what="base")
@@ -210,6 +223,12 @@ def make_replicas(
             layout = None if layout.trivial else layout
         seed_list = [0]
         bases = [base]
+    row_carry = None  # a training map's carry per seed (None: the map carries nothing)
+    if is_tm:
+        split = [split_state(b) for b in bases]
+        bases = [jnp.asarray(x) for x, _ in split]
+        if split[0][1] is not None:
+            row_carry = [c for _, c in split]
     dim = int(bases[0].shape[0])
     dtype = bases[0].dtype
     mask = perturbation_mask(model, target, dim)
@@ -219,15 +238,33 @@ def make_replicas(
             warn_if_below_resolution(e, dtype, max(scale, 1e-12), what="eps")
 
     members = [(0.0, 0)] + [(e, m) for e in eps_list for m in range(1, n_perturbed + 1)]
-    combos = list(itertools.product(*grid.values())) if grid else [()]
+    sizes = []
+    for k, v in grid.items():
+        if isinstance(v, dict):
+            if set(v) != set(seed_list):
+                raise ValueError(
+                    f"grid.{k}: per-seed values need exactly the seeds {seed_list}, got {sorted(v)}"
+                )
+            lengths = {len(vs) for vs in v.values()}
+            if len(lengths) != 1:
+                raise ValueError(f"grid.{k}: every seed needs the same number of values")
+            sizes.append(lengths.pop())
+        else:
+            sizes.append(len(v))
+    combos = list(itertools.product(*[range(n) for n in sizes])) if grid else [()]
     states, refs, coords = [], [], {"seed": [], "eps": [], "member": []}
     for k in grid:
         coords[k] = []
-    hp_rows = []
+    if per_seed:
+        coords["grid_index"] = []
+    hp_rows, carry_rows = [], []
     pkey = jax.random.PRNGKey(perturb_seed)
     mask_j = jnp.asarray(mask)
     for si, (seed, b) in enumerate(zip(seed_list, bases)):
-        for combo in combos:
+        for gi, index in enumerate(combos):
+            combo = tuple(
+                (v[seed] if isinstance(v, dict) else v)[i] for v, i in zip(grid.values(), index)
+            )
             ref_index = len(states)
             for j, (e, m) in enumerate(members):
                 if m == 0:
@@ -236,24 +273,32 @@ def make_replicas(
                     key = jax.random.fold_in(jax.random.fold_in(pkey, si), j)
                     s = b + jnp.where(mask_j, perturbation(key, (dim,), e, distribution, dtype), 0)
                 states.append(s)
+                if row_carry is not None:
+                    carry_rows.append(row_carry[si])
                 refs.append(ref_index)
                 coords["seed"].append(seed)
                 coords["eps"].append(e)
                 coords["member"].append(m)
                 for k, v in zip(grid, combo):
                     coords[k].append(v)
+                if per_seed:
+                    coords["grid_index"].append(gi)
                 hp_rows.append(dict(zip(grid, combo)))
     hparams = {}
     if is_tm:
         for k, v in model.hparams.items():
             hparams[k] = jnp.asarray([row.get(k, float(v)) for row in hp_rows], v.dtype)
     n = len(states)
+    if carry_rows:  # a training map's carry: one row per replica, the seed's own
+        carry = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *carry_rows)
+    else:
+        carry = tuple(jnp.broadcast_to(c, (n, *jnp.shape(c))) for c in carry)
     return ReplicaBatch(
         states=jnp.stack(states),
         hparams=hparams,
         reference=np.asarray(refs, np.int32),
         coords={k: np.asarray(v) for k, v in coords.items()},
-        carry=tuple(jnp.broadcast_to(c, (n, *jnp.shape(c))) for c in carry),
+        carry=carry,
         layout=layout,
     )
 

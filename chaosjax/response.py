@@ -283,10 +283,9 @@ class ResponseTracker(NamedTuple):
 
     def _one(self, tmap, state, kref):
         x = tmap.data["x_train"][: self.n_probes]
-        rest = state[tmap.n_params :]
 
         def f(p):
-            return _outputs_2d(tmap._apply_fn(tmap.params(jnp.concatenate([p, rest])), x))
+            return _outputs_2d(tmap.output_of_params(tmap.unravel_params(p), x, state))
 
         p = tmap.flat_params(state)
         out, vjp = jax.vjp(f, p)

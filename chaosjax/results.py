@@ -23,6 +23,7 @@ from chaosjax._util import dumps
 
 #: extra dimension names of the engine's own observables (trackers declare theirs: ``DIMS``).
 OBSERVABLE_DIMS = {
+    "layer_norm": ("layer",),
     "layer_distance": ("layer",),
     "layer_distance_l1": ("layer",),
 }

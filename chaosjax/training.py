@@ -1,11 +1,18 @@
-"""The training map: one optimizer step as a deterministic map on a flat float state.
+"""The training map: one optimizer step as a deterministic map on the training state.
 
 ``TrainingMap`` turns (model, loss, dataset, optax optimizer, batch schedule) into
-``step(state, t) -> state`` on one flat vector ``state = [parameters, float optimizer
-moments]``. Integer optimizer counters are *not* in the state (``ravel_pytree`` would turn
-them into floats and into spurious tangent directions): they are derived from ``t``. The
-batch used at step ``t`` depends only on ``t`` (``fold_in(key, t)``), so replicas that start
-from different states see the same data.
+``step(state, t) -> state``. The *dynamical* coordinates — the parameters and the float
+optimizer moments — form one flat vector ``x`` (dim,), parameters first: tangents,
+perturbations and distances act on it. Everything else the step carries is *carried* and
+advanced exactly, never perturbed, never tangent, never in a distance: the model's mutable
+variables (BatchNorm running statistics), and the optimizer's integer leaves (``MultiSteps``
+and ``apply_if_finite`` counts). When nothing is carried the state *is* ``x``; otherwise it is
+a :class:`MapState` ``(x, carry)``. Plain optax update counters are derived from t, so an
+SGD/Adam map keeps a flat state.
+
+The batch used at step ``t`` depends only on ``t`` (``fold_in(key, t)``), and so do the keys of
+the model's random streams (Dropout): replicas that start from different states see the same
+data and the same masks, and the map is deterministic.
 
 Hyper-parameters (learning rate, momentum, Adam's betas, …) are arrays passed to the step,
 so a grid of learning rates runs as one vmapped batch (``step_with``).
@@ -13,6 +20,7 @@ so a grid of learning rates runs as one vmapped batch (``step_with``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,133 +29,53 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from chaosjax._layout import layout_of
+from chaosjax._layout import Layout, MapState, layout_of
 from chaosjax._util import x64_enabled
 from chaosjax.datasets import Dataset
-
-# ---------------------------------------------------------------------------------------------
-# optimizers and schedules
-
-
-def _sgd(learning_rate):
-    return optax.sgd(learning_rate)
-
-
-def _momentum(learning_rate, momentum):
-    return optax.sgd(learning_rate, momentum=momentum)
-
-
-def _nesterov(learning_rate, momentum):
-    return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+from chaosjax.losses import LOSSES, cross_entropy_loss, loss_function, mse_loss
+from chaosjax.optimizers import (
+    OPTIMIZERS,
+    SCHEDULES,
+    carried_leaf,
+    differentiable_updates,
+    held_learning_rate,
+    is_step_counter,
+    make_schedule,
+    stability_threshold,
+    with_hyperparams,
+)
 
 
-def _adam(learning_rate, b1, b2, eps, eps_root):
-    return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+def split_state(state) -> tuple[Any, Any]:
+    """``(x, carry)`` of a state (``carry`` is None for a flat state)."""
+    if isinstance(state, MapState):
+        return state.x, state.carry
+    return state, None
 
 
-def _adamw(learning_rate, b1, b2, eps, eps_root, weight_decay):
-    return optax.adamw(
-        learning_rate, b1=b1, b2=b2, eps=eps, eps_root=eps_root, weight_decay=weight_decay
-    )
+class _PureForward:
+    """The forward pass of a pure ``apply_fn(params, x)`` (nothing carried, no randomness)."""
 
+    def __init__(self, apply_fn):
+        self.apply_fn = apply_fn
 
-def _rmsprop(learning_rate, decay, eps):
-    return optax.rmsprop(learning_rate, decay=decay, eps=eps)
+    def __call__(self, params, model_carry, inputs, *, train: bool, key=None):
+        del train, key
+        return self.apply_fn(params, inputs), model_carry
 
+    def __hash__(self):
+        return hash(self.apply_fn)
 
-#: named optimizers: factory and default hyper-parameters (the learning rate is required).
-OPTIMIZERS: dict[str, tuple[Callable, dict[str, float]]] = {
-    "sgd": (_sgd, {}),
-    "momentum": (_momentum, {"momentum": 0.9}),
-    "nesterov": (_nesterov, {"momentum": 0.9}),
-    # eps_root > 0 keeps Adam's map differentiable where a gradient entry is exactly zero
-    # (√ν has no derivative at ν = 0: ReLU networks otherwise give NaN tangents); 1e-20 changes
-    # the update by far less than eps. Set eps_root=0 for optax's exact default.
-    "adam": (_adam, {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-20}),
-    "adamw": (
-        _adamw,
-        {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 1e-20, "weight_decay": 1e-4},
-    ),
-    "rmsprop": (_rmsprop, {"decay": 0.9, "eps": 1e-8}),
-}
-
-SCHEDULES = ("constant", "cosine", "step", "warmup", "exponential")
-
-
-def make_schedule(kind: str, learning_rate, **options) -> Callable | Any:
-    """A learning-rate schedule whose peak value ``learning_rate`` may be a traced array.
-
-    Args:
-        kind: ``"constant"``; ``"cosine"`` (``decay_steps``, ``alpha``=0); ``"step"``
-            (``boundaries``: steps at which η is multiplied by ``factor``=0.1);
-            ``"warmup"`` (linear from 0 over ``warmup_steps``); ``"exponential"``
-            (``decay_rate`` per ``transition_steps``=1).
-        learning_rate: the base (peak) learning rate.
-
-    Returns:
-        ``learning_rate`` itself for ``"constant"``, otherwise an optax schedule ``count -> η``.
-    """
-    if kind == "constant":
-        if options:
-            raise ValueError(f"schedule: 'constant' takes no options, got {sorted(options)}")
-        return learning_rate
-    if kind == "cosine":
-        return optax.cosine_decay_schedule(
-            learning_rate, int(options["decay_steps"]), alpha=float(options.get("alpha", 0.0))
-        )
-    if kind == "step":
-        bounds = [int(b) for b in options["boundaries"]]
-        factor = float(options.get("factor", 0.1))
-        return optax.piecewise_constant_schedule(learning_rate, {b: factor for b in bounds})
-    if kind == "warmup":
-        w = int(options["warmup_steps"])
-        return optax.linear_schedule(0.0 * learning_rate, learning_rate, w)
-    if kind == "exponential":
-        return optax.exponential_decay(
-            learning_rate,
-            int(options.get("transition_steps", 1)),
-            float(options["decay_rate"]),
-        )
-    raise ValueError(f"schedule: unknown kind {kind!r}; allowed: {', '.join(SCHEDULES)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# losses
-
-LOSSES = ("mse", "cross_entropy")
-
-
-def mse_loss(outputs, targets):
-    """½‖f − y‖² summed over outputs, averaged over examples."""
-    return 0.5 * jnp.mean(jnp.sum((outputs - targets) ** 2, axis=-1))
-
-
-def cross_entropy_loss(logits, targets):
-    """Softmax cross-entropy, mean over examples; integer labels or probability rows."""
-    if jnp.issubdtype(targets.dtype, jnp.integer):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
-    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
-
-
-def _loss_fn(loss) -> Callable:
-    if callable(loss):
-        return loss
-    if loss == "mse":
-        return mse_loss
-    if loss == "cross_entropy":
-        return cross_entropy_loss
-    raise ValueError(f"loss: unknown {loss!r}; allowed: {', '.join(LOSSES)} or a callable")
-
-
-# ---------------------------------------------------------------------------------------------
-# the map
+    def __eq__(self, other):
+        return isinstance(other, _PureForward) and other.apply_fn == self.apply_fn
 
 
 class TrainingMap:
-    """One optimizer step as a map ``step(state, t) -> state`` on a flat float vector.
+    """One optimizer step as a map ``step(state, t) -> state``.
 
     Build it from a pure ``apply_fn(params, x)`` and its parameter pytree (this constructor),
-    or from a Flax NNX model with :meth:`from_nnx`.
+    from a Flax NNX model with :meth:`from_nnx`, or from your own ``train_step`` with
+    :meth:`from_step`.
 
     Args:
         apply_fn: ``apply_fn(params, x) -> outputs`` of shape (batch, outputs).
@@ -156,13 +84,14 @@ class TrainingMap:
             set the targets become one-hot rows.
         loss: ``"mse"`` (½‖f − y‖² mean), ``"cross_entropy"`` (softmax), or a callable
             ``loss(outputs, targets) -> scalar``.
-        optimizer: a name from :data:`OPTIMIZERS`, a factory ``make(**hparams)`` returning an
-            optax ``GradientTransformation``, or a ready ``GradientTransformation`` (then no
-            hyper-parameter is vmappable). Every update receives optax's extra arguments
-            ``value``, ``grad`` and ``value_fn`` (the batch loss of the parameter pytree), so
-            the controllers of :mod:`chaosjax.control` work here, e.g.
-            ``optimizer=functools.partial(control.sharpness_margin, every=10)`` with
-            ``hparams={"margin": 1.0}``.
+        optimizer: a name from :data:`chaosjax.optimizers.OPTIMIZERS`, a factory
+            ``make(**hparams)`` returning an optax ``GradientTransformation`` (e.g.
+            ``optax.inject_hyperparams(optax.adamw)``: its hyper-parameters vmap, so a
+            learning-rate grid runs over your own transformation), or any ready optax
+            transformation — chains, ``clip_by_global_norm``, ``MultiSteps``,
+            ``apply_if_finite``, schedules — used exactly as given. Every update receives
+            optax's extra arguments ``value``, ``grad`` and ``value_fn`` (the batch loss of the
+            parameter pytree), so the controllers of :mod:`chaosjax.control` work here.
         learning_rate: the learning rate η (required for named optimizers).
         hparams: further hyper-parameters (e.g. ``{"momentum": 0.9}``); for a factory, every
             keyword it takes.
@@ -176,9 +105,19 @@ class TrainingMap:
         dtype: cast float parameters (and the state) to this dtype.
         matmul_precision: matmul precision inside the step (``"highest"`` keeps float32
             tangents honest on GPUs; ``None`` keeps JAX's default).
+        opt_state: an optimizer state to start from (mid-training: moments and step counts;
+            schedules continue from its counts); default ``optimizer.init(params)``.
+        rng_seed: seed of the keys of the model's random streams (Dropout): at step t they are
+            derived from (rng_seed, t), the same for every replica.
+        optimizer_kind: for an optimizer passed as a transformation or factory, the name in
+            :data:`chaosjax.optimizers.OPTIMIZERS` whose stability threshold and curvature
+            operator apply (e.g. ``"adamw"`` for ``optax.inject_hyperparams(optax.adamw)(...)``;
+            its other hyper-parameters, such as β1, take the registry's defaults unless the
+            map's ``hparams`` hold them). Without it a transformation's threshold is NaN.
 
-    The state has shape (dim,) = (n_params + n_moments,); ``n_params`` leading entries are the
-    parameters in ``jax.tree_util`` order.
+    The state is the flat vector x (dim,) = (n_params + n_moments,) when nothing is carried
+    (``n_params`` leading entries are the parameters in ``jax.tree_util`` order), else a
+    :class:`MapState` ``(x, carry)``.
     """
 
     def __init__(
@@ -200,6 +139,11 @@ class TrainingMap:
         dtype=None,
         matmul_precision: str | None = "highest",
         name: str | None = None,
+        opt_state=None,
+        rng_seed: int = 0,
+        optimizer_kind: str | None = None,
+        _forward=None,
+        _model_carry=(),
     ):
         if not callable(apply_fn):
             raise TypeError("apply_fn: expected a callable apply_fn(params, x)")
@@ -211,18 +155,21 @@ class TrainingMap:
             raise ValueError(
                 "dtype: float64 needs jax_enable_x64; call jax.config.update('jax_enable_x64', True)"
             )
-        if dtype is not None:
-            params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-        else:
-            params = jax.tree_util.tree_map(jnp.asarray, params)
+        params = _as_arrays(params, dtype)
         self._apply_fn = apply_fn
-        self._loss = _loss_fn(loss)
+        self._forward = _forward if _forward is not None else _PureForward(apply_fn)
+        self._loss = loss_function(loss)
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.task = dataset.task
         if self.task == "classification" and self.loss_name == "mse":
             dataset = dataset.one_hot()
-        pdtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.state_dtype = jnp.dtype(pdtype).name
+        self._params_layout = layout_of(params, what="params")
+        if self._params_layout.n_carried:
+            bad = next(s for s in self._params_layout.leaves if not s.dynamic)
+            raise TypeError(
+                f"params: leaf {bad.name!r} has dtype {bad.dtype}; parameters must be floats"
+            )
+        self.state_dtype = self._params_layout.dtype
         data = dataset.astype(np.dtype(self.state_dtype))
         self.data = {
             "x_train": jnp.asarray(data.x_train),
@@ -236,10 +183,20 @@ class TrainingMap:
         self._factory, hp, self.optimizer_name = self._resolve_optimizer(
             optimizer, learning_rate, hparams, schedule, dict(schedule_options or {})
         )
-        # the learning-rate schedule of a named optimizer (η_t for thresholds and ηt units)
         self._schedule = (
             (schedule, _frozen(schedule_options or {})) if isinstance(optimizer, str) else None
         )
+        if optimizer_kind is not None:
+            if optimizer_kind not in OPTIMIZERS:
+                raise ValueError(
+                    f"optimizer_kind: unknown {optimizer_kind!r}; allowed: {', '.join(OPTIMIZERS)}"
+                )
+            if isinstance(optimizer, str) and optimizer != optimizer_kind:
+                raise ValueError(
+                    f"optimizer_kind: {optimizer_kind!r} contradicts optimizer={optimizer!r}"
+                )
+            self.optimizer_name = optimizer_kind
+        pdtype = jnp.dtype(self.state_dtype)
         self.hparams = {k: jnp.asarray(v, pdtype) for k, v in sorted(hp.items())}
 
         n_train = int(self.data["x_train"].shape[0])
@@ -253,34 +210,34 @@ class TrainingMap:
             batch_size = None
         self.batch_size = batch_size
         self.batch_seed = int(batch_seed)
+        self.rng_seed = int(rng_seed)
         self.init_fn = init_fn
         self.features_fn = features_fn
         self.matmul_precision = matmul_precision
         self.name = name or "training_map"
-
-        # layout of parameters and optimizer state (one flat layout: chaosjax._layout)
-        self._params_layout = layout_of(params, what="params")
-        if self._params_layout.n_carried:
-            bad = next(s for s in self._params_layout.leaves if not s.dynamic)
-            raise TypeError(
-                f"params: leaf {bad.name!r} has dtype {bad.dtype}; parameters must be floats"
-            )
-        n_params = self._params_layout.dim
-        opt = self._factory(**self.hparams)
-        opt_state = opt.init(params)
-        self._opt_layout = layout_of(opt_state, what="optimizer state")
-        self.counters0 = tuple(
-            jnp.asarray(v)
-            for v, spec in zip(jax.tree_util.tree_leaves(opt_state), self._opt_layout.leaves)
-            if not spec.dynamic
-        )
-        self.n_params = n_params
-        self.dim = n_params + self._opt_layout.dim
-        self._check_counters(opt, params, opt_state)
+        self.n_params = self._params_layout.dim
         self._params0 = params
+        self._model_carry0 = _model_carry
+
+        # the optimizer state: float moments dynamical, integers carried or derived from t
+        tx = self._factory(**self.hparams)
+        if opt_state is None:
+            opt_state = tx.init(params)
+        else:
+            opt_state = _adopt_opt_state(tx.init(params), opt_state)
+        self._opt_layout = layout_of(opt_state, carried=carried_leaf, what="optimizer state")
+        carried = self._opt_layout.split(opt_state)[1]
+        names = [s.name for s in self._opt_layout.leaves if not s.dynamic]
+        self._counters = self._derived_counters(tx, params, opt_state, names, carried)
+        self.counters0 = tuple(jnp.asarray(c) for c, d in zip(carried, self._counters) if d)
+        self._opt_carry0 = tuple(jnp.asarray(c) for c, d in zip(carried, self._counters) if not d)
+        self._opt_floats0 = self._opt_layout.split(opt_state)[0]
+        self.dim = self.n_params + self._opt_layout.dim
+        self.has_carry = bool(jax.tree_util.tree_leaves((self._model_carry0, self._opt_carry0)))
+        held = held_learning_rate(opt_state) is not None
         if self._schedule is not None:
             self._lr_source = "schedule"
-        elif _held_learning_rate(opt_state) is not None:
+        elif held:
             self._lr_source = "state"
         else:
             self._lr_source = "hparam" if "learning_rate" in self.hparams else "unknown"
@@ -290,6 +247,8 @@ class TrainingMap:
     @staticmethod
     def _resolve_optimizer(optimizer, learning_rate, hparams, schedule, schedule_options):
         hparams = dict(hparams or {})
+        if _is_nnx_optimizer(optimizer):
+            optimizer = optimizer.tx
         if isinstance(optimizer, optax.GradientTransformation):
             if hparams or learning_rate is not None:
                 raise ValueError(
@@ -303,21 +262,22 @@ class TrainingMap:
                 raise ValueError(
                     f"optimizer: unknown {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
                 )
-            base, defaults = OPTIMIZERS[optimizer]
-            unknown = set(hparams) - set(defaults)
+            spec = OPTIMIZERS[optimizer]
+            unknown = set(hparams) - set(spec.defaults)
             if unknown:
                 raise ValueError(
-                    f"hparams: {sorted(unknown)} not used by {optimizer!r}; allowed: {sorted(defaults) or 'none'}"
+                    f"hparams: {sorted(unknown)} not used by {optimizer!r}; allowed: {sorted(spec.defaults) or 'none'}"
                 )
             if learning_rate is None:
                 raise ValueError(f"learning_rate: required for optimizer {optimizer!r}")
             if schedule not in SCHEDULES:
                 raise ValueError(f"schedule: unknown {schedule!r}; allowed: {', '.join(SCHEDULES)}")
             make_schedule(schedule, 1.0, **schedule_options)  # validate options early
-            hp = {**defaults, **hparams, "learning_rate": float(learning_rate)}
+            hp = {**spec.defaults, **hparams, "learning_rate": float(learning_rate)}
+            make = spec.make
 
             def factory(learning_rate, **kw):
-                return base(make_schedule(schedule, learning_rate, **schedule_options), **kw)
+                return make(make_schedule(schedule, learning_rate, **schedule_options), **kw)
 
             return factory, hp, optimizer
         if callable(optimizer):
@@ -328,61 +288,107 @@ class TrainingMap:
             )
             return optimizer, hparams, name
         raise TypeError(
-            f"optimizer: expected a name ({', '.join(OPTIMIZERS)}), a factory or an optax "
-            f"GradientTransformation, got {type(optimizer).__name__}"
+            f"optimizer: expected a name ({', '.join(OPTIMIZERS)}), a factory, an optax "
+            f"GradientTransformation or an nnx.Optimizer, got {type(optimizer).__name__}"
         )
 
-    def _check_counters(self, opt, params, opt_state):
-        """Every integer optimizer leaf must be a counter (+1 per step) so it can come from t."""
-        if not self.counters0:
-            return
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        x, y = self.data["x_train"], self.data["y_train"]
-        _, new_state = optax.with_extra_args_support(opt).update(
-            zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
+    def _derived_counters(self, tx, params, opt_state, names, carried) -> tuple[bool, ...]:
+        """Which carried optimizer leaves are plain update counters, derived from t.
+
+        When every integer leaf is an optax ``count`` that one update moves by exactly +1, all
+        of them come from t and the state stays flat; otherwise (``MultiSteps``,
+        ``apply_if_finite``, …) every one is carried and advanced by the step itself."""
+        if not carried:
+            return ()
+        plain = all(
+            is_step_counter(n) and jnp.issubdtype(jnp.asarray(c).dtype, jnp.integer)
+            for n, c in zip(names, carried)
         )
-        new_ints = self._opt_layout.split(new_state)[1]
-        for old, new in zip(self.counters0, new_ints):
-            if not bool(jnp.all(new == old + 1)):
-                raise ValueError(
-                    "optimizer: its state holds an integer that is not a step counter; chaosjax "
-                    "derives integer state from t and cannot represent this optimizer as a map"
+        if plain:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            x, y = self.data["x_train"], self.data["y_train"]
+            with differentiable_updates():
+                _, new_state = optax.with_extra_args_support(tx).update(
+                    zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
                 )
+            new = self._opt_layout.split(new_state)[1]
+            plain = all(bool(jnp.all(b == a + 1)) for a, b in zip(carried, new))
+        return tuple(plain for _ in carried)
 
     @classmethod
-    def from_nnx(cls, model, dataset: Dataset, *, model_factory: Callable | None = None, **kwargs):
-        """Build from a Flax NNX model (split once; merged inside the step, no ``nnx.jit``).
+    def from_nnx(
+        cls,
+        model,
+        dataset: Dataset,
+        *,
+        model_factory: Callable | None = None,
+        optimizer="sgd",
+        **kwargs,
+    ):
+        """Build from any Flax NNX model (split once; merged inside the step, no ``nnx.jit``).
+
+        Its ``nnx.Param`` variables are trained. Every other variable the model updates in
+        train mode (``nnx.BatchStat`` running statistics, and any other mutable collection) is
+        carried by the map and advanced exactly by the step, outside the tangent space,
+        perturbations and distances. Random streams (Dropout, stochastic depth) draw keys
+        derived from (``rng_seed``, t), the same for every replica. The step runs in train
+        mode; :meth:`loss`, :meth:`accuracy` and :meth:`evaluate` in eval mode; curvature
+        (:meth:`loss_of_params`) in train mode with dropout off — the loss the step
+        differentiates, with batch statistics of the examples it is evaluated on.
 
         Args:
-            model: an ``nnx.Module``; its ``nnx.Param`` variables are the trained parameters,
-                any other state (e.g. batch statistics) is held fixed.
+            model: an ``nnx.Module``.
             dataset: the dataset.
             model_factory: optional ``model_factory(rngs) -> Module`` used by
                 :meth:`init_from_key` for independent initialisations.
+            optimizer: as for :class:`TrainingMap`, or your ``nnx.Optimizer``: its
+                transformation, moments and step count are the starting state (an analysis can
+                start mid-training; schedules continue).
             **kwargs: as for :class:`TrainingMap`.
-        """
-        from flax import nnx
 
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        apply_fn = _NNXApply(graphdef, rest)
+        Raises:
+            TypeError / ValueError naming the variable when the model holds state chaosjax
+            cannot carry (a non-array value, a variable that changes shape in a step).
+        """
+        from chaosjax import nnx_adapter
+
+        dtype = kwargs.get("dtype")
+        forward, params, carry, features = nnx_adapter.split_model(model, dtype=dtype)
+        probe = dataset.x_train[:2]
+        if np.issubdtype(probe.dtype, np.floating):
+            pdt = jax.tree_util.tree_leaves(params)[0].dtype if dtype is None else dtype
+            probe = probe.astype(pdt)
+        nnx_adapter.check_carry(forward, params, carry, jnp.asarray(probe))
+        if _is_nnx_optimizer(optimizer):
+            kwargs.setdefault("opt_state", nnx_adapter.optimizer_state(optimizer))
         init_fn = None
         if model_factory is not None:
-
-            def init_fn(key):
-                return nnx.split(model_factory(nnx.Rngs(key)), nnx.Param, ...)[1]
-
-        features_fn = None
-        if hasattr(model, "features"):
-            features_fn = _NNXApply(graphdef, rest, method="features")
+            init_fn = functools.partial(nnx_adapter.init_params, model_factory, dtype)
         kwargs.setdefault("init_fn", init_fn)
-        kwargs.setdefault("features_fn", features_fn)
+        kwargs.setdefault("features_fn", features)
         kwargs.setdefault("name", type(model).__name__)
-        return cls(apply_fn, params, dataset, **kwargs)
+        return cls(
+            nnx_adapter.TrainApply(forward, carry),
+            params,
+            dataset,
+            optimizer=optimizer,
+            _forward=forward,
+            _model_carry=carry,
+            **kwargs,
+        )
 
     @classmethod
     def from_apply(cls, apply_fn, params, dataset, **kwargs):
         """Build from a pure ``apply_fn(params, x)`` (same as the constructor)."""
         return cls(apply_fn, params, dataset, **kwargs)
+
+    @classmethod
+    def from_step(cls, train_step, state, *, batch_fn, **kwargs):
+        """Your own ``train_step(state, batch) -> state`` (or ``-> (state, metrics)``) as a map;
+        see :class:`chaosjax.stepmap.StepMap` for the arguments."""
+        from chaosjax.stepmap import StepMap
+
+        return StepMap(train_step, state, batch_fn=batch_fn, **kwargs)
 
     def replace(self, **hparams) -> TrainingMap:
         """A copy with hyper-parameters replaced, e.g. ``tmap.replace(learning_rate=0.5)``."""
@@ -391,7 +397,7 @@ class TrainingMap:
             raise ValueError(f"hparams: unknown {sorted(unknown)}; allowed: {sorted(self.hparams)}")
         leaves, treedef = jax.tree_util.tree_flatten(self)
         new = jax.tree_util.tree_unflatten(treedef, leaves)
-        dt = jax.tree_util.tree_leaves(self._params0)[0].dtype
+        dt = jnp.dtype(self.state_dtype)
         new.hparams = {**self.hparams, **{k: jnp.asarray(v, dt) for k, v in hparams.items()}}
         return new
 
@@ -411,16 +417,28 @@ class TrainingMap:
         "optimizer_name",
         "batch_size",
         "batch_seed",
+        "rng_seed",
         "init_fn",
         "features_fn",
         "matmul_precision",
         "name",
         "_params_layout",
         "_opt_layout",
+        "_counters",
         "n_params",
         "dim",
+        "has_carry",
+        "_forward",
     )
-    _DYNAMIC = ("data", "hparams", "counters0", "_params0")
+    _DYNAMIC = (
+        "data",
+        "hparams",
+        "counters0",
+        "_params0",
+        "_opt_floats0",
+        "_opt_carry0",
+        "_model_carry0",
+    )
 
     def tree_flatten(self):
         return tuple(getattr(self, k) for k in self._DYNAMIC), tuple(
@@ -436,7 +454,7 @@ class TrainingMap:
             setattr(obj, k, v)
         return obj
 
-    # -- state <-> pytrees ------------------------------------------------------------------
+    # -- learning rate ----------------------------------------------------------------------
 
     @property
     def learning_rate(self) -> float | None:
@@ -460,16 +478,39 @@ class TrainingMap:
         :attr:`learning_rate_source` says so). Thresholds 2/η_t and ηt units use it."""
         hp = self.hparams if hparams is None else hparams
         src = self.learning_rate_source
-        nan = jnp.full((), jnp.nan, self.state_dtype)
         if src == "schedule":
             kind, opts = self._schedule
             sched = make_schedule(kind, hp["learning_rate"], **_thawed(opts))
-            return jnp.asarray(sched(t) if callable(sched) else sched, self.state_dtype)
+            count = t + (self.counters0[0] if self.counters0 else 0)
+            return jnp.asarray(sched(count) if callable(sched) else sched, self.state_dtype)
         if src == "state":
-            return jnp.asarray(_held_learning_rate(self.opt_state(state, t)), self.state_dtype)
+            held = held_learning_rate(self.opt_state(state, t, hp))
+            return jnp.asarray(held, self.state_dtype)
         if src == "hparam":
             return jnp.asarray(hp["learning_rate"], self.state_dtype)
-        return nan
+        return jnp.full((), jnp.nan, self.state_dtype)
+
+    @property
+    def has_loss(self) -> bool:
+        """Whether the map has a loss (records, divergence flags, curvature)."""
+        return True
+
+    @property
+    def optimizer_hparams(self) -> dict[str, Any]:
+        """Hyper-parameters of the optimizer's stability threshold beyond ``hparams`` (none
+        here: a named optimizer's are its ``hparams``)."""
+        return {}
+
+    def threshold_at(self, state, t, hparams=None) -> jax.Array:
+        """The optimizer's stability threshold on λmax at step t (c/η_t, see
+        :func:`chaosjax.optimizers.stability_threshold`); NaN when the optimizer or η_t is not
+        known."""
+        hp = self.hparams if hparams is None else hparams
+        eta = self.learning_rate_at(state, t, hparams)
+        thr, _ = stability_threshold(
+            self.optimizer_name, {**self.optimizer_hparams, **hp, "learning_rate": eta}
+        )
+        return jnp.asarray(thr, self.state_dtype)
 
     def learning_rates(self, steps, hparams=None) -> tuple[np.ndarray | None, str]:
         """η at each of ``steps`` when it is a function of t alone, with ``''``; else ``None``
@@ -488,26 +529,55 @@ class TrainingMap:
             "named optimizer, a factory with learning_rate, or optax.inject_hyperparams"
         )
 
+    # -- state <-> pytrees ------------------------------------------------------------------
+
     @property
     def apply_fn(self) -> Callable:
-        """The network: ``apply_fn(params, x) -> outputs`` on a parameter pytree."""
+        """The network: ``apply_fn(params, x) -> outputs`` on a parameter pytree (the loss the
+        step differentiates: train mode, dropout off)."""
         return self._apply_fn
 
-    def init(self, params=None) -> jax.Array:
-        """The flat state (dim,) for ``params`` (default: the construction parameters) and a
-        freshly initialised optimizer state."""
+    def pack(self, x, carry=None):
+        """The state of dynamical coordinates ``x`` and ``carry`` (x alone when nothing is
+        carried)."""
+        if not self.has_carry:
+            return x
+        return MapState(x, self.carry0 if carry is None else carry)
+
+    def final_state(self, results, replica: int):
+        """The state replica ``replica`` of a :func:`run_replicas` result ended in (its
+        dynamical coordinates and, for a map that carries state, its carry)."""
+        x = jnp.asarray(results.final_state[replica])
+        if not self.has_carry:
+            return x
+        treedef = jax.tree_util.tree_structure(self.carry0)
+        leaves = [jnp.asarray(c[replica]) for c in results.final_carry]
+        return self.pack(x, jax.tree_util.tree_unflatten(treedef, leaves))
+
+    @property
+    def carry0(self):
+        """The carried part of a fresh state: (model variables, optimizer integers)."""
+        return (self._model_carry0, self._opt_carry0)
+
+    def init(self, params=None):
+        """The state for ``params`` (default: the construction parameters and optimizer state)
+        with a fresh optimizer state for new parameters."""
         if params is None:
-            params = self._params0
+            return self.pack(jnp.concatenate([self._params_layout.ravel(self._params0),
+                                              self._opt_floats0.astype(self.state_dtype)]))  # fmt: skip
         params = jax.tree_util.tree_map(
             lambda a, ref: jnp.asarray(a, ref.dtype), params, self._params0
         )
         if jax.tree_util.tree_structure(params) != self._params_layout.treedef:
             raise ValueError("params: structure differs from the training map's parameters")
         opt_state = self._factory(**self.hparams).init(params)
-        return self._flat(params, opt_state)
+        floats, carried = self._opt_layout.split(opt_state)
+        opt_carry = tuple(c for c, d in zip(carried, self._counters) if not d)
+        x = jnp.concatenate([self._params_layout.ravel(params), floats.astype(self.state_dtype)])
+        return self.pack(x, (self._model_carry0, opt_carry))
 
-    def init_from_key(self, key) -> jax.Array:
-        """The flat state for an independent initialisation drawn with ``key`` (or an int seed)."""
+    def init_from_key(self, key):
+        """The state of an independent initialisation drawn with ``key`` (or an int seed)."""
         if self.init_fn is None:
             raise ValueError(
                 "init_fn: this training map has no initialiser; pass init_fn (or model_factory) "
@@ -517,24 +587,51 @@ class TrainingMap:
             key = jax.random.PRNGKey(int(key))
         return self.init(self.init_fn(key))
 
-    def _flat(self, params, opt_state) -> jax.Array:
-        p = self._params_layout.ravel(params).astype(self.state_dtype)
-        o = self._opt_layout.split(opt_state)[0].astype(self.state_dtype)
-        return jnp.concatenate([p, o])
+    def _flat(self, params, opt_state) -> tuple[jax.Array, tuple]:
+        floats, carried = self._opt_layout.split(opt_state)
+        x = jnp.concatenate(
+            [
+                self._params_layout.ravel(params).astype(self.state_dtype),
+                floats.astype(self.state_dtype),
+            ]
+        )
+        return x, tuple(c for c, d in zip(carried, self._counters) if not d)
 
     def params(self, state) -> Any:
-        """Parameter pytree of a state (dim,)."""
-        return self._params_layout.unravel(state[: self.n_params])
+        """Parameter pytree of a state."""
+        x, _ = split_state(state)
+        return self._params_layout.unravel(x[: self.n_params])
+
+    def unravel_params(self, p) -> Any:
+        """Parameter pytree of a flat parameter vector (n_params,)."""
+        return self._params_layout.unravel(p)
 
     def flat_params(self, state) -> jax.Array:
         """The parameter part of the state, shape (n_params,)."""
-        return state[..., : self.n_params]
+        x, _ = split_state(state)
+        return x[..., : self.n_params]
 
-    def opt_state(self, state, t) -> Any:
-        """The full optax state at step ``t`` (float moments from the state, counters from t)."""
+    def with_params(self, state, p):
+        """The state with its parameter part replaced by ``p`` (n_params,)."""
+        x, carry = split_state(state)
+        x = jnp.concatenate([p, x[self.n_params :]])
+        return x if carry is None else MapState(x, carry)
+
+    def opt_state(self, state, t, hparams=None) -> Any:
+        """The full optax state at step ``t`` (float moments from the state, counters from t,
+        other integers from the carry, an ``inject_hyperparams`` state's hyper-parameters from
+        ``hparams``, default the map's)."""
+        x, carry = split_state(state)
+        opt_carry = self._opt_carry0 if carry is None else carry[1]
+        return self._opt_state(x, opt_carry, t, hparams)
+
+    def _opt_state(self, x, opt_carry, t, hparams=None):
         t = jnp.asarray(t)
-        counters = tuple((c + t).astype(c.dtype) for c in self.counters0)
-        return self._opt_layout.merge(state[self.n_params :], counters)
+        derived = iter([(c + t).astype(c.dtype) for c in self.counters0])
+        kept = iter(opt_carry)
+        carried = tuple(next(derived) if d else next(kept) for d in self._counters)
+        state = self._opt_layout.merge(x[self.n_params :], carried)
+        return with_hyperparams(state, self.hparams if hparams is None else hparams)
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
@@ -550,14 +647,18 @@ class TrainingMap:
     def param_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self._params_layout.leaves)
 
+    @property
+    def param_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the parameter leaves (in the state's order)."""
+        return tuple(s.shape for s in self._params_layout.leaves)
+
     # -- the map ----------------------------------------------------------------------------
 
     def _batch(self, t):
         x, y = self.data["x_train"], self.data["y_train"]
         if self.batch_size is None:
             return x, y
-        key = jax.random.fold_in(jax.random.PRNGKey(self.batch_seed), t)
-        idx = jax.random.choice(key, x.shape[0], (self.batch_size,), replace=False)
+        idx = self.batch_indices(t)
         return x[idx], y[idx]
 
     def batch_indices(self, t) -> jax.Array:
@@ -568,11 +669,51 @@ class TrainingMap:
         key = jax.random.fold_in(jax.random.PRNGKey(self.batch_seed), t)
         return jax.random.choice(key, n, (self.batch_size,), replace=False)
 
+    def step_key(self, t):
+        """The key of the model's random streams at step t (the same for every replica)."""
+        return jax.random.fold_in(jax.random.key(self.rng_seed), t)
+
     def loss_of_params(self, params, x=None, y=None) -> jax.Array:
-        """Loss of a parameter pytree on (x, y) (default: the full training set)."""
+        """Loss of a parameter pytree on (x, y) (default: the full training set) — the loss the
+        step differentiates: train mode (batch statistics of these examples), dropout off."""
         if x is None:
             x, y = self.data["x_train"], self.data["y_train"]
-        return self._loss(self._apply_fn(params, x), y)
+        return self.batch_loss(params, (x, y))
+
+    def _model_carry(self, state):
+        carry = None if state is None else split_state(state)[1]
+        return self._model_carry0 if carry is None else carry[0]
+
+    def batch_loss(self, params, batch, state=None) -> jax.Array:
+        """The step's loss of a parameter pytree on ``batch`` (the map's own batch form:
+        ``(x, y)`` here), train mode with dropout off, with the model carry of ``state``."""
+        xb, yb = batch
+        out, _ = self._forward(params, self._model_carry(state), xb, train=True, key=None)
+        return self._loss(out, yb)
+
+    def output_of_params(self, params, x, state=None) -> jax.Array:
+        """Outputs of a parameter pytree on inputs ``x`` as the step sees them (train mode,
+        dropout off)."""
+        return self._forward(params, self._model_carry(state), x, train=True, key=None)[0]
+
+    def curvature_batch(self, t=0, mode: str = "full", subset: int | None = None):
+        """``(batch, info)`` a curvature measurement uses: ``"full"`` the training set,
+        ``"subset"`` its first ``subset`` examples, ``"batch"`` the minibatch of step t."""
+        x, y = self.data["x_train"], self.data["y_train"]
+        info = {"mode": mode}
+        if mode == "subset":
+            n = x.shape[0] if subset is None else int(subset)
+            if not 1 <= n <= x.shape[0]:
+                raise ValueError(f"subset: must be in [1, {x.shape[0]}], got {subset!r}")
+            x, y = x[:n], y[:n]
+            info["indices"] = (0, n)
+        elif mode == "batch":
+            idx = self.batch_indices(t)
+            x, y = x[idx], y[idx]
+            info["t"] = t
+        elif mode != "full":
+            raise ValueError(f"mode: unknown {mode!r}; allowed: full, subset, batch")
+        return (x, y), info
 
     def _extra_args(self, params, x, y, grads, loss=None):
         """optax extra arguments of every update: the batch loss, its gradient and ``value_fn``
@@ -586,63 +727,81 @@ class TrainingMap:
             "value_fn": lambda p: self.loss_of_params(p, x, y),
         }
 
-    def step_and_loss(self, state, t, hparams=None):
-        """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step."""
-        hparams = self.hparams if hparams is None else hparams
+    def flow(self, x, carry, t, hparams):
+        """The engine's form of one step: ``(x, carry, t, hparams) -> (x', carry', loss)``,
+        ``x`` the dynamical coordinates (dim,), ``carry`` the carried leaves (``()`` when the
+        map carries nothing), loss the batch loss before the step."""
         ctx = (
             jax.default_matmul_precision(self.matmul_precision)
             if self.matmul_precision
             else _nullcontext()
         )
+        model_carry, opt_carry = carry if self.has_carry else (self._model_carry0, ())
         with ctx:
-            params = self.params(state)
-            opt_state = self.opt_state(state, t)
-            x, y = self._batch(t)
-            loss, grads = jax.value_and_grad(self.loss_of_params)(params, x, y)
-            opt = optax.with_extra_args_support(self._factory(**hparams))
-            updates, new_opt = opt.update(
-                grads, opt_state, params, **self._extra_args(params, x, y, grads, loss)
-            )
+            params = self.params(x)
+            opt_state = self._opt_state(x, opt_carry, t, hparams)
+            xb, yb = self._batch(t)
+            key = self.step_key(t)
+
+            def batch_loss(p):
+                out, new_mc = self._forward(p, model_carry, xb, train=True, key=key)
+                return self._loss(out, yb), new_mc
+
+            (loss, new_mc), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
+            tx = optax.with_extra_args_support(self._factory(**hparams))
+            extra = {"value": loss, "grad": grads, "value_fn": lambda p: batch_loss(p)[0]}
+            with differentiable_updates():
+                updates, new_opt = tx.update(grads, opt_state, params, **extra)
             new_params = optax.apply_updates(params, updates)
-            return self._flat(new_params, new_opt).astype(state.dtype), loss
+            new_x, new_opt_carry = self._flat(new_params, new_opt)
+        new_carry = (new_mc, new_opt_carry) if self.has_carry else carry
+        return new_x.astype(x.dtype), new_carry, loss
 
-    def flow(self, x, carry, t, hparams):
-        """The engine's form of one step: ``(x, carry, t, hparams) -> (x', carry', loss)``,
-        ``x`` the dynamical coordinates (dim,), ``carry`` the carried leaves (none here)."""
-        new, loss = self.step_and_loss(x, t, hparams)
-        return new, carry, loss
+    def step_and_loss(self, state, t, hparams=None):
+        """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step."""
+        hparams = self.hparams if hparams is None else hparams
+        x, carry = split_state(state)
+        new_x, new_carry, loss = self.flow(x, () if carry is None else carry, t, hparams)
+        return (new_x if carry is None else MapState(new_x, new_carry)), loss
 
-    def step_with(self, state, t, hparams) -> jax.Array:
+    def step_with(self, state, t, hparams):
         """One step with explicit hyper-parameters (a dict of arrays; vmappable)."""
         return self.step_and_loss(state, t, hparams)[0]
 
-    def step(self, state, t) -> jax.Array:
-        """One optimizer step ``state_t -> state_{t+1}`` on batch ``t``; state shape (dim,)."""
+    def step(self, state, t):
+        """One optimizer step ``state_t -> state_{t+1}`` on batch ``t``."""
         return self.step_and_loss(state, t)[0]
 
-    # -- evaluation -------------------------------------------------------------------------
+    # -- evaluation (eval mode) -------------------------------------------------------------
 
     def _split(self, split):
         if split not in ("train", "test"):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
         return self.data[f"x_{split}"], self.data[f"y_{split}"]
 
+    def _eval(self, state, x):
+        xs, carry = split_state(state)
+        model_carry = self._model_carry0 if carry is None else carry[0]
+        out, _ = self._forward(self.params(xs), model_carry, x, train=False, key=None)
+        return out
+
     def output(self, state, x) -> jax.Array:
-        """Network outputs for inputs x (batch, features) → (batch, outputs)."""
-        return self._apply_fn(self.params(state), x)
+        """Network outputs (eval mode) for inputs x (batch, ...) → (batch, outputs)."""
+        return self._eval(state, x)
 
     def loss(self, state, split: str = "train") -> jax.Array:
-        """Full-batch loss of the state on ``split`` ('train' or 'test')."""
+        """Full-batch loss of the state on ``split`` ('train' or 'test'), in eval mode (NaN
+        without a test split)."""
         x, y = self._split(split)
-        return self.loss_of_params(self.params(state), x, y)
+        return self._loss(self._eval(state, x), y)
 
     def accuracy(self, state, split: str = "train") -> jax.Array:
-        """Classification accuracy on ``split`` (argmax of the outputs)."""
+        """Classification accuracy on ``split`` (argmax of the outputs, eval mode)."""
         if self.task != "classification":
             raise ValueError(f"accuracy: dataset {self.dataset_name!r} is a regression task")
         x, y = self._split(split)
-        pred = jnp.argmax(self._apply_fn(self.params(state), x), axis=-1)
-        labels = jnp.argmax(y, -1) if y.ndim == 2 else y
+        pred = jnp.argmax(self._eval(state, x), axis=-1)
+        labels = jnp.argmax(y, -1) if y.ndim == pred.ndim + 1 else y
         return jnp.mean((pred == labels).astype(self.state_dtype))
 
     def evaluate(self, state, split: str = "test") -> dict[str, jax.Array]:
@@ -660,14 +819,29 @@ class TrainingMap:
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={float(v):g}" for k, v in self.hparams.items())
+        carry = ", carries state" if self.has_carry else ""
         return (
-            f"TrainingMap({self.name}, data={self.dataset_name}, loss={self.loss_name}, "
+            f"{type(self).__name__}({self.name}, data={self.dataset_name}, loss={self.loss_name}, "
             f"optimizer={self.optimizer_name}({hp}), batch={self.batch_size or 'full'}, "
-            f"n_params={self.n_params}, dim={self.dim}, dtype={self.state_dtype})"
+            f"n_params={self.n_params}, dim={self.dim}, dtype={self.state_dtype}{carry})"
         )
 
 
 jax.tree_util.register_pytree_node_class(TrainingMap)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _as_arrays(params, dtype):
+    if dtype is not None:
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    return jax.tree_util.tree_map(jnp.asarray, params)
 
 
 def _frozen(options: Mapping[str, Any]) -> tuple:
@@ -681,51 +855,42 @@ def _thawed(options: tuple) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in options}
 
 
-def _held_learning_rate(opt_state):
-    """The learning rate an optimizer state holds (``inject_hyperparams``' hyperparams or a
-    chaosjax controller's η), or None."""
-
-    def is_node(n):
-        return isinstance(n, tuple) and hasattr(n, "_fields")
-
-    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_node):
-        if not is_node(node):
-            continue
-        hyper = getattr(node, "hyperparams", None)
-        if isinstance(hyper, Mapping) and "learning_rate" in hyper:
-            return hyper["learning_rate"]
-        if type(node).__name__ in ("SharpnessControlState", "FTLEControlState"):
-            return node.learning_rate
-    return None
+def _is_nnx_optimizer(obj) -> bool:
+    return type(obj).__name__ == "Optimizer" and hasattr(obj, "tx") and hasattr(obj, "opt_state")
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
+def _adopt_opt_state(fresh, given):
+    """A user's optimizer state in the structure ``tx.init(params)`` gives (an
+    ``nnx.Optimizer`` wraps its leaves in variables): leaves matched in order, shapes checked."""
+    from chaosjax.nnx_adapter import unwrap_variables
 
-    def __exit__(self, *exc):
-        return False
-
-
-class _NNXApply:
-    """``apply(params, x)`` for an NNX graph: merge inside the traced function."""
-
-    def __init__(self, graphdef, rest, method: str = "__call__"):
-        self.graphdef, self.rest, self.method = graphdef, rest, method
-
-    def __call__(self, params, x):
-        from flax import nnx
-
-        model = nnx.merge(self.graphdef, params, self.rest)
-        return getattr(model, self.method)(x)
+    given = unwrap_variables(given)
+    ours, treedef = jax.tree_util.tree_flatten(fresh)
+    theirs = jax.tree_util.tree_leaves(given)
+    if len(ours) != len(theirs):
+        raise ValueError(
+            f"opt_state: {len(theirs)} leaves do not match the optimizer's state of "
+            f"{len(ours)} leaves for these parameters"
+        )
+    for a, b in zip(ours, theirs):
+        if jnp.shape(a) != jnp.shape(b):
+            raise ValueError(
+                f"opt_state: a leaf of shape {jnp.shape(b)} where the optimizer has {jnp.shape(a)}"
+            )
+    return jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(b, jnp.result_type(a)) for a, b in zip(ours, theirs)]
+    )
 
 
 __all__ = [
     "LOSSES",
     "OPTIMIZERS",
     "SCHEDULES",
+    "Layout",
+    "MapState",
     "TrainingMap",
     "cross_entropy_loss",
     "make_schedule",
     "mse_loss",
+    "split_state",
 ]

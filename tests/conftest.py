@@ -1,13 +1,24 @@
-"""Test setup: 4 CPU devices (sharding tests run anywhere) and float64 by default."""
+"""Test setup: 4 CPU devices (sharding tests run anywhere), float64 by default, and JAX's
+persistent compilation cache shared by the test processes (the CLI, preset and notebook tests
+compile the same programs again and again; results do not depend on the cache)."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))  # subprocesses too
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 import pytest  # noqa: E402
 

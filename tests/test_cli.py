@@ -34,6 +34,13 @@ TINY = [
 ]
 
 
+#: TINY without the analysis stages, for tests about the run folder, flags and devices
+BARE = [
+    *TINY,
+    *[x for s in ("lyapunov", "curvature", "clv", "instability") for x in ("--set", f"{s}.enabled=false")],
+]  # fmt: skip
+
+
 def test_run_default_preset_writes_every_file(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet", *TINY]) == 0
@@ -148,10 +155,10 @@ def test_existing_folder_needs_force(tmp_path, capsys):
     assert main(["run", "--out", str(out), "--force", *TINY]) == 2
     assert (out / "keep.txt").read_text() == "mine"
     run = tmp_path / "run2"
-    assert main(["run", "--out", str(run), "--quiet", *TINY]) == 0
-    assert main(["run", "--out", str(run), "--quiet", "--force", *TINY]) == 0
+    assert main(["run", "--out", str(run), "--quiet", *BARE]) == 0
+    assert main(["run", "--out", str(run), "--quiet", "--force", *BARE]) == 0
     assert (
-        main(["run", "--out", str(run), "--quiet", "--resume", "--set", "steps=60", *TINY[2:]]) == 2
+        main(["run", "--out", str(run), "--quiet", "--resume", "--set", "steps=60", *BARE[2:]]) == 2
     )
     assert "config differs" in capsys.readouterr().err
 
@@ -285,13 +292,13 @@ def test_stage_dependencies_are_checked(capsys, tmp_path):
 def test_devices_and_memory_flags(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["run", "--out", str(out), "--quiet", "--devices", "2", "--memory-limit", "1GiB"]
-    assert main([*args, *TINY]) == 0
+    assert main([*args, *BARE]) == 0
     text = (out / "config.toml").read_text()
     assert "devices = 2" in text and 'memory_limit = "1GiB"' in text
     res = ReplicaResults.load(out / "results.zarr")
     assert int(res.attrs["devices"]) == 2 and "2 device(s)" in res.attrs["memory_plan"]
     capsys.readouterr()
     # a limit below one replica's estimate is refused with the numbers, exit code 2
-    code = main(["run", "--out", str(tmp_path / "r2"), "--memory-limit", "1KiB", *TINY])
+    code = main(["run", "--out", str(tmp_path / "r2"), "--memory-limit", "1KiB", *BARE])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("chaosjax: error: memory: one replica needs about")

@@ -5,6 +5,7 @@ import pytest
 
 import chaosjax as cj
 from chaosjax import curvature as cv
+from chaosjax.optimizers import stability_threshold
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +157,16 @@ def test_warm_start_needs_fewer_matvecs(tiny):
 
 
 def test_stability_thresholds():
-    assert cv.stability_threshold("sgd", {"learning_rate": 0.1}) == (20.0, "hessian")
-    assert cv.stability_threshold("momentum", {"learning_rate": 0.1, "momentum": 0.9})[
+    assert stability_threshold("sgd", {"learning_rate": 0.1}) == (20.0, "hessian")
+    assert stability_threshold("momentum", {"learning_rate": 0.1, "momentum": 0.9})[
         0
     ] == pytest.approx(38.0)
-    assert cv.stability_threshold("nesterov", {"learning_rate": 0.1, "momentum": 0.9})[
+    assert stability_threshold("nesterov", {"learning_rate": 0.1, "momentum": 0.9})[
         0
     ] == pytest.approx(3.8 / 0.28)
-    thr, op = cv.stability_threshold("adam", {"learning_rate": 0.01, "b1": 0.9})
+    thr, op = stability_threshold("adam", {"learning_rate": 0.01, "b1": 0.9})
     assert thr == pytest.approx(3.8 / 0.001) and op == "preconditioned"
-    assert np.isnan(cv.stability_threshold("custom", {"learning_rate": 0.1})[0])
+    assert np.isnan(stability_threshold("custom", {"learning_rate": 0.1})[0])
 
 
 def test_smooth_density_mass():

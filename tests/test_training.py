@@ -173,18 +173,6 @@ def test_custom_factory_and_ready_transformation():
     run(tm2, tm2.init(), 3)
 
 
-def test_optimizer_with_non_counter_integer_state_is_refused():
-    ds = datasets.two_moons(40, seed=1)
-    net = models.PureMLP((2, 4, 2))
-    with pytest.raises(ValueError, match="not a step counter"):
-        TrainingMap(
-            net.apply,
-            net.init_params(jax.random.PRNGKey(0)),
-            ds,
-            optimizer=optax.MultiSteps(optax.sgd(0.1), 3).gradient_transformation(),
-        )
-
-
 @pytest.mark.parametrize(
     "kwargs, exc, msg",
     [

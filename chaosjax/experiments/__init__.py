@@ -58,17 +58,31 @@ def load_plan(
     target: str | None = None, overrides: list[str] | None = None
 ) -> list[tuple[str | None, ExperimentConfig]]:
     """The runs of a preset or TOML file: ``[(None, config)]``, or one ``(variant, config)``
-    per ``[variants.NAME]`` table (merged over the base; overrides apply to every variant)."""
+    per ``[variants.NAME]`` table (merged over the base; overrides apply to every variant).
+
+    ``size = "NAME"`` (in the file or as an override) merges the ``[sizes.NAME]`` table over
+    every run (after its variant, before the overrides): a preset's larger size for a GPU."""
     data = _source(target)
     variants = data.pop("variants", None)
+    sizes = data.pop("sizes", None) or {}
     overrides = list(overrides or [])
+    if not isinstance(sizes, dict) or not all(isinstance(v, dict) for v in sizes.values()):
+        raise ConfigError("sizes: expected tables [sizes.NAME] of config overrides")
+    size = apply_overrides(data, overrides).get("size", "")
+    if size and size not in sizes:
+        raise ConfigError(
+            f"size: unknown {size!r}; allowed: "
+            + (", ".join(sizes) if sizes else "none (this config has no [sizes] tables)")
+        )
+    sized = sizes.get(size, {}) if size else {}
     if not variants:
-        return [(None, from_dict(ExperimentConfig, apply_overrides(data, overrides)))]
+        merged = _merge(data, sized)
+        return [(None, from_dict(ExperimentConfig, apply_overrides(merged, overrides)))]
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise ConfigError("variants: expected tables [variants.NAME] of config overrides")
     plan = []
     for name, extra in variants.items():
-        merged = _merge(data, extra)
+        merged = _merge(_merge(data, extra), sized)
         merged["name"] = f"{data.get('name', 'custom')}/{name}"
         try:
             plan.append((name, from_dict(ExperimentConfig, apply_overrides(merged, overrides))))

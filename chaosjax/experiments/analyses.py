@@ -24,8 +24,17 @@ def group_coords(batch, refs) -> dict:
         "group": np.arange(len(refs)),
         "reference": ("group", refs),
         "seed": ("group", np.asarray(batch.coords["seed"])[refs]),
-        "learning_rate": ("group", np.asarray(batch.hparams["learning_rate"], np.float64)[refs]),
+        "learning_rate": ("group", learning_rate_labels(batch)[refs]),
     }
+
+
+def learning_rate_labels(batch) -> np.ndarray:
+    """(R,) η of each replica: its hyper-parameter, or the label the runner gives a map whose
+    own optimizer or train step sets η."""
+    hp = batch.hparams if isinstance(batch.hparams, dict) else {}
+    if "learning_rate" in hp:
+        return np.asarray(hp["learning_rate"], np.float64)
+    return np.asarray(batch.coords["learning_rate"], np.float64)
 
 
 def tangent_tracker(cfg: ExperimentConfig):

@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from chaosjax.optimizers import OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range."""
@@ -36,7 +38,20 @@ class DataConfig:
     name: str = fld(
         "two_moons",
         "dataset",
-        choices=("iris", "digits", "two_moons", "circles", "blobs", "teacher_student", "chebyshev"),
+        choices=(
+            "iris",
+            "digits",
+            "two_moons",
+            "circles",
+            "blobs",
+            "teacher_student",
+            "chebyshev",
+            "modular_addition",
+        ),
+    )
+    path: str = fld(
+        "",
+        "your data: an .npz file with x_train, y_train (optional x_test, y_test); replaces name",
     )
     seed: int = fld(0, "seed of the train/test split and of generated data", lo=0)
     n_samples: int = fld(
@@ -47,11 +62,16 @@ class DataConfig:
     standardize: bool = fld(False, "standardise inputs by the training mean and std")
     chebyshev_k: int = fld(3, "degree k of the Chebyshev target T_k", lo=0)
     n_points: int = fld(20, "training points of the Chebyshev toy", lo=2)
+    modulus: int = fld(23, "p of modular_addition: (a + b) mod p as tokens [a, b, =]", lo=2)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = fld("mlp", "network", choices=("mlp", "cnn"))
+    kind: str = fld("mlp", "network", choices=("mlp", "cnn", "resnet", "transformer"))
+    factory: str = fld(
+        "",
+        "your model: 'package.module:function' or './file.py:function' taking any of rngs, key, dataset, dtype, n_features, n_outputs, input_shape and returning an nnx.Module or (apply_fn, params); replaces kind",
+    )
     hidden: tuple[int, ...] = fld([32], "hidden widths (mlp) or conv channels (cnn)")
     activation: str = fld(
         "tanh",
@@ -73,6 +93,15 @@ class ModelConfig:
         "output activation (mlp); tanh bounds the outputs",
         choices=("identity", "tanh", "sigmoid"),
     )
+    width: int = fld(8, "channels of the first stage (resnet)", lo=1)
+    depth: int = fld(2, "stages; the width doubles per stage (resnet)", lo=1)
+    blocks_per_stage: int = fld(1, "residual blocks per stage (resnet)", lo=1)
+    batch_norm: bool = fld(True, "BatchNorm after each convolution (resnet)")
+    d_model: int = fld(32, "embedding width (transformer)", lo=1)
+    n_heads: int = fld(4, "attention heads, dividing d_model (transformer)", lo=1)
+    layers: int = fld(1, "attention blocks (transformer)", lo=1)
+    causal: bool = fld(True, "causal attention mask (transformer)")
+    dropout: float = fld(0.0, "dropout rate in training (transformer)", lo=0.0, hi=1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +109,10 @@ class TrainingConfig:
     loss: str = fld(
         "mse", "loss: ½‖f−y‖² mean or softmax cross-entropy", choices=("mse", "cross_entropy")
     )
-    optimizer: str = fld(
-        "sgd", "optimizer", choices=("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
-    )
+    optimizer: str = fld("sgd", "optimizer", choices=tuple(OPTIMIZERS))
+    weight_decay: float = fld(1e-4, "decoupled weight decay (adamw)", lo=0.0)
+    b1: float = fld(0.9, "first-moment decay β1 (adam, adamw)", lo=0.0, hi=1.0)
+    b2: float = fld(0.999, "second-moment decay β2 (adam, adamw)", lo=0.0, hi=1.0)
     learning_rates: tuple[float, ...] = fld(
         [0.1], "learning-rate grid η (one vmapped batch)", positive=True
     )
@@ -96,6 +126,27 @@ class TrainingConfig:
         [], "steps at which a 'step' schedule multiplies η by drop_factor"
     )
     drop_factor: float = fld(0.1, "factor of a 'step' schedule", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    factory: str = fld(
+        "",
+        "your optimizer: 'package.module:function' taking learning_rate (each value of training.learning_rates) and optionally steps, returning an optax GradientTransformation; replaces training.optimizer and schedule",
+    )
+    kind: str = fld(
+        "",
+        "the registry optimizer your factory builds, for its stability threshold; '' = none",
+        choices=("", *OPTIMIZERS),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    factory: str = fld(
+        "",
+        "your train step: 'package.module:function' taking any of dataset, dtype, key, seed, learning_rate, steps and returning a dict of TrainingMap.from_step arguments (train_step, state, batch_fn, loss_fn, ...) or a StepMap; replaces model, training and optimizer",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +264,23 @@ class InstabilityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GrokkingConfig:
+    enabled: bool = fld(
+        False,
+        "does the jump in test accuracy (grokking) coincide with loss spikes, sharpness crossings and positive FTLEs",
+    )
+    accuracy: float = fld(
+        0.9, "a run groks when its test accuracy first reaches this", lo=0.0, hi=1.0
+    )
+    window: int = fld(
+        0, "steps before the jump searched for each indicator; 0 = a tenth of the run", lo=0
+    )
+    spike_factor: float = fld(
+        2.0, "a loss spike: training loss above this × its running minimum", lo=1.0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class CurvatureConfig:
     enabled: bool = fld(True, "track the top Hessian eigenvalues of every replica at each record")
     k: int = fld(2, "tracked eigenpairs", lo=1)
@@ -314,6 +382,10 @@ class ExperimentConfig:
     name: str = fld("custom", "experiment name")
     description: str = fld("", "one-line description")
     runtime: str = fld("", "expected runtime on a 2-core CPU")
+    size: str = fld(
+        "",
+        "a preset's named size (its [sizes.NAME] tables, e.g. 'gpu'); '' = the size that runs in minutes on a 2-core CPU",
+    )
     precision: str = fld(
         "float64", "state dtype (float64 enables jax_enable_x64)", choices=("float32", "float64")
     )
@@ -323,6 +395,8 @@ class ExperimentConfig:
     data: DataConfig = section(DataConfig, "dataset")
     model: ModelConfig = section(ModelConfig, "model")
     training: TrainingConfig = section(TrainingConfig, "loss and optimizer")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "your own optax transformation")
+    step: StepConfig = section(StepConfig, "your own train step")
     replicas: ReplicaConfig = section(ReplicaConfig, "replica batch")
     lyapunov: LyapunovConfig = section(LyapunovConfig, "Lyapunov exponents")
     series: SeriesConfig = section(SeriesConfig, "loss-series diagnostics")
@@ -332,6 +406,7 @@ class ExperimentConfig:
     prediction: PredictionConfig = section(PredictionConfig, "early FTLE against final loss")
     response: ResponseConfig = section(ResponseConfig, "training response (NTK)")
     instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
+    grokking: GrokkingConfig = section(GrokkingConfig, "grokking against instability (slingshot)")
     curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
     clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
     control: ControlConfig = section(ControlConfig, "instability control against fixed η")
@@ -365,6 +440,12 @@ class ExperimentConfig:
             raise ConfigError(
                 "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
             )
+        self._check_factories()
+        if self.grokking.enabled and self.step.factory:
+            raise ConfigError(
+                "grokking.enabled: needs train and test accuracy of a model with a forward pass; "
+                "a step.factory has none"
+            )
         if self.control.enabled:
             if self.training.optimizer not in ("sgd", "momentum", "nesterov"):
                 raise ConfigError(
@@ -391,6 +472,33 @@ class ExperimentConfig:
                     f"lyapunov.{name}: expected [first, last, stride] with 0 <= first <= last and "
                     f"stride >= 1, got {list(r)}"
                 )
+
+    def _check_factories(self):
+        """Your model, optimizer and train step: what each replaces and what it excludes."""
+        if self.step.factory:
+            if self.model.factory:
+                raise ConfigError(
+                    "model.factory: a step.factory brings its own model; set one of the two"
+                )
+            if self.optimizer.factory:
+                raise ConfigError(
+                    "optimizer.factory: a step.factory brings its own optimizer; set one of the two"
+                )
+            if self.response.enabled:
+                raise ConfigError(
+                    "response.enabled: the NTK needs the model's forward pass, which a "
+                    "step.factory does not expose; set response.enabled = false"
+                )
+            if self.curvature.mode == "subset":
+                raise ConfigError(
+                    "curvature.mode: a step.factory's loss takes its own batches: full or batch, "
+                    "got 'subset'"
+                )
+        if (self.optimizer.factory or self.step.factory) and self.control.enabled:
+            raise ConfigError(
+                "control.enabled: the controllers drive a registry optimizer "
+                "(training.optimizer), not optimizer.factory or step.factory"
+            )
 
     def _check_tangent_windows(self):
         """The Lyapunov, CLV and control windows lie inside the one run, on its records."""
@@ -639,14 +747,17 @@ __all__ = [
     "DataConfig",
     "DivergenceConfig",
     "ExperimentConfig",
+    "GrokkingConfig",
     "InstabilityConfig",
     "LyapunovConfig",
     "MarginalConfig",
     "ModelConfig",
+    "OptimizerConfig",
     "PredictionConfig",
     "ReplicaConfig",
     "ResponseConfig",
     "SeriesConfig",
+    "StepConfig",
     "TargetConfig",
     "TrainingConfig",
     "apply_overrides",

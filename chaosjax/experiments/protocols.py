@@ -12,7 +12,7 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
-from chaosjax.experiments.analyses import group_coords, reference_groups
+from chaosjax.experiments.analyses import group_coords, learning_rate_labels, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import over_seeds, seeds_cell
 
@@ -496,7 +496,7 @@ def prediction_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) ->
     refs = reference_groups(batch)
     final = np.array([_last_finite(results.records["loss"][r]) for r in refs])
     lam = lyap["exponents"].values[:, 0]
-    lrs = np.asarray(batch.hparams["learning_rate"], np.float64)[refs]
+    lrs = learning_rate_labels(batch)[refs]
     out = {k: [] for k in ("pearson", "spearman", "auc", "n")}
     uniq = np.unique(lrs)
     for lr in uniq:
@@ -795,11 +795,235 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
     return [*lines, ""]
 
 
+# ---------------------------------------------------------------------------------------------
+# grokking against instability (the slingshot question)
+
+GROKKING_RULE = (
+    "Rule: a run groks at the first record where its test accuracy reaches {acc:g}. An "
+    "indicator coincides with the jump when it fires in the window of {window} steps before "
+    "it (jump included): a loss spike (training loss above {spike:g}× its running minimum), a "
+    "sharpness crossing (sharpness / optimizer threshold above 1), a positive FTLE (a "
+    "finite-time top exponent > 0 over a window overlapping it). The base rate is the fraction "
+    "of the run's records (FTLE windows) where the indicator fires: a coincidence means "
+    "something only when the base rate is well below 1. Verdict per indicator: 'yes' when it "
+    "fires before the jump in more than half the seeds that grokked and in fewer than half of "
+    "the run-wide positions, 'always on' when it fires on most of the run, 'no' otherwise."
+)
+
+
+def _spikes(loss: np.ndarray, factor: float) -> np.ndarray:
+    """Records where the loss exceeds ``factor`` × its running minimum over earlier records."""
+    out = np.zeros(loss.shape, bool)
+    best = np.inf
+    for i, v in enumerate(loss):
+        if np.isfinite(v):
+            out[i] = np.isfinite(best) and v > factor * best
+            best = min(best, v)
+    return out
+
+
+def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | None):
+    """Per reference run: when it fits the training set and when its test accuracy jumps
+    (grokking), the loss spikes, sharpness crossings, positive FTLEs and the last layer's norm
+    around the jump, against each indicator's base rate over the run."""
+    c = cfg.grokking
+    refs = reference_groups(batch)
+    steps = np.asarray(results.steps, np.float64)
+    window = c.window or max(1, cfg.steps // 10)
+    rec = results.records
+    n = len(refs)
+    out = {
+        k: np.full(n, np.nan)
+        for k in (
+            "fit_step",
+            "grok_step",
+            "n_spikes",
+            "spike_rate",
+            "crossing_rate",
+            "ftle_rate",
+            "max_ftle_near",
+            "last_norm_start",
+            "last_norm_grok",
+            "last_norm_end",
+        )
+    }
+    near = {k: np.zeros(n, np.int8) for k in ("spike_near", "crossing_near", "ftle_near")}
+    ratio = rec.get("sharpness_ratio")
+    ftle_end = lyap["window_end"].values if lyap is not None else None
+    ftle_len = lyap.attrs.get("ftle_window", 0) if lyap is not None else 0
+    for g, r in enumerate(refs):
+        train_acc, test_acc = rec["accuracy"][r], rec["test_accuracy"][r]
+        fit, grok = train_acc >= c.accuracy, test_acc >= c.accuracy
+        out["fit_step"][g] = steps[np.argmax(fit)] if fit.any() else np.nan
+        t_grok = steps[np.argmax(grok)] if grok.any() else np.nan
+        out["grok_step"][g] = t_grok
+        in_window = (steps >= t_grok - window) & (steps <= t_grok)
+        spikes = _spikes(rec["loss"][r], c.spike_factor)
+        out["n_spikes"][g] = spikes.sum()
+        out["spike_rate"][g] = spikes.mean()
+        near["spike_near"][g] = int(spikes[in_window].any())
+        if ratio is not None:
+            rr = ratio[r]
+            ok = np.isfinite(rr)
+            cross = ok & (rr > 1.0)
+            out["crossing_rate"][g] = cross.sum() / max(1, ok.sum())
+            near["crossing_near"][g] = int(cross[in_window].any())
+        if ftle_end is not None:
+            f = lyap["ftle"].values[g, :, 0]
+            ok = np.isfinite(f)
+            out["ftle_rate"][g] = (ok & (f > 0)).sum() / max(1, ok.sum())
+            overlap = ok & (ftle_end >= t_grok - window) & (ftle_end - ftle_len <= t_grok)
+            if overlap.any():
+                out["max_ftle_near"][g] = float(f[overlap].max())
+                near["ftle_near"][g] = int((f[overlap] > 0).any())
+        if "layer_norm" in rec:
+            last = rec["layer_norm"][r, :, -1]
+            out["last_norm_start"][g] = last[0]
+            out["last_norm_end"][g] = _last_finite(last)
+            if np.isfinite(t_grok):
+                out["last_norm_grok"][g] = last[int(np.argmax(grok))]
+    data = {k: (("group",), v) for k, v in out.items()}
+    data.update({k: (("group",), v) for k, v in near.items()})
+    return xr.Dataset(
+        data,
+        coords=group_coords(batch, refs),
+        attrs={
+            "accuracy": c.accuracy,
+            "window": window,
+            "spike_factor": c.spike_factor,
+            "has_curvature": int(ratio is not None),
+            "has_ftle": int(lyap is not None),
+            "rule": GROKKING_RULE.format(acc=c.accuracy, window=window, spike=c.spike_factor),
+        },
+    )
+
+
+def _coincidence(near: np.ndarray, rate: np.ndarray, grokked: np.ndarray) -> str:
+    """The verdict of one indicator over the seeds that grokked (see GROKKING_RULE)."""
+    if not grokked.any() or not np.isfinite(rate[grokked]).any():
+        return "n/a"
+    hits = int(near[grokked].sum())
+    base = float(np.nanmean(rate[grokked]))
+    if base >= 0.5:
+        verdict = "always on"
+    else:
+        verdict = "yes" if hits > grokked.sum() / 2 else "no"
+    return f"{verdict} ({hits}/{int(grokked.sum())} seeds; base rate {base:.2f})"
+
+
+def grokking_markdown(ds: xr.Dataset) -> list[str]:
+    a = ds.attrs
+    lines = [
+        "## Grokking against instability",
+        "",
+        "Does the jump in test accuracy coincide with loss spikes and instability? Per η: the "
+        "step each seed fits the training set and the step its test accuracy jumps (median; "
+        "reached: seeds), the delay between them, and for each indicator whether it fires just "
+        "before the jump, against its base rate over the run. Last layer's norm: at the start, "
+        "at the jump and at the end (mean ± standard error over seeds).",
+        "",
+        a["rule"],
+        "",
+        "| η | fits train | test jumps (grokked) | loss spikes near | crossing near | "
+        "FTLE > 0 near | last-layer norm start → jump → end |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lrs = ds["learning_rate"].values
+    answers = []
+    for lr in np.unique(lrs):
+        sel = lrs == lr
+        grok = ds["grok_step"].values[sel]
+        grokked = np.isfinite(grok)
+        fit = ds["fit_step"].values[sel]
+        cells = [
+            _coincidence(ds["spike_near"].values[sel], ds["spike_rate"].values[sel], grokked),
+            _coincidence(ds["crossing_near"].values[sel], ds["crossing_rate"].values[sel], grokked)
+            if a["has_curvature"]
+            else "n/a (curvature off)",
+            _coincidence(ds["ftle_near"].values[sel], ds["ftle_rate"].values[sel], grokked)
+            if a["has_ftle"]
+            else "n/a (lyapunov off)",
+        ]
+        norms = " → ".join(
+            seeds_cell(ds[k].values[sel], ".3g")
+            for k in ("last_norm_start", "last_norm_grok", "last_norm_end")
+        )
+        lines.append(
+            f"| {lr:.4g} | {fmt(finite_median(fit), '.0f')} ({int(np.isfinite(fit).sum())}/{sel.sum()}) "
+            f"| {fmt(finite_median(grok), '.0f')} ({int(grokked.sum())}/{sel.sum()}) | "
+            + " | ".join(cells)
+            + f" | {norms} |"
+        )
+        answers.append((lr, int(grokked.sum()), int(sel.sum()), cells))
+    lines.append("")
+    for lr, g, total, cells in answers:
+        if g == 0:
+            lines.append(f"- η = {lr:.4g}: no seed grokked, so the question has no answer here.")
+            continue
+        named = [
+            name
+            for name, cell in zip(("loss spikes", "sharpness crossings", "positive FTLEs"), cells)
+            if cell.startswith("yes")
+        ]
+        lines.append(
+            f"- η = {lr:.4g}: {g}/{total} seeds grokked; the jump "
+            + (
+                f"coincides with {', '.join(named)}."
+                if named
+                else "does not coincide with any indicator under the rule above."
+            )
+        )
+    return [*lines, ""]
+
+
+def grokking_figures(ds: xr.Dataset, results, folder: Path) -> None:
+    """Test accuracy, training loss, last layer's norm and sharpness ratio of each reference
+    run, with its jump marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = results.records
+    refs = ds["reference"].values
+    steps = results.steps
+    panels = [("test_accuracy", "test accuracy", False), ("loss", "training loss", True)]
+    if "layer_norm" in rec:
+        panels.append(("layer_norm", "last layer's norm", False))
+    if "sharpness_ratio" in rec:
+        panels.append(("sharpness_ratio", "sharpness / threshold", True))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
+    for g, r in enumerate(refs):
+        label = f"seed {int(ds['seed'].values[g])}, η={float(ds['learning_rate'].values[g]):g}"
+        for ax, (key, title, log) in zip(axes, panels):
+            y = rec[key][r]
+            y = y[:, -1] if y.ndim == 2 else y
+            (line,) = ax.plot(steps, y, lw=1, label=label)
+            t = ds["grok_step"].values[g]
+            if np.isfinite(t):
+                ax.axvline(t, color=line.get_color(), ls=":", lw=1)
+            ax.set_ylabel(title)
+            if log:
+                ax.set_yscale("log")
+    if "sharpness_ratio" in rec:
+        axes[-1].axhline(1.0, color="k", lw=0.8)
+    axes[-1].set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / "grokking.png", dpi=110)
+    plt.close(fig)
+
+
 __all__ = [
+    "GROKKING_RULE",
     "PHASE_RULE",
     "divergence_figures",
     "divergence_markdown",
     "divergence_stage",
+    "grokking_figures",
+    "grokking_markdown",
+    "grokking_stage",
     "instability_markdown",
     "instability_stage",
     "marginal_markdown",

@@ -54,6 +54,14 @@ def build_dataset(cfg: ExperimentConfig):
     from chaosjax import datasets
 
     d = cfg.data
+    if d.path:
+        try:
+            return datasets.Dataset.from_npz(d.path)
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+        except (ValueError, TypeError) as e:
+            msg = str(e).splitlines()[0]
+            raise ConfigError(msg if msg.startswith("data.path") else f"data.path: {msg}") from None
     common = {"seed": d.seed}
     if d.name == "iris":
         ds = datasets.iris(standardize=d.standardize, **common)
@@ -61,6 +69,12 @@ def build_dataset(cfg: ExperimentConfig):
         ds = datasets.digits(standardize=d.standardize, test_fraction=d.test_fraction, **common)
     elif d.name == "chebyshev":
         ds = datasets.chebyshev(d.chebyshev_k, d.n_points)
+    elif d.name == "modular_addition":
+        if not 0.0 < d.test_fraction < 1.0:
+            raise ConfigError(
+                f"data.test_fraction: modular_addition needs a value in (0, 1), got {d.test_fraction}"
+            )
+        ds = datasets.modular_addition(d.modulus, train_fraction=1.0 - d.test_fraction, **common)
     elif d.name == "teacher_student":
         ds = datasets.teacher_student(
             d.n_samples, noise=d.noise, test_fraction=d.test_fraction, **common
@@ -80,23 +94,19 @@ def build_dataset(cfg: ExperimentConfig):
     return ds
 
 
-def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None = None):
-    """The :class:`TrainingMap` of a config (learning rate = the first grid value).
-
-    ``controller="sharpness"`` or ``"ftle"``: the same network, data and seeds with the
-    optimizer driven by :func:`chaosjax.control.sharpness_margin` / :func:`~chaosjax.control.ftle_target`
-    (settings from ``[control]``; hyper-parameter ``margin`` / ``target``, vmappable)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
+def _model_factory(cfg: ExperimentConfig, ds, dtype):
+    """``factory(rngs) -> nnx.Module`` of a built-in ``model.kind``."""
     from chaosjax import models
-    from chaosjax.training import TrainingMap
 
-    ds = ds if ds is not None else build_dataset(cfg)
-    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
-    m, t = cfg.model, cfg.training
+    m = cfg.model
     n_out = ds.n_outputs
+    token_ids = np.issubdtype(ds.x_train.dtype, np.integer)
+    if token_ids != (m.kind == "transformer"):
+        raise ConfigError(
+            f"model.kind: {m.kind!r} does not fit {ds.name}'s inputs ("
+            + ("integer token ids: use 'transformer'" if token_ids else "float features")
+            + ")"
+        )
     if m.kind == "mlp":
         widths = (ds.n_features, *m.hidden, n_out)
 
@@ -110,36 +120,151 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
                 )
             return tuple(values)
 
+        init = per_layer(m.init, "model.init")
+        init_scale = per_layer(m.init_scale, "model.init_scale")
+
         def factory(rngs):
             return models.MLP(
                 widths,
                 activation=m.activation,
-                init=per_layer(m.init, "model.init"),
-                init_scale=per_layer(m.init_scale, "model.init_scale"),
+                init=init,
+                init_scale=init_scale,
                 bias=m.bias,
                 output_bias=m.output_bias,
                 output_activation=m.output_activation,
                 rngs=rngs,
                 dtype=dtype,
             )
-    else:
-        side = round(np.sqrt(ds.n_features))
-        if side * side != ds.n_features:
+
+        return factory
+    if m.kind == "transformer":
+        if len(ds.input_shape) != 1:
             raise ConfigError(
-                f"model.kind: 'cnn' needs square images; {ds.name} has {ds.n_features} features"
+                f"model.kind: 'transformer' needs token sequences (n, length), {ds.name} has "
+                f"inputs of shape {ds.input_shape}"
             )
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.n_heads: must divide d_model={m.d_model}, got {m.n_heads}")
+        vocab = int(max(ds.x_train.max(), ds.x_test.max() if ds.has_test else 0)) + 1
 
         def factory(rngs):
-            return models.CNN(
-                (side, side, 1),
+            return models.Transformer(
+                vocab,
+                ds.input_shape[0],
                 n_out,
-                channels=m.hidden,
-                activation=m.activation,
+                d_model=m.d_model,
+                n_heads=m.n_heads,
+                layers=m.layers,
+                causal=m.causal,
+                dropout=m.dropout,
                 rngs=rngs,
                 dtype=dtype,
             )
 
-    hparams = {"momentum": t.momentum} if t.optimizer in ("momentum", "nesterov") else {}
+        return factory
+    shape = ds.input_shape
+    if len(shape) != 3:
+        side = round(np.sqrt(ds.n_features))
+        if side * side != ds.n_features:
+            raise ConfigError(
+                f"model.kind: {m.kind!r} needs images (n, H, W, C) or square single-channel "
+                f"rows; {ds.name} has {ds.n_features} features"
+            )
+        shape = (side, side, 1)
+    if m.kind == "cnn":
+
+        def factory(rngs):
+            return models.CNN(
+                shape, n_out, channels=m.hidden, activation=m.activation, rngs=rngs, dtype=dtype
+            )
+
+        return factory
+
+    def factory(rngs):
+        return models.ResNet(
+            shape,
+            n_out,
+            width=m.width,
+            depth=m.depth,
+            blocks_per_stage=m.blocks_per_stage,
+            batch_norm=m.batch_norm,
+            activation=m.activation,
+            rngs=rngs,
+            dtype=dtype,
+        )
+
+    return factory
+
+
+def _step_map(cfg: ExperimentConfig, ds, dtype):
+    """The :class:`~chaosjax.StepMap` of ``step.factory``."""
+    import jax
+
+    from chaosjax.experiments import factories
+    from chaosjax.training import TrainingMap
+
+    fn = factories.load_reference(cfg.step.factory, "step.factory")
+    t = cfg.training
+    data = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test}
+
+    def offer(key):
+        return {
+            "dataset": ds,
+            "dtype": dtype,
+            "key": key,
+            "learning_rate": t.learning_rates[0],
+            "steps": cfg.steps,
+        }
+
+    out = factories.user_step(fn, offer(jax.random.PRNGKey(cfg.replicas.seeds[0])))
+    if not isinstance(out, dict):
+        return out
+    kwargs = {"data": data, "dtype": dtype, "name": cfg.name, **out}
+    if "init_fn" not in kwargs:
+
+        def init_fn(key):
+            return factories.user_step(fn, offer(key))["state"]
+
+        kwargs["init_fn"] = init_fn
+    train_step, state = kwargs.pop("train_step"), kwargs.pop("state")
+    try:
+        return TrainingMap.from_step(train_step, state, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"step.factory: {str(e).splitlines()[0]}") from e
+
+
+def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None = None):
+    """The :class:`TrainingMap` of a config (learning rate = the first grid value).
+
+    ``model.factory``, ``optimizer.factory`` and ``step.factory`` bring your own model,
+    optax transformation or train step (:mod:`chaosjax.experiments.factories`).
+    ``controller="sharpness"`` or ``"ftle"``: the same network, data and seeds with the
+    optimizer driven by :func:`chaosjax.control.sharpness_margin` / :func:`~chaosjax.control.ftle_target`
+    (settings from ``[control]``; hyper-parameter ``margin`` / ``target``, vmappable)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from chaosjax.experiments import factories
+    from chaosjax.optimizers import OPTIMIZERS
+    from chaosjax.training import TrainingMap
+
+    ds = ds if ds is not None else build_dataset(cfg)
+    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    if cfg.step.factory:
+        return _step_map(cfg, ds, dtype)
+    t = cfg.training
+    key0 = jax.random.PRNGKey(cfg.replicas.seeds[0])
+    if cfg.model.factory:
+        user_fn = factories.load_reference(cfg.model.factory, "model.factory")
+        kind, model = factories.user_model(user_fn, ds, dtype, key0)
+        factory = None  # independent seeds call the factory with their key (init_fn below)
+    else:
+        factory = _model_factory(cfg, ds, dtype)
+        kind, model = "nnx", factory(nnx.Rngs(key0))
+
+    spec = OPTIMIZERS[t.optimizer]
+    hparams = {k: getattr(t, k) for k in spec.defaults if k in _TRAINING_HPARAMS}
     schedule_options = {}
     if t.schedule == "step":
         if not t.drop_steps:
@@ -147,28 +272,63 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
         schedule_options = {"boundaries": list(t.drop_steps), "factor": t.drop_factor}
     elif t.schedule == "cosine":
         schedule_options = {"decay_steps": cfg.steps}
-    model = factory(nnx.Rngs(jax.random.PRNGKey(cfg.replicas.seeds[0])))
-    optimizer, lr, name = t.optimizer, t.learning_rates[0], cfg.name
+    optimizer, lr, name, schedule = t.optimizer, t.learning_rates[0], cfg.name, t.schedule
+    kind_kw = {}
     if controller is not None:
         optimizer, hparams, lr = _controller(cfg, controller, hparams)
         schedule, schedule_options, name = "constant", {}, f"{cfg.name}/{controller}"
-    else:
-        schedule = t.schedule
-    return TrainingMap.from_nnx(
-        model,
-        ds,
-        model_factory=factory,
-        loss=t.loss,
-        optimizer=optimizer,
-        learning_rate=lr,
-        hparams=hparams,
-        schedule=schedule,
-        schedule_options=schedule_options,
-        batch_size=t.batch_size or None,
-        batch_seed=t.batch_seed,
-        dtype=dtype,
-        name=name,
-    )
+    elif cfg.optimizer.factory:
+        user_tx = factories.load_reference(cfg.optimizer.factory, "optimizer.factory")
+        optimizer, takes_lr = factories.user_optimizer(user_tx, cfg.steps)
+        if not takes_lr:
+            if len(t.learning_rates) > 1:
+                raise ConfigError(
+                    "training.learning_rates: a grid needs optimizer.factory to take "
+                    "learning_rate; give one value"
+                )
+            lr = None
+        hparams, schedule, schedule_options = {}, "constant", {}
+        kind_kw = {"optimizer_kind": cfg.optimizer.kind or None}
+    common = {
+        "loss": t.loss,
+        "optimizer": optimizer,
+        "learning_rate": lr,
+        "hparams": hparams,
+        "schedule": schedule,
+        "schedule_options": schedule_options,
+        "batch_size": t.batch_size or None,
+        "batch_seed": t.batch_seed,
+        "dtype": dtype,
+        "name": name,
+        **kind_kw,
+    }
+    try:
+        if kind == "nnx" and factory is not None:
+            return TrainingMap.from_nnx(model, ds, model_factory=factory, **common)
+        if kind == "nnx":
+            from chaosjax import nnx_adapter
+
+            def init_fn(key):
+                fresh = factories.user_model(user_fn, ds, dtype, key)[1]
+                return nnx_adapter.init_params(lambda _: fresh, dtype, key)
+
+            return TrainingMap.from_nnx(model, ds, init_fn=init_fn, **common)
+
+        def init_fn(key):
+            return factories.user_model(user_fn, ds, dtype, key)[1][1]
+
+        return TrainingMap(model[0], model[1], ds, init_fn=init_fn, **common)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        if not (cfg.model.factory or cfg.optimizer.factory):
+            raise
+        field = "model.factory" if cfg.model.factory else "optimizer.factory"
+        raise ConfigError(f"{field}: {str(e).splitlines()[0]}") from e
+
+
+# registry hyper-parameters the [training] section sets
+_TRAINING_HPARAMS = ("momentum", "weight_decay", "b1", "b2")
 
 
 def _controller(cfg: ExperimentConfig, kind: str, base_hparams: dict):
@@ -214,6 +374,8 @@ def protocol_stages(cfg, tmap, batch, results, groups, progress, folder=None) ->
         out["response"] = pr.response_stage(cfg, tmap, batch, results)
     if cfg.instability.enabled:
         out["instability"] = pr.instability_stage(cfg, batch, results, groups["lyapunov"])
+    if cfg.grokking.enabled:
+        out["grokking"] = pr.grokking_stage(cfg, batch, results, groups.get("lyapunov"))
     if cfg.control.enabled:
         from chaosjax.experiments import controlled
 
@@ -274,6 +436,39 @@ def _prepare_folder(folder: Path, cfg_text: str, resume: bool, force: bool) -> b
     )
 
 
+def run_observables(tmap) -> tuple[list[str], dict]:
+    """(named observables, custom observables) a run records for its map: the losses,
+    accuracies, norms and distances; a step map's own metrics as ``metric_<name>`` (its
+    ``loss`` metric is the loss record when it has no ``loss_fn``)."""
+    from chaosjax.stepmap import StepMap
+
+    observables = ["param_norm", "layer_norm", "distance_l1", "distance_l2", "layer_distance"]
+    custom = {}
+    if not isinstance(tmap, StepMap):
+        observables = ["loss", "test_loss", *observables]
+        if tmap.task == "classification":
+            observables += ["accuracy", "test_accuracy"]
+        return observables, custom
+    custom = tmap.metric_observables()
+    if tmap._loss_fn is not None:
+        observables = [
+            "loss",
+            *(["test_loss"] if tmap.test_batch is not None else []),
+            *observables,
+        ]
+    elif "metric_loss" in custom:
+        custom["loss"] = custom.pop("metric_loss")
+    else:
+        raise ConfigError(
+            "step.factory: the report needs a loss: return loss_fn(params, batch) or a 'loss' "
+            "metric from train_step"
+        )
+    for name in ("accuracy", "test_accuracy"):
+        if f"metric_{name}" in custom:
+            custom[name] = custom.pop(f"metric_{name}")
+    return observables, custom
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     folder: str | Path,
@@ -302,6 +497,24 @@ def run_experiment(
             raise ConfigError(
                 f"{section}.k: must be <= the state dimension {tmap.dim}, got {sub.k}"
             )
+    if cfg.grokking.enabled and (
+        tmap.task != "classification" or int(tmap.data["x_test"].shape[0]) == 0
+    ):
+        raise ConfigError(
+            "grokking.enabled: needs a classification dataset with a test split (the jump in "
+            "test accuracy)"
+        )
+    if "learning_rate" not in tmap.hparams and len(cfg.training.learning_rates) > 1:
+        raise ConfigError(
+            "training.learning_rates: this map takes no learning_rate hyper-parameter (your "
+            "optimizer or train step sets it); give one value"
+        )
+    run_observables(tmap)
+    if cfg.curvature.enabled and not getattr(tmap, "_loss_fn", True):
+        raise ConfigError(
+            "curvature.enabled: the Hessian needs loss_fn(params, batch) from step.factory; "
+            "return it or set curvature.enabled = false"
+        )
     replica_mesh(cfg.scale.devices or None)  # device and memory fields, before the folder
     try:
         parse_bytes(cfg.scale.memory_limit or None)
@@ -323,25 +536,19 @@ def run_experiment(
         announce(f"chaosjax: running {cfg.name!r} into {folder}")
     t_start = time.perf_counter()
     r = cfg.replicas
+    lrs = list(cfg.training.learning_rates)
     batch = make_replicas(
         tmap,
         seeds=list(r.seeds),
-        grid={"learning_rate": list(cfg.training.learning_rates)},
+        grid={"learning_rate": lrs} if "learning_rate" in tmap.hparams else None,
         n_perturbed=r.n_perturbed,
         eps=list(r.eps),
         distribution=r.distribution,
         target=r.target,
     )
-    observables = [
-        "loss",
-        "test_loss",
-        "param_norm",
-        "distance_l1",
-        "distance_l2",
-        "layer_distance",
-    ]
-    if tmap.task == "classification":
-        observables += ["accuracy", "test_accuracy"]
+    if "learning_rate" not in batch.coords:  # your optimizer or step sets η: the label
+        batch.coords["learning_rate"] = np.full(len(batch.coords["seed"]), float(lrs[0]))
+    observables, custom = run_observables(tmap)
     trackers = []
     if cfg.response.enabled:
         from chaosjax.response import ResponseTracker
@@ -368,6 +575,7 @@ def run_experiment(
         steps=cfg.steps,
         record_every=cfg.record_every,
         observables=observables,
+        custom_observables=custom,
         distance_every=r.distance_every,
         chunk_steps=max(cfg.record_every, cfg.chunk_steps - cfg.chunk_steps % cfg.record_every),
         loss_bound=r.loss_bound,
@@ -528,6 +736,10 @@ def protocol_report(store: Path, results, lyap, figures: Path) -> str:
     ds = open_group(store, "instability")
     if ds is not None:
         parts += pr.instability_markdown(ds)
+    ds = open_group(store, "grokking")
+    if ds is not None:
+        pr.grokking_figures(ds, results, figures)
+        parts += pr.grokking_markdown(ds)
     ds = open_group(store, "control")
     if ds is not None:
         from chaosjax.experiments import controlled
