@@ -50,7 +50,7 @@ STRATEGIES = ("vmap", "map", 8)
 
 SIZES = {
     #        replicas,                     steps, loop steps, strategy R, ks,        lanczos m
-    "tiny": {"R": [1, 4], "steps": 4, "loop": 4, "R_strat": 4, "ks": [1, 2], "m": 12},
+    "tiny": {"R": [3], "steps": 2, "loop": 2, "R_strat": 3, "ks": [1], "m": 8},
     "quick": {
         "R": [1, 64, 1024],
         "steps": 10,
@@ -237,7 +237,7 @@ def curvature_cost(tm, sz) -> dict:
     loss, p, _ = cv.training_loss(tm, s)
     g = jax.jit(jax.grad(loss))
     hvp = jax.jit(lambda p, v: jax.jvp(jax.grad(loss), (p,), (v,))[1])
-    v = jnp.ones_like(p) / np.sqrt(p.shape[0])
+    v = jnp.ones_like(p) / jnp.sqrt(jnp.asarray(p.shape[0], p.dtype))
     tg = _timed(lambda: g(p), 5)
     th = _timed(lambda: hvp(p, v), 5)
     m = min(sz["m"], p.shape[0])
@@ -487,11 +487,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", nargs="+", default=["mlp", "resnet-bn", "transformer"])
     ap.add_argument("--pyhessian", action="store_true", help="PyHessian anchor (peers extra)")
     ap.add_argument("--all-strategies", action="store_true", help="every strategy at every R")
+    ap.add_argument(
+        "--replicas", type=int, nargs="+", default=None, help="replica counts R (default: by size)"
+    )
     ap.add_argument("--json", default="benchmarks/out/suite.json")
-    ap.add_argument("--md", default="benchmarks/out/suite.md")
+    ap.add_argument("--md", default=None, help="markdown table (default: next to --json)")
     a = ap.parse_args(argv)
     size = "tiny" if a.tiny else ("quick" if a.quick else "full")
-    sz = SIZES[size]
+    sz = dict(SIZES[size])
+    if a.replicas:
+        sz["R"] = sorted(a.replicas)
+        fits = [r for r in sz["R"] if r <= sz["R_strat"]]
+        sz["R_strat"] = max(fits) if fits else sz["R"][0]  # where every strategy is timed
     from chaosjax.sharding import device_memory_limit
 
     limit = device_memory_limit()
@@ -521,9 +528,10 @@ def main(argv=None) -> dict:
     text = markdown(result)
     print(text)
     write_json(a.json, "suite", [], result)
-    Path(a.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.md).write_text(text + "\n")
-    print(f"wrote {a.json} and {a.md}")
+    md = Path(a.md) if a.md else Path(a.json).with_suffix(".md")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(text + "\n")
+    print(f"wrote {a.json} and {md}")
     return result
 
 

@@ -1,6 +1,7 @@
 """The ``chaosjax`` command line.
 
-    chaosjax run [PRESET | CONFIG.toml] [--out DIR] [--set key=value ...] [--resume] [--force]
+    chaosjax run [PRESET | CONFIG.toml] [--out DIR] [--set key=value ...] [--variant NAME ...]
+                 [--resume] [--force]
     chaosjax presets
     chaosjax report RUN_DIR
     chaosjax config [PRESET | CONFIG.toml] [--set key=value ...]
@@ -34,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set training.learning_rates=[0.1,1.0]",
     )
+    r.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only this variant of a preset (repeatable; default: every variant)",
+    )
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     r.add_argument("--force", action="store_true", help="overwrite an existing run folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the resolved config (TOML) and the field reference")
     c.add_argument("target", nargs="?", default=None)
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME")
     c.add_argument(
         "--fields", action="store_true", help="list every field with default and meaning"
     )
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key, default, doc in describe():
                     print(f"{key:28s} {default:24s} {doc}")
                 return 0
-            for name, cfg in load_plan(args.target, args.overrides):
+            for name, cfg in load_plan(args.target, args.overrides, args.variants):
                 if name is not None:
                     print(f"# variant: {name}")
                 print(to_toml(cfg), end="")
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides.append(f"scale.devices={args.devices}")
         if args.memory_limit is not None:
             args.overrides.append(f"scale.memory_limit={args.memory_limit!r}")
-        plan = load_plan(args.target, args.overrides)
+        plan = load_plan(args.target, args.overrides, args.variants)
         if args.num_processes != 1 or args.coordinator:
             if not args.coordinator:
                 return _die("--coordinator: required with --num-processes > 1 (HOST:PORT)")
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\nchaosjax: interrupted; finished chunks are saved in {out}. Continue with:\n"
                 f"  chaosjax run {args.target or ''} --out {out} "
                 + " ".join(f"--set {o}" for o in args.overrides)
+                + "".join(f" --variant {v}" for v in args.variants or [])
                 + " --resume",
                 file=sys.stderr,
             )

@@ -287,6 +287,16 @@ def _sub_jaxprs(params):
                 yield it
 
 
+def jaxpr_primitives(jaxpr) -> set[str]:
+    """Names of every primitive in ``jaxpr`` and its sub-jaxprs (scans, conds, pjit calls)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in _sub_jaxprs(eqn.params):
+            names |= jaxpr_primitives(sub)
+    return names
+
+
 def _jaxpr_bytes(jaxpr) -> int:
     total = 0
     for eqn in jaxpr.eqns:

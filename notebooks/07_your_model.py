@@ -5,12 +5,15 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 07 · Your model, your optimizer, your train step
@@ -50,8 +53,8 @@ import chaosjax as cj
 
 jax.config.update("jax_enable_x64", True)
 TINY = os.environ.get("CHAOSJAX_NOTEBOOK_SIZE", "full") == "tiny"
-STEPS = 20 if TINY else 400
-N_TRAIN = 128 if TINY else 1300
+STEPS = 10 if TINY else 400
+N_TRAIN = 64 if TINY else 1300
 WIDTH = 4 if TINY else 8
 
 # %% [markdown]
@@ -118,14 +121,14 @@ print("η_t known from:", tmap.learning_rate_source)
 # told chaosjax which threshold applies to the transformation it was given.
 
 # %%
-batch = cj.make_replicas(tmap, seeds=[0, 1], n_perturbed=3, eps=1e-8)
+batch = cj.make_replicas(tmap, seeds=[0, 1], n_perturbed=1 if TINY else 3, eps=1e-8)
 results = cj.run_replicas(
     tmap,
     batch,
     steps=STEPS,
     record_every=10,
     observables=["loss", "test_accuracy", "distance_l2"],
-    trackers=[cj.LyapunovTracker(k=4), cj.CurvatureTracker(k=1)],
+    trackers=[cj.LyapunovTracker(k=2 if TINY else 4), cj.CurvatureTracker(k=1)],
     progress=not TINY,
 )
 refs = batch.coords["member"] == 0
@@ -167,8 +170,8 @@ clv = cj.covariant_lyapunov_vectors(
     tmap.step,
     tmap.init_from_key(0),
     k=2 if TINY else 3,
-    steps=10 if TINY else 100,
-    backward_transient=10 if TINY else 100,
+    steps=5 if TINY else 100,
+    backward_transient=5 if TINY else 100,
     keep_every=5,
 )
 print("CLV exponents per step:", np.round(clv.exponents, 4))

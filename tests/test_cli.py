@@ -226,7 +226,8 @@ def test_report_describes_the_recorded_trajectory(tmp_path):
     out = tmp_path / "run"
     args = ["--set", "training.learning_rates=[4.0]", "--set", "steps=400",
             "--set", "lyapunov.k=3", "--set", "clv.steps=200", "--set", "clv.align=50",
-            "--set", "clv.backward_transient=100", "--set", "chunk_steps=100"]  # fmt: skip
+            "--set", "clv.backward_transient=100", "--set", "chunk_steps=100",
+            "--set", "curvature.enabled=false"]  # fmt: skip
     assert main(["run", "--out", str(out), "--quiet", *TINY[:12], *args]) == 0
     res = ReplicaResults.load(out / "results.zarr")
     refs = np.flatnonzero(res.coords["member"] == 0)
@@ -302,3 +303,20 @@ def test_devices_and_memory_flags(tmp_path, capsys):
     code = main(["run", "--out", str(tmp_path / "r2"), "--memory-limit", "1KiB", *BARE])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("chaosjax: error: memory: one replica needs about")
+
+
+def test_variant_and_size_choose_what_runs(capsys):
+    assert main(["config", "cnn-batchnorm", "--variant", "bn-ce"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# variant:") == 1 and "# variant: bn-ce" in out
+    assert main(["config", "cnn-batchnorm", "--variant", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--variant: unknown 'nope'; allowed: bn-mse, plain-mse, bn-ce, plain-ce" in err
+    assert main(["config", "slingshot", "--set", "size=gpu"]) == 0
+    out = capsys.readouterr().out
+    assert "modulus = 97" in out and "steps = 20000" in out and 'size = "gpu"' in out
+    # the overrides still win over the size
+    assert main(["config", "slingshot", "--set", "size=gpu", "--set", "steps=100"]) == 0
+    assert "steps = 100" in capsys.readouterr().out
+    assert main(["config", "quickstart", "--set", "size=gpu"]) == 2
+    assert "size: unknown 'gpu'; allowed: none" in capsys.readouterr().err

@@ -121,6 +121,13 @@ def test_replica_strategies_agree_and_are_recorded(digits_images, tmp_path):
         learning_rate=0.1,
     )
     assert default_strategy(mlp, "cpu") == "vmap"
+    # attention kernels are rank 3 but no convolution: vmap
+    tr = cj.TrainingMap.from_nnx(
+        models.Transformer(5, 3, 5, d_model=8, n_heads=2, rngs=nnx.Rngs(0)),
+        Dataset.from_arrays(np.zeros((4, 3), np.int32), np.arange(4, dtype=np.int32)),
+        loss="cross_entropy", learning_rate=0.1,
+    )  # fmt: skip
+    assert default_strategy(tr, "cpu") == "vmap"
     with pytest.raises(ValueError, match="strategy: must be"):
         cj.run_replicas(tm, batch, steps=2, strategy="loop")
     # a checkpoint of one strategy does not resume another (the fingerprint holds it)

@@ -55,15 +55,28 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def load_plan(
-    target: str | None = None, overrides: list[str] | None = None
+    target: str | None = None,
+    overrides: list[str] | None = None,
+    variants: list[str] | None = None,
 ) -> list[tuple[str | None, ExperimentConfig]]:
     """The runs of a preset or TOML file: ``[(None, config)]``, or one ``(variant, config)``
     per ``[variants.NAME]`` table (merged over the base; overrides apply to every variant).
 
     ``size = "NAME"`` (in the file or as an override) merges the ``[sizes.NAME]`` table over
-    every run (after its variant, before the overrides): a preset's larger size for a GPU."""
+    every run (after its variant, before the overrides): a preset's larger size for a GPU.
+    ``variants`` keeps only the named variants (in the preset's order)."""
     data = _source(target)
+    chosen = variants
     variants = data.pop("variants", None)
+    if chosen:
+        known = list(variants or {})
+        unknown = [v for v in chosen if v not in known]
+        if unknown:
+            raise ConfigError(
+                f"--variant: unknown {unknown[0]!r}; allowed: "
+                + (", ".join(known) if known else "none (this config has no variants)")
+            )
+        variants = {k: v for k, v in variants.items() if k in chosen}
     sizes = data.pop("sizes", None) or {}
     overrides = list(overrides or [])
     if not isinstance(sizes, dict) or not all(isinstance(v, dict) for v in sizes.values()):

@@ -276,7 +276,15 @@ class GrokkingConfig:
         0, "steps before the jump searched for each indicator; 0 = a tenth of the run", lo=0
     )
     spike_factor: float = fld(
-        2.0, "a loss spike: training loss above this × its running minimum", lo=1.0
+        2.0,
+        "a loss spike: training loss above this × its minimum over spike_lookback records",
+        lo=1.0,
+    )
+    spike_lookback: int = fld(
+        5, "records before a point that a loss spike is measured against", lo=1
+    )
+    layer: str = fld(
+        "", "the layer whose norm is reported; '' = 'head' if the model has one, else its last"
     )
 
 

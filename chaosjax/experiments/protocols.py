@@ -801,7 +801,8 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
 GROKKING_RULE = (
     "Rule: a run groks at the first record where its test accuracy reaches {acc:g}. An "
     "indicator coincides with the jump when it fires in the window of {window} steps before "
-    "it (jump included): a loss spike (training loss above {spike:g}× its running minimum), a "
+    "it (jump included): a loss spike (training loss above {spike:g}× its minimum over the "
+    "{lookback} records before), a "
     "sharpness crossing (sharpness / optimizer threshold above 1), a positive FTLE (a "
     "finite-time top exponent > 0 over a window overlapping it). The base rate is the fraction "
     "of the run's records (FTLE windows) where the indicator fires: a coincidence means "
@@ -811,14 +812,15 @@ GROKKING_RULE = (
 )
 
 
-def _spikes(loss: np.ndarray, factor: float) -> np.ndarray:
-    """Records where the loss exceeds ``factor`` × its running minimum over earlier records."""
+def _spikes(loss: np.ndarray, factor: float, lookback: int) -> np.ndarray:
+    """Records where the loss exceeds ``factor`` × its minimum over the ``lookback`` records
+    before it: a sudden rise, not the slow drift of a loss that weight decay lifts."""
+    loss = np.asarray(loss, np.float64)
     out = np.zeros(loss.shape, bool)
-    best = np.inf
-    for i, v in enumerate(loss):
-        if np.isfinite(v):
-            out[i] = np.isfinite(best) and v > factor * best
-            best = min(best, v)
+    for i in range(1, loss.shape[0]):
+        prev = loss[max(0, i - lookback) : i]
+        prev = prev[np.isfinite(prev)]
+        out[i] = bool(prev.size) and np.isfinite(loss[i]) and loss[i] > factor * prev.min()
     return out
 
 
@@ -848,6 +850,11 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
         )
     }
     near = {k: np.zeros(n, np.int8) for k in ("spike_near", "crossing_near", "ftle_near")}
+    names = list(results.layer_names)
+    layer_name = c.layer or ("head" if "head" in names else names[-1])
+    if layer_name not in names:
+        raise ValueError(f"grokking.layer: unknown {layer_name!r}; allowed: {', '.join(names)}")
+    layer = names.index(layer_name)
     ratio = rec.get("sharpness_ratio")
     ftle_end = lyap["window_end"].values if lyap is not None else None
     ftle_len = lyap.attrs.get("ftle_window", 0) if lyap is not None else 0
@@ -858,7 +865,7 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
         t_grok = steps[np.argmax(grok)] if grok.any() else np.nan
         out["grok_step"][g] = t_grok
         in_window = (steps >= t_grok - window) & (steps <= t_grok)
-        spikes = _spikes(rec["loss"][r], c.spike_factor)
+        spikes = _spikes(rec["loss"][r], c.spike_factor, c.spike_lookback)
         out["n_spikes"][g] = spikes.sum()
         out["spike_rate"][g] = spikes.mean()
         near["spike_near"][g] = int(spikes[in_window].any())
@@ -877,7 +884,7 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
                 out["max_ftle_near"][g] = float(f[overlap].max())
                 near["ftle_near"][g] = int((f[overlap] > 0).any())
         if "layer_norm" in rec:
-            last = rec["layer_norm"][r, :, -1]
+            last = rec["layer_norm"][r, :, layer]
             out["last_norm_start"][g] = last[0]
             out["last_norm_end"][g] = _last_finite(last)
             if np.isfinite(t_grok):
@@ -893,7 +900,10 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
             "spike_factor": c.spike_factor,
             "has_curvature": int(ratio is not None),
             "has_ftle": int(lyap is not None),
-            "rule": GROKKING_RULE.format(acc=c.accuracy, window=window, spike=c.spike_factor),
+            "layer": layer_name,
+            "rule": GROKKING_RULE.format(
+                acc=c.accuracy, window=window, spike=c.spike_factor, lookback=c.spike_lookback
+            ),
         },
     )
 
@@ -919,8 +929,9 @@ def grokking_markdown(ds: xr.Dataset) -> list[str]:
         "Does the jump in test accuracy coincide with loss spikes and instability? Per η: the "
         "step each seed fits the training set and the step its test accuracy jumps (median; "
         "reached: seeds), the delay between them, and for each indicator whether it fires just "
-        "before the jump, against its base rate over the run. Last layer's norm: at the start, "
-        "at the jump and at the end (mean ± standard error over seeds).",
+        "before the jump, against its base rate over the run. Last layer's norm (layer "
+        f"{a['layer']!r}): at the start, at the jump and at the end (mean ± standard error "
+        "over seeds).",
         "",
         a["rule"],
         "",
@@ -987,9 +998,10 @@ def grokking_figures(ds: xr.Dataset, results, folder: Path) -> None:
     rec = results.records
     refs = ds["reference"].values
     steps = results.steps
+    layer = list(results.layer_names).index(ds.attrs["layer"])
     panels = [("test_accuracy", "test accuracy", False), ("loss", "training loss", True)]
     if "layer_norm" in rec:
-        panels.append(("layer_norm", "last layer's norm", False))
+        panels.append(("layer_norm", f"norm of {ds.attrs['layer']}", False))
     if "sharpness_ratio" in rec:
         panels.append(("sharpness_ratio", "sharpness / threshold", True))
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True)
@@ -997,7 +1009,7 @@ def grokking_figures(ds: xr.Dataset, results, folder: Path) -> None:
         label = f"seed {int(ds['seed'].values[g])}, η={float(ds['learning_rate'].values[g]):g}"
         for ax, (key, title, log) in zip(axes, panels):
             y = rec[key][r]
-            y = y[:, -1] if y.ndim == 2 else y
+            y = y[:, layer] if y.ndim == 2 else y
             (line,) = ax.plot(steps, y, lw=1, label=label)
             t = ds["grok_step"].values[g]
             if np.isfinite(t):

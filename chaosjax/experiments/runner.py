@@ -504,6 +504,10 @@ def run_experiment(
             "grokking.enabled: needs a classification dataset with a test split (the jump in "
             "test accuracy)"
         )
+    if cfg.grokking.enabled and cfg.grokking.layer and cfg.grokking.layer not in tmap.layers:
+        raise ConfigError(
+            f"grokking.layer: unknown {cfg.grokking.layer!r}; allowed: {', '.join(tmap.layers)}"
+        )
     if "learning_rate" not in tmap.hparams and len(cfg.training.learning_rates) > 1:
         raise ConfigError(
             "training.learning_rates: this map takes no learning_rate hyper-parameter (your "
