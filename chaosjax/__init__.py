@@ -17,6 +17,7 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_
 
 from chaosjax import control as control
 from chaosjax import datasets as datasets
+from chaosjax import landscape as landscape
 from chaosjax import models as models
 from chaosjax import observers as observers
 from chaosjax import optimizers as optimizers

@@ -70,6 +70,12 @@ def check_step_signature(step: Callable) -> None:
         )
 
 
+def one_line(e: BaseException) -> str:
+    """``"TypeName: first line of the message"``: an exception as one line of an error."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
 def x64_enabled() -> bool:
     return bool(jax.config.jax_enable_x64)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax._layout import is_float, path_name
+from chaosjax._util import one_line
 
 MODES = ("train", "eval", "curvature")
 
@@ -201,11 +202,10 @@ def check_carry(forward: NNXForward, params, carry, inputs) -> None:
         )
         jax.eval_shape(lambda p, c, x: forward(p, c, x, train=False), params, carry, inputs)
     except Exception as e:  # a Flax trace error, a failing layer: one line, the cause named
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         kind = ValueError if isinstance(e, ValueError) else TypeError
         raise kind(
             f"model: its forward pass cannot run as a pure function of its variables "
-            f"({type(e).__name__}: {first})"
+            f"({one_line(e)})"
         ) from e
     old_l = jax.tree_util.tree_leaves_with_path(carry)
     new_l = jax.tree_util.tree_leaves_with_path(new)

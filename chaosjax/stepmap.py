@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax._layout import MapState, is_float, path_name
+from chaosjax._util import one_line
 from chaosjax.optimizers import (
     OPTIMIZERS,
     carried_leaf,
@@ -254,10 +255,9 @@ class StepMap(TrainingMap):
         try:
             batch_struct = jax.eval_shape(batch_fn, t0, data)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(
                 f"batch_fn: must be jittable in t (t is a traced int32 inside the run): "
-                f"{type(e).__name__}: {first}"
+                f"{one_line(e)}"
             ) from e
         if eval_batch is None:
             eval_batch = jax.jit(batch_fn)(jnp.asarray(0, jnp.int32), data)
@@ -268,10 +268,8 @@ class StepMap(TrainingMap):
         try:
             out = jax.eval_shape(train_step, state, batch_struct)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(
-                f"train_step: could not be traced on the state and batch_fn(t, data): "
-                f"{type(e).__name__}: {first}"
+                f"train_step: could not be traced on the state and batch_fn(t, data): {one_line(e)}"
             ) from e
         s_struct = jax.tree_util.tree_structure(state)
         if jax.tree_util.tree_structure(out) == s_struct:
@@ -340,10 +338,8 @@ class StepMap(TrainingMap):
             try:
                 jax.eval_shape(loss_fn, params_fn(state), batch_struct)
             except Exception as e:
-                first = (str(e).strip().splitlines() or [""])[0]
                 raise ValueError(
-                    f"loss_fn: could not be traced as loss_fn(params, batch): "
-                    f"{type(e).__name__}: {first}"
+                    f"loss_fn: could not be traced as loss_fn(params, batch): {one_line(e)}"
                 ) from e
 
     # -- pytree -----------------------------------------------------------------------------

@@ -5,12 +5,15 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 03 · Edge of stability (Cohen et al. 2021; Wang & Roberts 2024)
@@ -55,7 +58,8 @@ res = cj.run_replicas(
     steps=STEPS,
     record_every=EVERY,
     observables=("loss",),
-    trackers=[cj.CurvatureTracker(k=2)],
+    # the states of every record, kept for the loss landscape below (no re-run)
+    trackers=[cj.CurvatureTracker(k=2), cj.StateSnapshots(at=tuple(range(0, STEPS + 1, EVERY)))],
     progress=not TINY,
 )
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.3))
@@ -88,6 +92,47 @@ ep = cj.series.spikes(res.records["loss"][i], factor=1.5)
 print(f"η = 0.4: {len(ep)} loss spikes (a record more than 1.5× the running minimum)")
 
 # %% [markdown]
+# ## The valley the iterate bounces across
+#
+# `chaosjax.landscape` slices the loss along the directions that matter. At the end of the
+# η = 0.4 run: the loss along the top Hessian eigenvector u (the recorded iterates of the last
+# records marked by their offset along u), next to the quadratic model ½λ1α² and the
+# curvature 2/η at which GD on a quadratic stops converging; then the loss on the plane of the
+# run's two principal directions, with the trajectory projected on it.
+
+# %%
+from chaosjax import landscape
+
+traj = res.records["state"][i]  # (records, dim): the run's own states
+u = landscape.directions("hessian", tmap, traj[-1], k=1)[0]
+lam = float(cj.hessian_eigs(tmap, traj[-1], k=1).eigenvalues[0])
+offsets = (traj[-10:] - traj[-1]) @ u
+sl = landscape.slice(tmap, traj[-1], u, span=3 * np.abs(offsets).max() + 1e-6, num=81)
+plane = landscape.trajectory_plane(traj, k=2)
+span2 = 1.2 * np.abs(plane.coordinates).max()
+sl2 = landscape.slice(tmap, traj[-1], plane.directions, span=span2, num=21 if TINY else 41)
+fig, ax = plt.subplots(1, 2, figsize=(12, 3.6))
+ax[0].plot(sl.alphas, sl.values, label="loss along u")
+ax[0].plot(sl.alphas, landscape.quadratic_model(sl.alphas, lam, sl.center), "--", label="½λ1α²")
+ax[0].plot(sl.alphas, sl.center + 0.5 * (2 / 0.4) * sl.alphas**2, ":", label="½(2/η)α²")
+ax[0].plot(offsets, np.interp(offsets, sl.alphas, sl.values), "o", ms=4, label="last iterates")
+ax[0].set(xlabel="α along the top eigenvector", ylabel="training loss", title="η = 0.4")
+ax[0].legend(fontsize=7)
+ax[1].contourf(sl2.alphas, sl2.betas, np.log10(sl2.values).T, levels=20)
+ax[1].plot(*plane.coordinates.T, "w.-", lw=0.8, ms=2)
+ax[1].set(
+    xlabel=f"PC1 ({plane.explained[0]:.0%})", ylabel=f"PC2 ({plane.explained[1]:.0%})",
+    title="log10 loss on the trajectory plane",
+)  # fmt: skip
+plt.tight_layout()
+plt.show()
+print(f"λ1 at the end = {lam:.3f}; 2/η = {2 / 0.4:.3f}")
+
+# %% [markdown]
+# At the edge of stability λ1 ≈ 2/η: the iterates sit on both walls of a valley whose bottom
+# curvature is the threshold. Compare the slice with its quadratic model away from the
+# bottom: where it rises more slowly, the valley is flatter than its curvature says.
+#
 # ## MSE against cross-entropy on digits
 
 # %%

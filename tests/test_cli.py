@@ -54,6 +54,8 @@ def test_run_default_preset_writes_every_file(tmp_path, capsys):
         "figures/sharpness.png",
         "figures/rotation.png",
         "figures/density.png",
+        "figures/landscape_1d.png",
+        "figures/landscape_2d.png",
     ):
         assert (out / name).exists(), name
     assert not (out / "checkpoint.npz").exists()

@@ -201,3 +201,21 @@ def test_threshold_and_eta_t_follow_a_learning_rate_schedule():
                            optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=0.1))  # fmt: skip
     assert injected.learning_rate_source == "state"
     assert float(injected.learning_rate_at(injected.init(), 0)) == pytest.approx(0.1)
+
+
+def test_grokking_rule_counts_enrichment_not_any_event_in_a_window():
+    from chaosjax.experiments.protocols import _coincidence, _spikes
+
+    loss = np.array([3.0, 1.0, 0.5, 0.4, 0.3, 0.9, 0.3, 0.31, 0.33, 0.35, 0.4])
+    # a sudden rise is a spike; the slow drift after it (weight decay lifting the loss) is not
+    assert np.flatnonzero(_spikes(loss, 2.0, 5)).tolist() == [5]
+    yes = np.ones(3, bool)
+    assert _coincidence(np.array([0.5, 0.4, 0.0]), np.array([0.1, 0.1, 0.1]), yes).startswith(
+        "yes (2/3 enriched"
+    )
+    # an indicator as frequent before the jump as elsewhere does not coincide with it
+    assert _coincidence(np.array([0.2, 0.2, 0.2]), np.array([0.2, 0.15, 0.2]), yes).startswith(
+        "no (0/3"
+    )
+    assert _coincidence(np.array([1.0, 1.0]), np.array([0.6, 0.7]), yes[:2]).startswith("always on")
+    assert _coincidence(np.array([0.5]), np.array([0.1]), np.zeros(1, bool)) == "n/a"

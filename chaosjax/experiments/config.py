@@ -264,6 +264,18 @@ class InstabilityConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LandscapeConfig:
+    enabled: bool = fld(
+        False,
+        "loss slices at the end of each reference run: along the top Hessian eigenvector and on the trajectory's principal plane",
+    )
+    num: int = fld(81, "points of the 1-D slice", lo=3)
+    num_2d: int = fld(41, "points per axis of the 2-D slice", lo=3)
+    snapshots: int = fld(100, "recorded states of each reference run kept for its plane", lo=3)
+    num_matvecs: int = fld(64, "Lanczos steps of the top eigenvector at the end", lo=2)
+
+
+@dataclasses.dataclass(frozen=True)
 class GrokkingConfig:
     enabled: bool = fld(
         False,
@@ -415,6 +427,7 @@ class ExperimentConfig:
     response: ResponseConfig = section(ResponseConfig, "training response (NTK)")
     instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
     grokking: GrokkingConfig = section(GrokkingConfig, "grokking against instability (slingshot)")
+    landscape: LandscapeConfig = section(LandscapeConfig, "loss landscapes of the recorded runs")
     curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
     clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
     control: ControlConfig = section(ControlConfig, "instability control against fixed η")
@@ -449,6 +462,11 @@ class ExperimentConfig:
                 "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
             )
         self._check_factories()
+        if self.landscape.enabled and self.step.factory:
+            raise ConfigError(
+                "landscape.enabled: a step.factory's loss takes its own batches; use "
+                "chaosjax.landscape on the map in Python"
+            )
         if self.grokking.enabled and self.step.factory:
             raise ConfigError(
                 "grokking.enabled: needs train and test accuracy of a model with a forward pass; "
@@ -757,6 +775,7 @@ __all__ = [
     "ExperimentConfig",
     "GrokkingConfig",
     "InstabilityConfig",
+    "LandscapeConfig",
     "LyapunovConfig",
     "MarginalConfig",
     "ModelConfig",

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from chaosjax._util import one_line
 from chaosjax.experiments.config import ConfigError
 
 STEP_KEYS = (
@@ -73,14 +74,14 @@ def load_reference(ref: str, field: str) -> Callable:
             spec.loader.exec_module(module)
         except Exception as e:
             sys.modules.pop(name, None)
-            raise ConfigError(f"{field}: importing {path} failed ({_one_line(e)})") from e
+            raise ConfigError(f"{field}: importing {path} failed ({one_line(e)})") from e
     else:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise ConfigError(f"{field}: cannot import module {where!r} ({_one_line(e)})") from e
+            raise ConfigError(f"{field}: cannot import module {where!r} ({one_line(e)})") from e
         except Exception as e:
-            raise ConfigError(f"{field}: importing {where!r} failed ({_one_line(e)})") from e
+            raise ConfigError(f"{field}: importing {where!r} failed ({one_line(e)})") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -124,12 +125,7 @@ def call_factory(fn: Callable, field: str, offered: dict[str, Any]) -> Any:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"{field}: {name}() failed ({_one_line(e)})") from e
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+        raise ConfigError(f"{field}: {name}() failed ({one_line(e)})") from e
 
 
 def model_offer(ds, dtype, seed_key) -> dict[str, Any]:

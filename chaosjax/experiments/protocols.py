@@ -799,17 +799,24 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
 # grokking against instability (the slingshot question)
 
 GROKKING_RULE = (
-    "Rule: a run groks at the first record where its test accuracy reaches {acc:g}. An "
-    "indicator coincides with the jump when it fires in the window of {window} steps before "
-    "it (jump included): a loss spike (training loss above {spike:g}× its minimum over the "
-    "{lookback} records before), a "
-    "sharpness crossing (sharpness / optimizer threshold above 1), a positive FTLE (a "
-    "finite-time top exponent > 0 over a window overlapping it). The base rate is the fraction "
-    "of the run's records (FTLE windows) where the indicator fires: a coincidence means "
-    "something only when the base rate is well below 1. Verdict per indicator: 'yes' when it "
-    "fires before the jump in more than half the seeds that grokked and in fewer than half of "
-    "the run-wide positions, 'always on' when it fires on most of the run, 'no' otherwise."
+    "Rule: a run groks at the first record where its test accuracy reaches {acc:g}. Three "
+    "indicators: a loss spike (training loss above {spike:g}× its minimum over the {lookback} "
+    "records before), a sharpness crossing (sharpness / optimizer threshold above 1), a "
+    "positive FTLE (the top finite-time exponent of a window > 0). For each, its rate in the "
+    "{window} steps before the jump (jump included; FTLE windows overlapping them) is compared "
+    "with its rate over the rest of the run. A seed is *enriched* when the indicator fires "
+    "before the jump at least twice as often as elsewhere; the verdict is 'yes' when more than "
+    "half the seeds that grokked are enriched, 'always on' when it fires on at least half of "
+    "the rest of the run (no contrast to detect), 'no' otherwise."
 )
+
+
+def _rates(fires: np.ndarray, ok: np.ndarray, near: np.ndarray) -> tuple[float, float]:
+    """(rate near the jump, rate elsewhere) of a boolean indicator over its valid points."""
+    a, b = ok & near, ok & ~near
+    rn = fires[a].mean() if a.any() else np.nan
+    re = fires[b].mean() if b.any() else np.nan
+    return float(rn), float(re)
 
 
 def _spikes(loss: np.ndarray, factor: float, lookback: int) -> np.ndarray:
@@ -824,75 +831,55 @@ def _spikes(loss: np.ndarray, factor: float, lookback: int) -> np.ndarray:
     return out
 
 
+INDICATORS = ("spike", "crossing", "ftle")
+
+
 def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | None):
     """Per reference run: when it fits the training set and when its test accuracy jumps
-    (grokking), the loss spikes, sharpness crossings, positive FTLEs and the last layer's norm
-    around the jump, against each indicator's base rate over the run."""
+    (grokking); how often each indicator (loss spikes, sharpness crossings, positive FTLEs)
+    fires just before the jump against elsewhere in the run; the last layer's norm."""
     c = cfg.grokking
     refs = reference_groups(batch)
     steps = np.asarray(results.steps, np.float64)
     window = c.window or max(1, cfg.steps // 10)
     rec = results.records
     n = len(refs)
-    out = {
-        k: np.full(n, np.nan)
-        for k in (
-            "fit_step",
-            "grok_step",
-            "n_spikes",
-            "spike_rate",
-            "crossing_rate",
-            "ftle_rate",
-            "max_ftle_near",
-            "last_norm_start",
-            "last_norm_grok",
-            "last_norm_end",
-        )
-    }
-    near = {k: np.zeros(n, np.int8) for k in ("spike_near", "crossing_near", "ftle_near")}
-    names = list(results.layer_names)
-    layer_name = c.layer or ("head" if "head" in names else names[-1])
-    if layer_name not in names:
-        raise ValueError(f"grokking.layer: unknown {layer_name!r}; allowed: {', '.join(names)}")
-    layer = names.index(layer_name)
+    names = ["fit_step", "grok_step", "last_norm_start", "last_norm_grok", "last_norm_end"]
+    names += [f"{i}_{w}" for i in INDICATORS for w in ("near", "elsewhere")]
+    out = {k: np.full(n, np.nan) for k in names}
+    names_l = list(results.layer_names)
+    layer_name = c.layer or ("head" if "head" in names_l else names_l[-1])
+    layer = names_l.index(layer_name)
     ratio = rec.get("sharpness_ratio")
     ftle_end = lyap["window_end"].values if lyap is not None else None
     ftle_len = lyap.attrs.get("ftle_window", 0) if lyap is not None else 0
     for g, r in enumerate(refs):
-        train_acc, test_acc = rec["accuracy"][r], rec["test_accuracy"][r]
-        fit, grok = train_acc >= c.accuracy, test_acc >= c.accuracy
+        fit, grok = rec["accuracy"][r] >= c.accuracy, rec["test_accuracy"][r] >= c.accuracy
         out["fit_step"][g] = steps[np.argmax(fit)] if fit.any() else np.nan
-        t_grok = steps[np.argmax(grok)] if grok.any() else np.nan
+        if "layer_norm" in rec:
+            norm = rec["layer_norm"][r, :, layer]
+            out["last_norm_start"][g], out["last_norm_end"][g] = norm[0], _last_finite(norm)
+        if not grok.any():
+            continue
+        t_grok = steps[np.argmax(grok)]
         out["grok_step"][g] = t_grok
-        in_window = (steps >= t_grok - window) & (steps <= t_grok)
-        spikes = _spikes(rec["loss"][r], c.spike_factor, c.spike_lookback)
-        out["n_spikes"][g] = spikes.sum()
-        out["spike_rate"][g] = spikes.mean()
-        near["spike_near"][g] = int(spikes[in_window].any())
+        if "layer_norm" in rec:
+            out["last_norm_grok"][g] = rec["layer_norm"][r, int(np.argmax(grok)), layer]
+        near = (steps >= t_grok - window) & (steps <= t_grok)
+        loss = rec["loss"][r]
+        spikes = _spikes(loss, c.spike_factor, c.spike_lookback)
+        rates = {"spike": _rates(spikes, np.isfinite(loss), near)}
         if ratio is not None:
             rr = ratio[r]
-            ok = np.isfinite(rr)
-            cross = ok & (rr > 1.0)
-            out["crossing_rate"][g] = cross.sum() / max(1, ok.sum())
-            near["crossing_near"][g] = int(cross[in_window].any())
+            rates["crossing"] = _rates(np.isfinite(rr) & (rr > 1.0), np.isfinite(rr), near)
         if ftle_end is not None:
             f = lyap["ftle"].values[g, :, 0]
-            ok = np.isfinite(f)
-            out["ftle_rate"][g] = (ok & (f > 0)).sum() / max(1, ok.sum())
-            overlap = ok & (ftle_end >= t_grok - window) & (ftle_end - ftle_len <= t_grok)
-            if overlap.any():
-                out["max_ftle_near"][g] = float(f[overlap].max())
-                near["ftle_near"][g] = int((f[overlap] > 0).any())
-        if "layer_norm" in rec:
-            last = rec["layer_norm"][r, :, layer]
-            out["last_norm_start"][g] = last[0]
-            out["last_norm_end"][g] = _last_finite(last)
-            if np.isfinite(t_grok):
-                out["last_norm_grok"][g] = last[int(np.argmax(grok))]
-    data = {k: (("group",), v) for k, v in out.items()}
-    data.update({k: (("group",), v) for k, v in near.items()})
+            overlap = (ftle_end >= t_grok - window) & (ftle_end - ftle_len <= t_grok)
+            rates["ftle"] = _rates(np.isfinite(f) & (f > 0), np.isfinite(f), overlap)
+        for k, (a, b) in rates.items():
+            out[f"{k}_near"][g], out[f"{k}_elsewhere"][g] = a, b
     return xr.Dataset(
-        data,
+        {k: (("group",), v) for k, v in out.items()},
         coords=group_coords(batch, refs),
         attrs={
             "accuracy": c.accuracy,
@@ -908,17 +895,21 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
     )
 
 
-def _coincidence(near: np.ndarray, rate: np.ndarray, grokked: np.ndarray) -> str:
+def _coincidence(near: np.ndarray, elsewhere: np.ndarray, grokked: np.ndarray) -> str:
     """The verdict of one indicator over the seeds that grokked (see GROKKING_RULE)."""
-    if not grokked.any() or not np.isfinite(rate[grokked]).any():
+    ok = grokked & np.isfinite(near) & np.isfinite(elsewhere)
+    if not ok.any():
         return "n/a"
-    hits = int(near[grokked].sum())
-    base = float(np.nanmean(rate[grokked]))
-    if base >= 0.5:
+    nr, er = near[ok], elsewhere[ok]
+    enriched = int(np.sum((nr > 0) & (nr >= 2 * er)))
+    if float(np.mean(er)) >= 0.5:
         verdict = "always on"
     else:
-        verdict = "yes" if hits > grokked.sum() / 2 else "no"
-    return f"{verdict} ({hits}/{int(grokked.sum())} seeds; base rate {base:.2f})"
+        verdict = "yes" if enriched > ok.sum() / 2 else "no"
+    return (
+        f"{verdict} ({enriched}/{int(ok.sum())} enriched; rate {np.mean(nr):.2f} before vs "
+        f"{np.mean(er):.2f} elsewhere)"
+    )
 
 
 def grokking_markdown(ds: xr.Dataset) -> list[str]:
@@ -928,32 +919,30 @@ def grokking_markdown(ds: xr.Dataset) -> list[str]:
         "",
         "Does the jump in test accuracy coincide with loss spikes and instability? Per η: the "
         "step each seed fits the training set and the step its test accuracy jumps (median; "
-        "reached: seeds), the delay between them, and for each indicator whether it fires just "
-        "before the jump, against its base rate over the run. Last layer's norm (layer "
-        f"{a['layer']!r}): at the start, at the jump and at the end (mean ± standard error "
-        "over seeds).",
+        "reached: seeds), and for each indicator its verdict with the mean rates before the "
+        f"jump and elsewhere. Last layer's norm (layer {a['layer']!r}): at the start, at the "
+        "jump and at the end (mean ± standard error over seeds).",
         "",
         a["rule"],
         "",
-        "| η | fits train | test jumps (grokked) | loss spikes near | crossing near | "
-        "FTLE > 0 near | last-layer norm start → jump → end |",
+        "| η | fits train | test jumps (grokked) | loss spikes | sharpness crossings | "
+        "FTLE > 0 | last-layer norm start → jump → end |",
         "|---|---|---|---|---|---|---|",
     ]
     lrs = ds["learning_rate"].values
     answers = []
+    off = {"crossing": "n/a (curvature off)", "ftle": "n/a (lyapunov off)"}
+    has = {"spike": True, "crossing": bool(a["has_curvature"]), "ftle": bool(a["has_ftle"])}
     for lr in np.unique(lrs):
         sel = lrs == lr
         grok = ds["grok_step"].values[sel]
         grokked = np.isfinite(grok)
         fit = ds["fit_step"].values[sel]
         cells = [
-            _coincidence(ds["spike_near"].values[sel], ds["spike_rate"].values[sel], grokked),
-            _coincidence(ds["crossing_near"].values[sel], ds["crossing_rate"].values[sel], grokked)
-            if a["has_curvature"]
-            else "n/a (curvature off)",
-            _coincidence(ds["ftle_near"].values[sel], ds["ftle_rate"].values[sel], grokked)
-            if a["has_ftle"]
-            else "n/a (lyapunov off)",
+            _coincidence(ds[f"{i}_near"].values[sel], ds[f"{i}_elsewhere"].values[sel], grokked)
+            if has[i]
+            else off[i]
+            for i in INDICATORS
         ]
         norms = " → ".join(
             seeds_cell(ds[k].values[sel], ".3g")
@@ -979,7 +968,7 @@ def grokking_markdown(ds: xr.Dataset) -> list[str]:
         lines.append(
             f"- η = {lr:.4g}: {g}/{total} seeds grokked; the jump "
             + (
-                f"coincides with {', '.join(named)}."
+                f"coincides with {', '.join(named)} (enriched before it)."
                 if named
                 else "does not coincide with any indicator under the rule above."
             )

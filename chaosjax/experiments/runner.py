@@ -376,6 +376,10 @@ def protocol_stages(cfg, tmap, batch, results, groups, progress, folder=None) ->
         out["instability"] = pr.instability_stage(cfg, batch, results, groups["lyapunov"])
     if cfg.grokking.enabled:
         out["grokking"] = pr.grokking_stage(cfg, batch, results, groups.get("lyapunov"))
+    if cfg.landscape.enabled:
+        from chaosjax.experiments.landscapes import landscape_stage
+
+        out["landscape"] = landscape_stage(cfg, tmap, batch, results)
     if cfg.control.enabled:
         from chaosjax.experiments import controlled
 
@@ -572,6 +576,10 @@ def run_experiment(
         from chaosjax.experiments.protocols import marginal_snapshots
 
         trackers.append(marginal_snapshots(cfg))
+    if cfg.landscape.enabled:
+        from chaosjax.experiments.landscapes import landscape_snapshots
+
+        trackers.append(landscape_snapshots(cfg))
     results = run_replicas(
         tmap,
         batch,
@@ -744,6 +752,12 @@ def protocol_report(store: Path, results, lyap, figures: Path) -> str:
     if ds is not None:
         pr.grokking_figures(ds, results, figures)
         parts += pr.grokking_markdown(ds)
+    ds = open_group(store, "landscape")
+    if ds is not None:
+        from chaosjax.experiments.landscapes import landscape_figures, landscape_markdown
+
+        landscape_figures(ds, figures)
+        parts += landscape_markdown(ds)
     ds = open_group(store, "control")
     if ds is not None:
         from chaosjax.experiments import controlled
