@@ -325,6 +325,9 @@ class Transformer(nnx.Module):
     final LayerNorm and a linear read-out of the last position.
 
     Shapes: input (batch, sequence) integer token ids → output (batch, n_outputs).
+
+    The key projection's bias has a zero gradient (softmax is invariant to it): under Adam its
+    updates are normalised round-off, a direction that follows each program's rounding.
     """
 
     def __init__(
