@@ -67,6 +67,30 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
+def spike_mask(x, *, factor: float = 2.0, lookback: int | None = None) -> np.ndarray:
+    """Boolean (n,): where x exceeds ``factor`` × its baseline — its running minimum
+    (``lookback=None``), or its minimum over the ``lookback`` points before (a sudden rise,
+    not the slow drift of a series that climbs back). NaN points never fire and are left out of
+    the baselines."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"x: expected a 1-D series, got shape {x.shape}")
+    if not factor > 1:
+        raise ValueError(f"factor: must be > 1, got {factor!r}")
+    if lookback is not None and (int(lookback) != lookback or lookback < 1):
+        raise ValueError(f"lookback: must be an integer >= 1 or None, got {lookback!r}")
+    finite = np.isfinite(x)
+    if lookback is None:
+        base = np.minimum.accumulate(np.where(finite, x, np.inf))
+    else:
+        base = np.full(x.shape, np.inf)
+        for i in range(1, x.size):
+            prev = x[max(0, i - int(lookback)) : i]
+            prev = prev[np.isfinite(prev)]
+            base[i] = prev.min() if prev.size else np.inf
+    return finite & np.isfinite(base) & (x > factor * base)
+
+
 def spikes(x, *, factor: float = 2.0, min_length: int = 1) -> Episodes:
     """Episodes where x exceeds ``factor`` × its running minimum (spikes, catapults).
 
@@ -74,10 +98,8 @@ def spikes(x, *, factor: float = 2.0, min_length: int = 1) -> Episodes:
         :class:`Episodes`; ``height`` is the peak over the running minimum at the start.
     """
     x = _series(x, min_len=2)
-    if not factor > 1:
-        raise ValueError(f"factor: must be > 1, got {factor!r}")
     runmin = np.minimum.accumulate(x)
-    above = x > factor * runmin
+    above = spike_mask(x, factor=factor)
     start, stop = _runs(above)
     keep = (stop - start) >= min_length
     start, stop = start[keep], stop[keep]
@@ -405,6 +427,7 @@ __all__ = [
     "laminar_segments",
     "negligible_variation",
     "power_spectrum",
+    "spike_mask",
     "spikes",
     "zero_one_test",
 ]

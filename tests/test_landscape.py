@@ -160,3 +160,25 @@ def test_training_maps_hessian_direction_batchnorm_and_train_step():
     sl2 = landscape.slice(smap, ss, d2, span=0.5, num=5)
     assert sl2.values.shape == (5, 5)
     assert sl2.values[2, 2] == pytest.approx(float(loss_fn(p0, (x, y))), rel=1e-12)
+
+
+def test_clv_directions_are_the_parameter_part_of_the_vectors():
+    jax.config.update("jax_enable_x64", True)
+    ds = cj.datasets.two_moons(40)
+    net = models.PureMLP((2, 6, 2))
+    tm = cj.TrainingMap(
+        net.apply, net.init_params(jax.random.PRNGKey(0), jnp.float64), ds,
+        optimizer="momentum", learning_rate=0.5,
+    )  # fmt: skip
+    clv = cj.covariant_lyapunov_vectors(
+        tm.step, tm.init(), k=2, steps=8, backward_transient=4, keep_every=4
+    )
+    d = landscape.directions("clv", tm, tm.init(), k=2, clv=clv, index=0)
+    assert d.shape == (2, tm.n_params)  # momentum buffers dropped: a slice is in θ
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, rtol=1e-12)
+    v = np.asarray(clv.vectors[0, : tm.n_params, 0])
+    np.testing.assert_allclose(d[0], v / np.linalg.norm(v), rtol=1e-12)
+    with pytest.raises(ValueError, match="k: the CLVResult holds 2 vectors"):
+        landscape.directions("clv", tm, tm.init(), k=3, clv=clv)
+    with pytest.raises(TypeError, match="kind 'clv' needs clv="):
+        landscape.directions("clv", tm, tm.init())

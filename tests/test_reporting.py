@@ -204,11 +204,14 @@ def test_threshold_and_eta_t_follow_a_learning_rate_schedule():
 
 
 def test_grokking_rule_counts_enrichment_not_any_event_in_a_window():
-    from chaosjax.experiments.protocols import _coincidence, _spikes
+    from chaosjax.experiments.protocols import _coincidence
+    from chaosjax.series import spike_mask
 
-    loss = np.array([3.0, 1.0, 0.5, 0.4, 0.3, 0.9, 0.3, 0.31, 0.33, 0.35, 0.4])
+    loss = np.array([3.0, 1.0, 0.5, 0.2, 0.1, 0.5, 0.15, 0.25, 0.3, 0.35, 0.4])
     # a sudden rise is a spike; the slow drift after it (weight decay lifting the loss) is not
-    assert np.flatnonzero(_spikes(loss, 2.0, 5)).tolist() == [5]
+    assert np.flatnonzero(spike_mask(loss, factor=2.0, lookback=2)).tolist() == [5]
+    # against the running minimum the drift keeps firing
+    assert np.flatnonzero(spike_mask(loss, factor=2.0)).tolist() == [5, 7, 8, 9, 10]
     yes = np.ones(3, bool)
     assert _coincidence(np.array([0.5, 0.4, 0.0]), np.array([0.1, 0.1, 0.1]), yes).startswith(
         "yes (2/3 enriched"

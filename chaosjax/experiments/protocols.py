@@ -819,18 +819,6 @@ def _rates(fires: np.ndarray, ok: np.ndarray, near: np.ndarray) -> tuple[float, 
     return float(rn), float(re)
 
 
-def _spikes(loss: np.ndarray, factor: float, lookback: int) -> np.ndarray:
-    """Records where the loss exceeds ``factor`` × its minimum over the ``lookback`` records
-    before it: a sudden rise, not the slow drift of a loss that weight decay lifts."""
-    loss = np.asarray(loss, np.float64)
-    out = np.zeros(loss.shape, bool)
-    for i in range(1, loss.shape[0]):
-        prev = loss[max(0, i - lookback) : i]
-        prev = prev[np.isfinite(prev)]
-        out[i] = bool(prev.size) and np.isfinite(loss[i]) and loss[i] > factor * prev.min()
-    return out
-
-
 INDICATORS = ("spike", "crossing", "ftle")
 
 
@@ -838,6 +826,8 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
     """Per reference run: when it fits the training set and when its test accuracy jumps
     (grokking); how often each indicator (loss spikes, sharpness crossings, positive FTLEs)
     fires just before the jump against elsewhere in the run; the last layer's norm."""
+    from chaosjax import series
+
     c = cfg.grokking
     refs = reference_groups(batch)
     steps = np.asarray(results.steps, np.float64)
@@ -867,7 +857,7 @@ def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | Non
             out["last_norm_grok"][g] = rec["layer_norm"][r, int(np.argmax(grok)), layer]
         near = (steps >= t_grok - window) & (steps <= t_grok)
         loss = rec["loss"][r]
-        spikes = _spikes(loss, c.spike_factor, c.spike_lookback)
+        spikes = series.spike_mask(loss, factor=c.spike_factor, lookback=c.spike_lookback)
         rates = {"spike": _rates(spikes, np.isfinite(loss), near)}
         if ratio is not None:
             rr = ratio[r]
