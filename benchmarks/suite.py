@@ -59,6 +59,8 @@ SIZES = {
         "ks": [1, 8, 32],
         "m": 40,
     },
+    # a 2-core CPU: smaller ResNet and Transformer (see build), every strategy at R = 8
+    "cpu": {"R": [1, 8], "steps": 4, "loop": 4, "R_strat": 8, "ks": [1, 8], "m": 40},
     "full": {
         "R": [1, 8, 64, 256, 1024],
         "steps": 20,
@@ -100,7 +102,6 @@ def build(name: str, size: str, dtype=jnp.float32):
 
     from chaosjax import models
 
-    tiny = size == "tiny"
     if name == "mlp":
         from chaosjax.experiments import load_config
         from chaosjax.experiments.runner import build_training_map
@@ -111,7 +112,9 @@ def build(name: str, size: str, dtype=jnp.float32):
         )
         return tm, f"quickstart MLP, two moons, full batch ({tm.n_params} parameters)"
     if name == "resnet-bn":
-        side, width, depth, n, bs = (8, 4, 1, 16, 8) if tiny else (32, 16, 3, 256, 64)
+        side, width, depth, n, bs = {"tiny": (8, 4, 1, 16, 8), "cpu": (16, 8, 2, 128, 32)}.get(
+            size, (32, 16, 3, 256, 64)
+        )
         ds = cifar_shaped(n, side)
 
         def make(rngs):
@@ -129,7 +132,10 @@ def build(name: str, size: str, dtype=jnp.float32):
             f"({tm.n_params} parameters)"
         )
     if name == "transformer":
-        length, vocab, d, layers, n, bs = (4, 8, 8, 1, 16, 8) if tiny else (16, 32, 64, 2, 256, 64)
+        length, vocab, d, layers, n, bs = {
+            "tiny": (4, 8, 8, 1, 16, 8),
+            "cpu": (8, 16, 32, 1, 128, 32),
+        }.get(size, (16, 32, 64, 2, 256, 64))
         ds = token_task(n, length, vocab)
 
         def make(rngs):
@@ -204,6 +210,7 @@ def throughput(tm, sz, limit: int, strategies_everywhere: bool) -> list[dict]:
                 rows.append({"R": R, "strategy": str(strategy), "skipped": type(e).__name__})
                 continue
             rate = R * sz["steps"] / sec
+            print(f"  R={R} {strategy}: {rate:.3g} replica-steps/s", flush=True)
             rows.append(
                 {
                     "R": R,
@@ -512,21 +519,27 @@ def main(argv=None) -> dict:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="about 4 minutes on one GPU")
     g.add_argument("--tiny", action="store_true", help="seconds: the test suite's size")
+    g.add_argument("--cpu", action="store_true", help="minutes on a 2-core CPU (smaller models)")
     ap.add_argument("--models", nargs="+", default=["mlp", "resnet-bn", "transformer"])
     ap.add_argument("--pyhessian", action="store_true", help="PyHessian anchor (peers extra)")
     ap.add_argument("--all-strategies", action="store_true", help="every strategy at every R")
     ap.add_argument(
         "--replicas", type=int, nargs="+", default=None, help="replica counts R (default: by size)"
     )
+    ap.add_argument(
+        "--tangents", type=int, nargs="+", default=None, help="tangent counts k (default: by size)"
+    )
     ap.add_argument("--json", default="benchmarks/out/suite.json")
     ap.add_argument("--md", default=None, help="markdown table (default: next to --json)")
     a = ap.parse_args(argv)
-    size = "tiny" if a.tiny else ("quick" if a.quick else "full")
+    size = "tiny" if a.tiny else "cpu" if a.cpu else "quick" if a.quick else "full"
     sz = dict(SIZES[size])
     if a.replicas:
         sz["R"] = sorted(a.replicas)
         fits = [r for r in sz["R"] if r <= sz["R_strat"]]
         sz["R_strat"] = max(fits) if fits else sz["R"][0]  # where every strategy is timed
+    if a.tangents:
+        sz["ks"] = sorted(a.tangents)
     from chaosjax.sharding import device_memory_limit
 
     limit = device_memory_limit()

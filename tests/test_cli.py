@@ -322,3 +322,10 @@ def test_variant_and_size_choose_what_runs(capsys):
     assert "steps = 100" in capsys.readouterr().out
     assert main(["config", "quickstart", "--set", "size=gpu"]) == 2
     assert "size: unknown 'gpu'; allowed: none" in capsys.readouterr().err
+
+
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slingshot").mkdir()  # e.g. the output folder of an earlier run
+    assert main(["config", "slingshot"]) == 0
+    assert 'name = "slingshot"' in capsys.readouterr().out

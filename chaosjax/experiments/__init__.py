@@ -42,9 +42,9 @@ def preset_dict(name: str) -> dict:
 
 def _source(target: str | None) -> dict:
     target = target or DEFAULT_PRESET
-    if target.endswith(".toml") or Path(target).exists():
+    if target.endswith(".toml") or Path(target).is_file():
         return load_file(target)
-    return preset_dict(target)
+    return preset_dict(target)  # a preset name, even where a folder of that name exists
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -116,12 +116,13 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
         "Along the top Hessian eigenvector u at the last state θ_T (the loss the step "
         "differentiates): λ1, the threshold curvature (GD 2/η; n/a for preconditioned "
         f"optimizers), the spread of the last {ds.attrs['last']} recorded iterates along u, and "
-        "the loss at the ends of the slice against the quadratic model L(θ_T) + ½λ1α² "
-        "(ratio > 1: the valley rises faster than its curvature at the bottom says). The plane "
+        "the even part of the slice at ±span, ½(L(+s) + L(−s)) − L(θ_T) (the gradient term "
+        "cancels), over the quadratic model's ½λ1s² (< 1: the valley is flatter away from θ_T "
+        "than its curvature there says; > 1: steeper). The plane "
         "is spanned by the two principal directions of θ_t − θ_T over the run (explained "
         "variance). Figures: `landscape_1d.png`, `landscape_2d.png`.",
         "",
-        "| η | seed | λ1 at the end | threshold | iterates along u (min … max) | slice / quadratic at ±span | plane explains |",
+        "| η | seed | λ1 at the end | threshold | iterates along u (min … max) | even rise / ½λ1s² | plane explains |",
         "|---|---|---|---|---|---|---|",
     ]
     for g in range(ds.sizes["group"]):
@@ -134,13 +135,14 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
         it = ds["iterate_alpha"].values[g]
         it = it[np.isfinite(it)]
         sl, q = ds["slice"].values[g], ds["quadratic"].values[g]
-        with np.errstate(all="ignore"):
-            ends = (sl[[0, -1]] - ds["center"].values[g]) / (q[[0, -1]] - ds["center"].values[g])
+        c0 = float(ds["center"].values[g])
+        with np.errstate(all="ignore"):  # the even part: the gradient term cancels
+            even = float((0.5 * (sl[0] + sl[-1]) - c0) / (q[-1] - c0))
         ex = ds["explained"].values[g]
         lines.append(
             f"| {lr:.4g} | {seed} | {lam:.4g} | {fmt(float(ds['threshold'].values[g]), '.4g')} | "
-            f"{it.min():.3g} … {it.max():.3g} | {fmt(float(ends[0]), '.3g')}, "
-            f"{fmt(float(ends[1]), '.3g')} | {fmt(float(np.nansum(ex)), '.3f')} |"
+            f"{it.min():.3g} … {it.max():.3g} | {fmt(even, '.3g')} | "
+            f"{fmt(float(np.nansum(ex)), '.3f')} |"
         )
     return [*lines, ""]
 
