@@ -115,8 +115,9 @@ def test_transformer_on_tokens_trains_and_has_finite_exponents():
     assert np.all(np.isfinite(top.eigenvalues)) and top.eigenvalues[0] >= top.eigenvalues[1]
     batch = cj.make_replicas(tm, seeds=[0, 1], n_perturbed=1, eps=1e-8)
     res = cj.run_replicas(
-        tm, batch, steps=10, record_every=5, trackers=[cj.LyapunovTracker(k=2)], progress=False
-    )
+        tm, batch, steps=10, record_every=5, trackers=[cj.LyapunovTracker(k=2)], progress=False,
+        devices=1,
+    )  # fmt: skip
     assert res.records["loss"][0, -1] < res.records["loss"][0, 0]
     assert np.all(np.isfinite(res.records["ftle"][batch.coords["member"] == 0][:, 1:]))
 
@@ -127,7 +128,7 @@ def test_replica_strategies_agree_and_are_recorded(digits_images, tmp_path):
     out = {}
     for strategy in ("vmap", "map", 2):
         res = cj.run_replicas(
-            tm, batch, steps=4, record_every=2, strategy=strategy,
+            tm, batch, steps=4, record_every=2, strategy=strategy, devices=1,
             trackers=[cj.LyapunovTracker(k=2)], progress=False,
         )  # fmt: skip
         out[strategy] = res
@@ -166,6 +167,7 @@ def test_replica_strategies_agree_and_are_recorded(digits_images, tmp_path):
             raise KeyboardInterrupt
 
     kw = {"steps": 4, "record_every": 2, "chunk_steps": 2, "checkpoint": ck, "progress": False}
+    kw["devices"] = 1  # one device: strategies, not sharding (tested in test_sharding)
     with pytest.raises(KeyboardInterrupt):
         cj.run_replicas(tm, batch, strategy="map", on_chunk=stop, **kw)
     assert ck.exists()

@@ -462,11 +462,6 @@ class ExperimentConfig:
                 "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
             )
         self._check_factories()
-        if self.landscape.enabled and self.step.factory:
-            raise ConfigError(
-                "landscape.enabled: a step.factory's loss takes its own batches; use "
-                "chaosjax.landscape on the map in Python"
-            )
         if self.grokking.enabled and self.step.factory:
             raise ConfigError(
                 "grokking.enabled: needs train and test accuracy of a model with a forward pass; "

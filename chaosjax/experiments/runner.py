@@ -518,11 +518,12 @@ def run_experiment(
             "optimizer or train step sets it); give one value"
         )
     run_observables(tmap)
-    if cfg.curvature.enabled and not getattr(tmap, "_loss_fn", True):
-        raise ConfigError(
-            "curvature.enabled: the Hessian needs loss_fn(params, batch) from step.factory; "
-            "return it or set curvature.enabled = false"
-        )
+    for section in ("curvature", "landscape"):
+        if getattr(cfg, section).enabled and not getattr(tmap, "_loss_fn", True):
+            raise ConfigError(
+                f"{section}.enabled: the Hessian needs loss_fn(params, batch) from "
+                f"step.factory; return it or set {section}.enabled = false"
+            )
     replica_mesh(cfg.scale.devices or None)  # device and memory fields, before the folder
     try:
         parse_bytes(cfg.scale.memory_limit or None)
