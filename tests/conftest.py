@@ -1,13 +1,18 @@
 """Test setup: 4 CPU devices (sharding tests run anywhere), float64 by default, and JAX's
-persistent compilation cache shared by the test processes (the CLI, preset and notebook tests
-compile the same programs again and again; results do not depend on the cache)."""
+persistent compilation cache, one folder per test worker and its subprocesses (the CLI,
+preset and notebook tests compile the same programs again and again; results do not depend
+on the cache)."""
 
 import os
 from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation"
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))  # subprocesses too
+# one cache folder per xdist worker: two processes never write the same cache files at once
+# (a full run aborted twice inside XLA on the sharded CPU path with one shared folder)
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation" / _WORKER
+if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)  # the worker's subprocesses too
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
