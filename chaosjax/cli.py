@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="local devices per process sharing the replicas (sets scale.devices; default all)",
+        help="local devices per process sharing the replicas (sets scale.devices; default: every accelerator, one CPU device)",
     )
     r.add_argument(
         "--memory-limit",

@@ -214,7 +214,7 @@ def covariant_lyapunov_vectors(
         progress: show progress bars.
         checkpoint, resume: ``.npz`` checkpoint of the forward pass and continuing it.
         devices: with ``batched=True``, the devices sharing the batch axis (default every
-            device; see :func:`chaosjax.sharding.replica_mesh`).
+            accelerator, one CPU device; see :func:`chaosjax.sharding.replica_mesh`).
         memory_limit: bytes (or ``"8GiB"``) a device may use.
         strategy: how a device runs the rows (see :func:`chaosjax.engine.run_replicas`).
 

@@ -688,8 +688,9 @@ def run_replicas(
         attrs: extra metadata stored with the results.
         on_chunk: called with the current time after every chunk (tests use it to interrupt).
         devices: devices sharing the replica axis (:func:`chaosjax.sharding.replica_mesh`):
-            ``None`` = every device (of every process after
-            :func:`chaosjax.sharding.initialize_distributed`), an int = that many local
+            ``None`` = every accelerator (of every process after
+            :func:`chaosjax.sharding.initialize_distributed`; one device on the CPU
+            backend), an int = that many local
             devices, or a list of devices / a mesh. States, observer states and
             hyper-parameters stay on the devices between chunks; only the records come back.
         desc: the progress bar's label.

@@ -319,7 +319,7 @@ def lyapunov_spectrum(
         checkpoint: ``.npz`` path written after every chunk; ``resume=True`` continues it.
         n_blocks: blocks for the batch-means standard error.
         devices: with ``batched=True``, the devices sharing the batch axis
-            (:func:`chaosjax.sharding.replica_mesh`; default every device).
+            (:func:`chaosjax.sharding.replica_mesh`; default every accelerator, one CPU device).
         memory_limit: bytes (or ``"8GiB"``) per device; a batch whose tangents do not fit
             runs in passes, and a run where one replica does not fit is refused.
         strategy: how a device runs the batch's rows (``"vmap"``, ``"map"`` or a block size;

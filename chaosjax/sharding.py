@@ -45,8 +45,9 @@ def replica_mesh(devices: int | Sequence | Mesh | None = None) -> Mesh:
     """A one-axis mesh ``("replica",)`` over the devices that share a replica batch.
 
     Args:
-        devices: ``None`` (the default: every local device of every process; on the CPU
-            backend at most one device per core), an int ``n`` (the first ``n`` local devices
+        devices: ``None`` (the default: every local device of every process on an
+            accelerator; one device on the CPU backend, where forced devices share the cores
+            and multi-device programs are opt-in), an int ``n`` (the first ``n`` local devices
             of each process), a sequence of :class:`jax.Device`, or a ready
             :class:`~jax.sharding.Mesh` (returned as is; its first axis is used).
 
@@ -61,9 +62,10 @@ def replica_mesh(devices: int | Sequence | Mesh | None = None) -> Mesh:
     on_cpu = everything[0].platform == "cpu"
     n_local = jax.local_device_count()
     if devices is None:
-        # forced CPU devices beyond the core count give no speed-up, and XLA's CPU runtime can
-        # deadlock when more device programs than cores run batched LAPACK calls at once
-        devices = min(n_local, cores) if on_cpu else n_local
+        # forced CPU devices share the cores (no speed-up over one device's threads), and
+        # XLA's CPU runtime has aborted intermittently on multi-device programs under load:
+        # sharding on the CPU backend is asked for with an explicit count
+        devices = 1 if on_cpu else n_local
     if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
         if not 1 <= int(devices) <= n_local:
             raise ValueError(

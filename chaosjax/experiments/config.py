@@ -169,7 +169,9 @@ class ReplicaConfig:
 @dataclasses.dataclass(frozen=True)
 class ScaleConfig:
     devices: int = fld(
-        0, "devices per process sharing the replica axis; 0 = every local device", lo=0
+        0,
+        "devices per process sharing the replica axis; 0 = every local accelerator (one CPU device)",
+        lo=0,
     )
     memory_limit: str = fld(
         "", "device memory a run may use, e.g. '8GiB'; '' = 80% of each device's memory"
