@@ -394,9 +394,9 @@ class Transformer(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PureMLP:
-    """A pure-function MLP: ``init(key) -> params`` and ``apply(params, x)``.
+    """A pure-function MLP: ``init_params(key) -> params`` and ``apply(params, x)``.
 
-    ``params`` is ``{"layer_0": {"kernel": (w0, w1), "bias": (w1,)}, ...}``. Same arguments as
+    The same network as :class:`MLP` (equal parameters from the same key). ``params`` is ``{"layer_0": {"kernel": (w0, w1), "bias": (w1,)}, ...}``. Same arguments as
     :class:`MLP`; ``output`` may be ``"linear"`` (logits / regression) or ``"softmax"``.
     """
 
@@ -420,16 +420,25 @@ class PureMLP:
             raise ValueError(f"output: must be 'linear' or 'softmax', got {self.output!r}")
 
     def init_params(self, key, dtype=None) -> dict:
+        """Parameters drawn exactly as :class:`MLP` draws them from ``nnx.Rngs(key)``: the
+        command line (which builds the NNX network) and this API give one network per
+        config and seed. Works under ``jit``/``vmap`` (``key`` may be traced)."""
         dtype = dtype or jnp.asarray(0.0).dtype
+        net = MLP(
+            self.widths,
+            activation=self.activation,
+            init=self.init,
+            init_scale=self.init_scale,
+            bias=self.bias,
+            output_bias=self.output_bias,
+            rngs=nnx.Rngs(key),
+            dtype=dtype,
+        )
         params = {}
-        keys = jax.random.split(key, len(self.widths) - 1)
-        for i, (a, b) in enumerate(zip(self.widths[:-1], self.widths[1:])):
-            init = _kernel_init(self.init[i], self.init_scale[i], a, b)
-            layer = {"kernel": init(keys[i], (a, b), dtype)}
-            last = i == len(self.widths) - 2
-            if self.bias if not last or self.output_bias is None else self.output_bias:
-                layer["bias"] = jnp.zeros((b,), dtype)
-            params[f"layer_{i}"] = layer
+        for i, layer in enumerate(net.layers):
+            params[f"layer_{i}"] = {"kernel": layer.kernel[...]}
+            if layer.bias is not None:
+                params[f"layer_{i}"]["bias"] = layer.bias[...]
         return params
 
     def features(self, params, x) -> list:

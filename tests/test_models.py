@@ -59,3 +59,35 @@ def test_cnn_shapes():
 def test_bad_model_arguments(make, msg):
     with pytest.raises(ValueError, match=msg):
         make()
+
+
+@pytest.mark.parametrize("preset", ["instability-generalization", "lr-regimes"])
+def test_cli_and_api_build_one_network(preset):
+    """The command line (NNX MLP from the config) and the API (PureMLP) give equal initial
+    parameters, and so equal outputs, for the same config and seed."""
+    from chaosjax.experiments import load_config
+    from chaosjax.experiments.runner import build_dataset, build_training_map
+
+    cfg = load_config(preset)
+    ds = build_dataset(cfg)
+    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
+    cli = build_training_map(cfg, ds)
+    m = cfg.model
+    pure = models.PureMLP(
+        (ds.n_features, *m.hidden, ds.n_outputs),
+        activation=m.activation,
+        init=tuple(m.init) if len(m.init) > 1 else m.init[0],
+        init_scale=tuple(m.init_scale) if len(m.init_scale) > 1 else m.init_scale[0],
+        bias=m.bias,
+        output_bias=m.output_bias,
+    )
+    p = pure.init_params(jax.random.PRNGKey(cfg.replicas.seeds[0]), dtype)
+    state = cli.init()
+    got = cli.params(state)
+    kernels = [np.asarray(a) for a in jax.tree.leaves(got) if np.ndim(a) == 2]
+    want = [np.asarray(p[f"layer_{i}"]["kernel"]) for i in range(len(p))]
+    assert len(kernels) == len(want) >= 2
+    for a, b in zip(kernels, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = jnp.asarray(ds.x_train[:16], dtype)
+    np.testing.assert_allclose(cli.output(state, x), pure.apply(p, x), rtol=1e-12, atol=1e-14)
