@@ -36,7 +36,7 @@ from chaosjax import curvature as cv  # noqa: E402
 
 def setup(train_steps: int, hidden: str = "[32, 32]"):
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     tmap = build_training_map(
         load_config(
@@ -58,7 +58,7 @@ def setup(train_steps: int, hidden: str = "[32, 32]"):
 def as_float32(tmap, s, hidden: str):
     """The same network, data and weights as a float32 training map."""
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     cfg = load_config(
         "quickstart",

@@ -38,7 +38,7 @@ def main(argv=None) -> list[dict]:
     a = ap.parse_args(argv)
     num = 11 if a.tiny else a.num
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     tmap = build_training_map(load_config("quickstart", ["training.learning_rates=[0.5]"]))
     step = jax.jit(tmap.step)

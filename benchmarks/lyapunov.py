@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from _common import best_time, block, table, write_json  # noqa: E402
 
 import chaosjax as cj  # noqa: E402
+from chaosjax._util import as_traceable  # noqa: E402
 
 
 def timed(fn):
@@ -150,7 +151,7 @@ def lorenz96_rows(steps: int) -> list[dict]:
 
 def tangent_cost_rows(steps: int, ks) -> list[dict]:
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     tmap = build_training_map(
         load_config(
@@ -158,7 +159,7 @@ def tangent_cost_rows(steps: int, ks) -> list[dict]:
         )
     )
     s0 = tmap.init()
-    step = cj.as_traceable(tmap.step)
+    step = as_traceable(tmap.step)
 
     @jax.jit
     def plain(step, s):
@@ -194,7 +195,7 @@ def tangent_cost_rows(steps: int, ks) -> list[dict]:
 def observer_rows(steps: int, k: int, seeds, lrs, n_perturbed: int) -> list[dict]:
     """A replica run with the tangent observer against the run plus a separate spectrum."""
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     tmap = build_training_map(
         load_config("quickstart", ["model.output_activation=identity", "replicas.seeds=[0]"])

@@ -32,7 +32,7 @@ def build(precision: str):
     if precision == "float64":
         jax.config.update("jax_enable_x64", True)
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
 
     cfg = load_config(
         "quickstart",

@@ -75,7 +75,7 @@ def measure(R: int, steps: int, tracker_k: int, devices) -> dict:
 
     from chaosjax import CurvatureTracker
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_training_map
+    from chaosjax.experiments.builders import build_training_map
     from chaosjax.replicas import make_replicas, replica_memory, run_replicas
     from chaosjax.sharding import mesh_size, replica_mesh
 

@@ -104,7 +104,7 @@ def build(name: str, size: str, dtype=jnp.float32):
 
     if name == "mlp":
         from chaosjax.experiments import load_config
-        from chaosjax.experiments.runner import build_training_map
+        from chaosjax.experiments.builders import build_training_map
 
         prec = "float64" if dtype == jnp.float64 else "float32"
         tm = build_training_map(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from chaosjax.experiments.builders import build_dataset, build_training_map
 from chaosjax.experiments.config import (
     ConfigError,
     ExperimentConfig,
@@ -17,8 +18,6 @@ from chaosjax.experiments.config import (
 from chaosjax.experiments.runner import (
     Run,
     RunFolderError,
-    build_dataset,
-    build_training_map,
     report,
     run_experiment,
     run_plan,
@@ -28,11 +27,13 @@ DEFAULT_PRESET = "quickstart"
 
 
 def preset_names() -> list[str]:
+    """Names of the bundled presets (``chaosjax presets`` lists them with descriptions)."""
     folder = resources.files("chaosjax.experiments").joinpath("presets")
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
 
 
 def preset_dict(name: str) -> dict:
+    """The parsed TOML of preset ``name`` (a :class:`ConfigError` naming the allowed ones)."""
     names = preset_names()
     if name not in names:
         raise ConfigError(f"preset: unknown {name!r}; allowed: {', '.join(names)}")

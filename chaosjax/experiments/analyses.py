@@ -11,6 +11,7 @@ import xarray as xr
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import over_seeds, seeds_cell
+from chaosjax.experiments.tables import table_head
 
 
 def reference_groups(batch) -> np.ndarray:
@@ -353,8 +354,15 @@ def clv_markdown(ds: xr.Dataset) -> list[str]:
         "squared projection of CLV i onto the span of the top-k Hessian eigenvectors "
         "(parameters only), averaged over kept times and seeds.",
         "",
-        "| η | CLV exponents (per step) | median min angle (°) | 5th pct (°) | near-tangent steps | CLV 1 mass by part | Hessian overlap |",
-        "|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "CLV exponents (per step)",
+            "median min angle (°)",
+            "5th pct (°)",
+            "near-tangent steps",
+            "CLV 1 mass by part",
+            "Hessian overlap",
+        ),
     ]
     lrs = ds["learning_rate"].values
     parts = [str(p) for p in ds["part"].values]
@@ -551,8 +559,18 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
         "",
         VERDICT_RULE,
         "",
-        "| η | seed | threshold | λ1 start | λ1 end | max λ1/thr | late λ1/thr | rotation | trace start → end | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "seed",
+            "threshold",
+            "λ1 start",
+            "λ1 end",
+            "max λ1/thr",
+            "late λ1/thr",
+            "rotation",
+            "trace start → end",
+            "verdict",
+        ),
     ]
     for g in range(ds.sizes["group"]):
         r = int(ds["reference"].values[g])
@@ -637,8 +655,14 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
         f"error over seeds, each seed in brackets. {a['sign_rule']} Per unit ηt: Σ log growth / "
         "Σ η_t with η at each step (schedules included).",
         "",
-        "| η | λ1 over seeds (per seed) | λ1·T | sign | λ1 per unit ηt | top-k spectrum (mean) |",
-        "|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "λ1 over seeds (per seed)",
+            "λ1·T",
+            "sign",
+            "λ1 per unit ηt",
+            "top-k spectrum (mean)",
+        ),
     ]
     notes = []
     rows = lyapunov_rows(ds)
@@ -662,8 +686,7 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
         f"Finite-time λ1 over windows of {w} steps, per seed: the first (early) and the last "
         f"(late) window, and the regime. {a['regime_rule']}",
         "",
-        "| η | seed | early FTLE | late FTLE | regime |",
-        "|---|---|---|---|---|",
+        *table_head("η", "seed", "early FTLE", "late FTLE", "regime"),
     ]
     for r in rows:
         for seed, e, lt, reg in zip(r["seeds"], r["early"], r["late"], r["regimes"]):
@@ -679,8 +702,7 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
         f"least 10 points, R² > {a['min_r2']:g} and slope > {a['min_slope']:g} per step. Slope: "
         "mean ± standard error over the accepted seeds.",
         "",
-        "| η | accepted | accepted slope (per step) | points per best window |",
-        "|---|---|---|---|",
+        *table_head("η", "accepted", "accepted slope (per step)", "points per best window"),
     ]
     fit_notes = []
     for r in rows:

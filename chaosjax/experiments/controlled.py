@@ -21,8 +21,10 @@ import xarray as xr
 
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.analyses import curvature_tracker, reference_groups, tangent_tracker
-from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments.builders import build_training_map
+from chaosjax.experiments.config import ConfigError, ExperimentConfig
 from chaosjax.experiments.stats import seeds_cell
+from chaosjax.experiments.tables import table_head
 
 _PARAM = {"sharpness": "margin", "ftle": "target"}
 
@@ -40,8 +42,6 @@ def _settings(cfg: ExperimentConfig) -> list[tuple[str, list[float]]]:
 def validate(cfg: ExperimentConfig) -> None:
     """Build the controlled maps once (bad controller settings fail before the run folder is
     touched)."""
-    from chaosjax.experiments.config import ConfigError
-    from chaosjax.experiments.runner import build_training_map
 
     for kind, values in _settings(cfg):
         try:
@@ -84,7 +84,6 @@ def _lambda1(cfg, results, refs, renorm_every: int):
 
 def _controlled_run(cfg, kind: str, values, folder: Path, progress: bool):
     from chaosjax import control
-    from chaosjax.experiments.runner import build_training_map
     from chaosjax.observers import LyapunovTracker
     from chaosjax.replicas import make_replicas, run_replicas
 
@@ -417,10 +416,21 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
         f"the last {ds.attrs['lyapunov_steps']} steps of each run, from its own tangents (the "
         "controller's state is part of the map).",
         "",
-        f"| setting | steps to {metric} {'≥' if metric == 'test accuracy' else '≤'} {tgt:g} | "
-        f"reached | final {metric} | final λmax | final η | η·λmax/c | λ1 | helpful | harmful | "
-        "neutral | unresolved | diverged seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "setting",
+            f"steps to {metric} {'≥' if metric == 'test accuracy' else '≤'} {tgt:g}",
+            "reached",
+            f"final {metric}",
+            "final λmax",
+            "final η",
+            "η·λmax/c",
+            "λ1",
+            "helpful",
+            "harmful",
+            "neutral",
+            "unresolved",
+            "diverged seeds",
+        ),
     ]
     for r in rows:
         ps = r["per_seed"]
@@ -452,8 +462,7 @@ def control_markdown(ds: xr.Dataset) -> list[str]:
     n = ds.sizes["episode"]
     if n:
         lines += [
-            "| run | seed | start | peak | end | kinds | label | why |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_head("run", "seed", "start", "peak", "end", "kinds", "label", "why"),
         ]
         order = sorted(range(n), key=lambda e: ds["episode_label"].values[e] == "neutral")
         for e in order[:30]:

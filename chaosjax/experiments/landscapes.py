@@ -14,6 +14,7 @@ import xarray as xr
 from chaosjax._util import fmt
 from chaosjax.experiments.analyses import group_coords, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments.tables import table_head
 
 #: iterates of the last records marked on the 1-D slice
 LAST = 10
@@ -122,8 +123,15 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
         "is spanned by the two principal directions of θ_t − θ_T over the run (explained "
         "variance). Figures: `landscape_1d.png`, `landscape_2d.png`.",
         "",
-        "| η | seed | λ1 at the end | threshold | iterates along u (min … max) | even rise / ½λ1s² | plane explains |",
-        "|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "seed",
+            "λ1 at the end",
+            "threshold",
+            "iterates along u (min … max)",
+            "even rise / ½λ1s²",
+            "plane explains",
+        ),
     ]
     for g in range(ds.sizes["group"]):
         lr = float(ds["learning_rate"].values[g])

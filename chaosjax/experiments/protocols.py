@@ -15,6 +15,7 @@ from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.analyses import group_coords, learning_rate_labels, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import over_seeds, seeds_cell
+from chaosjax.experiments.tables import table_head
 
 
 def _finite_prefix(x: np.ndarray) -> np.ndarray:
@@ -133,8 +134,16 @@ def series_markdown(ds: xr.Dataset) -> list[str]:
         "step with its p-value. The 0–1 test is not applied (n/a) to a series whose variation is "
         f"below {a.get('k01_rtol', 1e-8):.1g} of its level (frozen, or round-off).",
         "",
-        "| η | seed | increasing | spikes (max ×) | 0–1 K | ACF(1) [band] | laminar n / mean / max / share | expansion rate (p) |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "seed",
+            "increasing",
+            "spikes (max ×)",
+            "0–1 K",
+            "ACF(1) [band]",
+            "laminar n / mean / max / share",
+            "expansion rate (p)",
+        ),
     ]
     notes = []
     for g in range(ds.sizes["group"]):
@@ -259,8 +268,7 @@ def divergence_markdown(ds: xr.Dataset) -> list[str]:
         "the accepted initialisations (accepted n/N: initialisations). Growth: largest mean "
         "distance over the initial one (median over initialisations).",
         "",
-        "| η | ε | accepted | slope mean ± se (per step) | median max growth |",
-        "|---|---|---|---|---|",
+        *table_head("η", "ε", "accepted", "slope mean ± se (per step)", "median max growth"),
     ]
     lrs = ds["learning_rate"].values
     for lr in np.unique(lrs):
@@ -397,8 +405,7 @@ def marginal_markdown(ds: xr.Dataset) -> list[str]:
         "distance to the unperturbed continuation relative to its start (geometric mean over "
         "copies, median over initialisations). Values near 1: perturbations neither grow nor decay.",
         "",
-        "| η | ε | d(end)/d(0) | min over time | max over time |",
-        "|---|---|---|---|---|",
+        *table_head("η", "ε", "d(end)/d(0)", "min over time", "max over time"),
     ]
     lrs = ds["learning_rate"].values
     for lr in np.unique(lrs):
@@ -442,8 +449,9 @@ def target_markdown(ds: xr.Dataset, lyap: xr.Dataset | None, div: xr.Dataset | N
         "each seed in brackets) and the initialisations with an accepted replica-divergence fit "
         "(at any ε). Final test accuracy: mean ± standard error over seeds.",
         "",
-        "| η | steps to target | reached | final test acc | λ1 (per step) | accepted fits |",
-        "|---|---|---|---|---|---|",
+        *table_head(
+            "η", "steps to target", "reached", "final test acc", "λ1 (per step)", "accepted fits"
+        ),
     ]
     lrs = ds["learning_rate"].values
     best = None
@@ -527,8 +535,7 @@ def prediction_markdown(ds: xr.Dataset) -> list[str]:
         "against its final training loss: Pearson and Spearman correlation, and the AUC of λ1 as a "
         "score for 'final loss above the median' (0.5 = no information).",
         "",
-        "| η | initialisations | Pearson r | Spearman ρ | AUC |",
-        "|---|---|---|---|---|",
+        *table_head("η", "initialisations", "Pearson r", "Spearman ρ", "AUC"),
     ]
     for i, lr in enumerate(ds["lr"].values):
         lines.append(
@@ -626,8 +633,16 @@ def response_markdown(ds: xr.Dataset) -> list[str]:
         f"at the end: mean ‖Δf‖ per unit input / weight perturbation of size {a['fragility_eps']:g}. "
         f"Batch: {a['batch_size'] or 'full'}.",
         "",
-        "| η | seed | A start → end | α (R²) | shape corr | NTK PR start → end | feature PR start → end | fragility input / weight |",
-        "|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "seed",
+            "A start → end",
+            "α (R²)",
+            "shape corr",
+            "NTK PR start → end",
+            "feature PR start → end",
+            "fragility input / weight",
+        ),
     ]
     for g in range(ds.sizes["group"]):
         d = {k: float(ds[k].values[g]) for k in ds.data_vars}
@@ -771,10 +786,12 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
         "its peak) — layers separating at different times is 'breaking formation'. "
         f"{a['rule']} (FTLE windows of {a['ftle_window']} steps.)",
         "",
-        "| η | "
-        + " | ".join(f"{n}: separation (re-converged)" for n in layers)
-        + " | exploration ends | refining starts |",
-        "|---|" + "---|" * len(layers) + "---|---|",
+        *table_head(
+            "η",
+            *(f"{n}: separation (re-converged)" for n in layers),
+            "exploration ends",
+            "refining starts",
+        ),
     ]
     lrs = ds["learning_rate"].values
     for lr in np.unique(lrs):
@@ -915,9 +932,15 @@ def grokking_markdown(ds: xr.Dataset) -> list[str]:
         "",
         a["rule"],
         "",
-        "| η | fits train | test jumps (grokked) | loss spikes | sharpness crossings | "
-        "FTLE > 0 | last-layer norm start → jump → end |",
-        "|---|---|---|---|---|---|---|",
+        *table_head(
+            "η",
+            "fits train",
+            "test jumps (grokked)",
+            "loss spikes",
+            "sharpness crossings",
+            "FTLE > 0",
+            "last-layer norm start → jump → end",
+        ),
     ]
     lrs = ds["learning_rate"].values
     answers = []

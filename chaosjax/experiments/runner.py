@@ -17,8 +17,19 @@ import jax
 import numpy as np
 
 from chaosjax._util import atomic_write_text, fmt
+from chaosjax.experiments.builders import build_dataset, build_training_map, set_precision
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
+from chaosjax.experiments.stages import (
+    STAGES,
+    ReportInputs,
+    RunInputs,
+    enabled_stages,
+    observers_of,
+    render_stages,
+    run_stages,
+)
 from chaosjax.experiments.stats import seeds_cell
+from chaosjax.experiments.tables import table
 from chaosjax.sharding import is_main_process, parse_bytes, process_path, replica_mesh
 
 CHECKPOINT = "checkpoint.npz"
@@ -41,350 +52,6 @@ class Run:
     @property
     def summary(self) -> Path:
         return self.folder / "summary.md"
-
-
-def set_precision(precision: str) -> None:
-    import jax
-
-    if precision == "float64":
-        jax.config.update("jax_enable_x64", True)
-
-
-def build_dataset(cfg: ExperimentConfig):
-    from chaosjax import datasets
-
-    d = cfg.data
-    if d.path:
-        try:
-            return datasets.Dataset.from_npz(d.path)
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
-        except (ValueError, TypeError) as e:
-            msg = str(e).splitlines()[0]
-            raise ConfigError(msg if msg.startswith("data.path") else f"data.path: {msg}") from None
-    common = {"seed": d.seed}
-    if d.name == "iris":
-        ds = datasets.iris(standardize=d.standardize, **common)
-    elif d.name == "digits":
-        ds = datasets.digits(standardize=d.standardize, test_fraction=d.test_fraction, **common)
-    elif d.name == "chebyshev":
-        ds = datasets.chebyshev(d.chebyshev_k, d.n_points)
-    elif d.name == "modular_addition":
-        if not 0.0 < d.test_fraction < 1.0:
-            raise ConfigError(
-                f"data.test_fraction: modular_addition needs a value in (0, 1), got {d.test_fraction}"
-            )
-        ds = datasets.modular_addition(d.modulus, train_fraction=1.0 - d.test_fraction, **common)
-    elif d.name == "teacher_student":
-        ds = datasets.teacher_student(
-            d.n_samples, noise=d.noise, test_fraction=d.test_fraction, **common
-        )
-    elif d.name in ("two_moons", "circles", "blobs"):
-        kw = {"noise": d.noise} if d.name != "blobs" else {}
-        ds = datasets.load(
-            d.name,
-            n=d.n_samples,
-            test_fraction=d.test_fraction,
-            standardize=d.standardize,
-            **kw,
-            **common,
-        )
-    else:  # pragma: no cover - validated by the config
-        raise ConfigError(f"data.name: unknown {d.name!r}")
-    return ds
-
-
-def _model_factory(cfg: ExperimentConfig, ds, dtype):
-    """``factory(rngs) -> nnx.Module`` of a built-in ``model.kind``."""
-    from chaosjax import models
-
-    m = cfg.model
-    n_out = ds.n_outputs
-    token_ids = np.issubdtype(ds.x_train.dtype, np.integer)
-    if token_ids != (m.kind == "transformer"):
-        raise ConfigError(
-            f"model.kind: {m.kind!r} does not fit {ds.name}'s inputs ("
-            + ("integer token ids: use 'transformer'" if token_ids else "float features")
-            + ")"
-        )
-    if m.kind == "mlp":
-        widths = (ds.n_features, *m.hidden, n_out)
-
-        def per_layer(values, name):
-            n = len(widths) - 1
-            if len(values) == 1:
-                return values[0]
-            if len(values) != n:
-                raise ConfigError(
-                    f"{name}: give one value or one per layer ({n}), got {list(values)}"
-                )
-            return tuple(values)
-
-        init = per_layer(m.init, "model.init")
-        init_scale = per_layer(m.init_scale, "model.init_scale")
-
-        def factory(rngs):
-            return models.MLP(
-                widths,
-                activation=m.activation,
-                init=init,
-                init_scale=init_scale,
-                bias=m.bias,
-                output_bias=m.output_bias,
-                output_activation=m.output_activation,
-                rngs=rngs,
-                dtype=dtype,
-            )
-
-        return factory
-    if m.kind == "transformer":
-        if len(ds.input_shape) != 1:
-            raise ConfigError(
-                f"model.kind: 'transformer' needs token sequences (n, length), {ds.name} has "
-                f"inputs of shape {ds.input_shape}"
-            )
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.n_heads: must divide d_model={m.d_model}, got {m.n_heads}")
-        vocab = int(max(ds.x_train.max(), ds.x_test.max() if ds.has_test else 0)) + 1
-
-        def factory(rngs):
-            return models.Transformer(
-                vocab,
-                ds.input_shape[0],
-                n_out,
-                d_model=m.d_model,
-                n_heads=m.n_heads,
-                layers=m.layers,
-                causal=m.causal,
-                dropout=m.dropout,
-                rngs=rngs,
-                dtype=dtype,
-            )
-
-        return factory
-    shape = ds.input_shape
-    if len(shape) != 3:
-        side = round(np.sqrt(ds.n_features))
-        if side * side != ds.n_features:
-            raise ConfigError(
-                f"model.kind: {m.kind!r} needs images (n, H, W, C) or square single-channel "
-                f"rows; {ds.name} has {ds.n_features} features"
-            )
-        shape = (side, side, 1)
-    if m.kind == "cnn":
-
-        def factory(rngs):
-            return models.CNN(
-                shape, n_out, channels=m.hidden, activation=m.activation, rngs=rngs, dtype=dtype
-            )
-
-        return factory
-
-    def factory(rngs):
-        return models.ResNet(
-            shape,
-            n_out,
-            width=m.width,
-            depth=m.depth,
-            blocks_per_stage=m.blocks_per_stage,
-            batch_norm=m.batch_norm,
-            activation=m.activation,
-            rngs=rngs,
-            dtype=dtype,
-        )
-
-    return factory
-
-
-def _step_map(cfg: ExperimentConfig, ds, dtype):
-    """The :class:`~chaosjax.StepMap` of ``step.factory``."""
-    import jax
-
-    from chaosjax.experiments import factories
-    from chaosjax.training import TrainingMap
-
-    fn = factories.load_reference(cfg.step.factory, "step.factory")
-    t = cfg.training
-    data = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test}
-
-    def offer(key):
-        return {
-            "dataset": ds,
-            "dtype": dtype,
-            "key": key,
-            "learning_rate": t.learning_rates[0],
-            "steps": cfg.steps,
-        }
-
-    out = factories.user_step(fn, offer(jax.random.PRNGKey(cfg.replicas.seeds[0])))
-    if not isinstance(out, dict):
-        return out
-    kwargs = {"data": data, "dtype": dtype, "name": cfg.name, **out}
-    if "init_fn" not in kwargs:
-
-        def init_fn(key):
-            return factories.user_step(fn, offer(key))["state"]
-
-        kwargs["init_fn"] = init_fn
-    train_step, state = kwargs.pop("train_step"), kwargs.pop("state")
-    try:
-        return TrainingMap.from_step(train_step, state, **kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"step.factory: {str(e).splitlines()[0]}") from e
-
-
-def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None = None):
-    """The :class:`TrainingMap` of a config (learning rate = the first grid value).
-
-    ``model.factory``, ``optimizer.factory`` and ``step.factory`` bring your own model,
-    optax transformation or train step (:mod:`chaosjax.experiments.factories`).
-    ``controller="sharpness"`` or ``"ftle"``: the same network, data and seeds with the
-    optimizer driven by :func:`chaosjax.control.sharpness_margin` / :func:`~chaosjax.control.ftle_target`
-    (settings from ``[control]``; hyper-parameter ``margin`` / ``target``, vmappable)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from chaosjax.experiments import factories
-    from chaosjax.optimizers import OPTIMIZERS
-    from chaosjax.training import TrainingMap
-
-    ds = ds if ds is not None else build_dataset(cfg)
-    dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
-    if cfg.step.factory:
-        return _step_map(cfg, ds, dtype)
-    t = cfg.training
-    key0 = jax.random.PRNGKey(cfg.replicas.seeds[0])
-    if cfg.model.factory:
-        user_fn = factories.load_reference(cfg.model.factory, "model.factory")
-        kind, model = factories.user_model(user_fn, ds, dtype, key0)
-        factory = None  # independent seeds call the factory with their key (init_fn below)
-    else:
-        factory = _model_factory(cfg, ds, dtype)
-        kind, model = "nnx", factory(nnx.Rngs(key0))
-
-    spec = OPTIMIZERS[t.optimizer]
-    hparams = {k: getattr(t, k) for k in spec.defaults if k in _TRAINING_HPARAMS}
-    schedule_options = {}
-    if t.schedule == "step":
-        if not t.drop_steps:
-            raise ConfigError("training.drop_steps: a 'step' schedule needs at least one drop step")
-        schedule_options = {"boundaries": list(t.drop_steps), "factor": t.drop_factor}
-    elif t.schedule == "cosine":
-        schedule_options = {"decay_steps": cfg.steps}
-    optimizer, lr, name, schedule = t.optimizer, t.learning_rates[0], cfg.name, t.schedule
-    kind_kw = {}
-    if controller is not None:
-        optimizer, hparams, lr = _controller(cfg, controller, hparams)
-        schedule, schedule_options, name = "constant", {}, f"{cfg.name}/{controller}"
-    elif cfg.optimizer.factory:
-        user_tx = factories.load_reference(cfg.optimizer.factory, "optimizer.factory")
-        optimizer, takes_lr = factories.user_optimizer(user_tx, cfg.steps)
-        if not takes_lr:
-            if len(t.learning_rates) > 1:
-                raise ConfigError(
-                    "training.learning_rates: a grid needs optimizer.factory to take "
-                    "learning_rate; give one value"
-                )
-            lr = None
-        hparams, schedule, schedule_options = {}, "constant", {}
-        kind_kw = {"optimizer_kind": cfg.optimizer.kind or None}
-    common = {
-        "loss": t.loss,
-        "optimizer": optimizer,
-        "learning_rate": lr,
-        "hparams": hparams,
-        "schedule": schedule,
-        "schedule_options": schedule_options,
-        "batch_size": t.batch_size or None,
-        "batch_seed": t.batch_seed,
-        "dtype": dtype,
-        "name": name,
-        **kind_kw,
-    }
-    try:
-        if kind == "nnx" and factory is not None:
-            return TrainingMap.from_nnx(model, ds, model_factory=factory, **common)
-        if kind == "nnx":
-            from chaosjax import nnx_adapter
-
-            def init_fn(key):
-                fresh = factories.user_model(user_fn, ds, dtype, key)[1]
-                return nnx_adapter.init_params(lambda _: fresh, dtype, key)
-
-            return TrainingMap.from_nnx(model, ds, init_fn=init_fn, **common)
-
-        def init_fn(key):
-            return factories.user_model(user_fn, ds, dtype, key)[1][1]
-
-        return TrainingMap(model[0], model[1], ds, init_fn=init_fn, **common)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        if not (cfg.model.factory or cfg.optimizer.factory):
-            raise
-        field = "model.factory" if cfg.model.factory else "optimizer.factory"
-        raise ConfigError(f"{field}: {str(e).splitlines()[0]}") from e
-
-
-# registry hyper-parameters the [training] section sets
-_TRAINING_HPARAMS = ("momentum", "weight_decay", "b1", "b2")
-
-
-def _controller(cfg: ExperimentConfig, kind: str, base_hparams: dict):
-    """(optimizer factory, hyper-parameters, initial η) of a controlled run."""
-    import functools
-
-    from chaosjax import control
-
-    c, t = cfg.control, cfg.training
-    lr = c.initial_lr or min(t.learning_rates)
-    common = {"optimizer": t.optimizer, "max_change": c.max_change}
-    if kind == "sharpness":
-        factory = functools.partial(
-            control.sharpness_margin, every=c.every, smoothing=c.smoothing, **common
-        )
-        first = {"margin": (c.margins or [1.0])[0]}
-    elif kind == "ftle":
-        factory = functools.partial(
-            control.ftle_target, window=c.ftle_window, gain=c.ftle_gain, **common
-        )
-        first = {"target": (c.ftle_targets or [0.0])[0]}
-    else:
-        raise ValueError(f"controller: unknown {kind!r}; allowed: sharpness, ftle")
-    return factory, {**base_hparams, **first}, lr
-
-
-def protocol_stages(cfg, tmap, batch, results, groups, progress, folder=None) -> dict:
-    """The optional protocol stages of the seed studies (see ``experiments.protocols``)."""
-    from chaosjax.experiments import protocols as pr
-
-    out = {}
-    if cfg.series.enabled:
-        out["series"] = pr.series_stage(cfg, batch, results)
-    if cfg.divergence.enabled:
-        out["divergence"] = pr.divergence_stage(cfg, batch, results)
-    if cfg.marginal.enabled:
-        out["marginal"] = pr.marginal_stage(cfg, tmap, batch, results, progress)
-    if cfg.target.test_accuracy > 0:
-        out["target"] = pr.target_stage(cfg, batch, results)
-    if cfg.prediction.enabled:
-        out["prediction"] = pr.prediction_stage(cfg, batch, results, groups["lyapunov"])
-    if cfg.response.enabled:
-        out["response"] = pr.response_stage(cfg, tmap, batch, results)
-    if cfg.instability.enabled:
-        out["instability"] = pr.instability_stage(cfg, batch, results, groups["lyapunov"])
-    if cfg.grokking.enabled:
-        out["grokking"] = pr.grokking_stage(cfg, batch, results, groups.get("lyapunov"))
-    if cfg.landscape.enabled:
-        from chaosjax.experiments.landscapes import landscape_stage
-
-        out["landscape"] = landscape_stage(cfg, tmap, batch, results)
-    if cfg.control.enabled:
-        from chaosjax.experiments import controlled
-
-        out["control"] = controlled.control_stage(cfg, tmap, batch, results, folder, progress)
-    return out
 
 
 def _prepare_shared(folder: Path, cfg_text: str, resume: bool, force: bool) -> bool:
@@ -491,39 +158,16 @@ def run_experiment(
     cfg_text = to_toml(cfg)
     set_precision(cfg.precision)
     tmap = build_training_map(cfg)  # validates model/data choices before touching the folder
-    if cfg.control.enabled:
-        from chaosjax.experiments.controlled import validate
-
-        validate(cfg)
-    for section in ("lyapunov", "clv"):
-        sub = getattr(cfg, section)
-        if sub.enabled and sub.k > tmap.dim:
-            raise ConfigError(
-                f"{section}.k: must be <= the state dimension {tmap.dim}, got {sub.k}"
-            )
-    if cfg.grokking.enabled and (
-        tmap.task != "classification" or int(tmap.data["x_test"].shape[0]) == 0
-    ):
-        raise ConfigError(
-            "grokking.enabled: needs a classification dataset with a test split (the jump in "
-            "test accuracy)"
-        )
-    if cfg.grokking.enabled and cfg.grokking.layer and cfg.grokking.layer not in tmap.layers:
-        raise ConfigError(
-            f"grokking.layer: unknown {cfg.grokking.layer!r}; allowed: {', '.join(tmap.layers)}"
-        )
+    stages = enabled_stages(cfg)
+    for stage in stages:
+        if stage.validate is not None:
+            stage.validate(cfg, tmap)
     if "learning_rate" not in tmap.hparams and len(cfg.training.learning_rates) > 1:
         raise ConfigError(
             "training.learning_rates: this map takes no learning_rate hyper-parameter (your "
             "optimizer or train step sets it); give one value"
         )
     run_observables(tmap)
-    for section in ("curvature", "landscape"):
-        if getattr(cfg, section).enabled and not getattr(tmap, "_loss_fn", True):
-            raise ConfigError(
-                f"{section}.enabled: the Hessian needs loss_fn(params, batch) from "
-                f"step.factory; return it or set {section}.enabled = false"
-            )
     replica_mesh(cfg.scale.devices or None)  # device and memory fields, before the folder
     try:
         parse_bytes(cfg.scale.memory_limit or None)
@@ -558,29 +202,7 @@ def run_experiment(
     if "learning_rate" not in batch.coords:  # your optimizer or step sets η: the label
         batch.coords["learning_rate"] = np.full(len(batch.coords["seed"]), float(lrs[0]))
     observables, custom = run_observables(tmap)
-    trackers = []
-    if cfg.response.enabled:
-        from chaosjax.response import ResponseTracker
-
-        n_probes = min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0]))
-        trackers.append(ResponseTracker(n_probes=n_probes, rows="references"))
-    if cfg.curvature.enabled:
-        from chaosjax.experiments.analyses import curvature_tracker
-
-        trackers.append(curvature_tracker(cfg))
-    from chaosjax.experiments.analyses import tangent_tracker
-
-    tangents = tangent_tracker(cfg)
-    if tangents is not None:
-        trackers.append(tangents)
-    if cfg.marginal.enabled:
-        from chaosjax.experiments.protocols import marginal_snapshots
-
-        trackers.append(marginal_snapshots(cfg))
-    if cfg.landscape.enabled:
-        from chaosjax.experiments.landscapes import landscape_snapshots
-
-        trackers.append(landscape_snapshots(cfg))
+    trackers = observers_of(cfg, tmap)
     results = run_replicas(
         tmap,
         batch,
@@ -601,20 +223,7 @@ def run_experiment(
         devices=cfg.scale.devices or None,
         memory_limit=cfg.scale.memory_limit or None,
     )
-    groups = {}
-    if cfg.curvature.enabled:
-        from chaosjax.experiments.analyses import curvature_stage
-
-        groups["curvature"] = curvature_stage(cfg, tmap, batch, results)
-    if cfg.lyapunov.enabled:
-        from chaosjax.experiments.analyses import lyapunov_stage
-
-        groups["lyapunov"] = lyapunov_stage(cfg, tmap, batch, results)
-    if cfg.clv.enabled:
-        from chaosjax.experiments.analyses import clv_stage
-
-        groups["clv"] = clv_stage(cfg, tmap, batch, results)
-    groups.update(protocol_stages(cfg, tmap, batch, results, groups, progress, folder))
+    groups = run_stages(RunInputs(cfg, tmap, batch, results, {}, progress, folder))
     results.attrs["total_time_s"] = time.perf_counter() - t_start
     if main:
         results.save(store, groups=groups)
@@ -699,14 +308,14 @@ def render_summary(results, cfg_text: str) -> str:
     growth = any("log_growth" in r for r in rows)
     head = ["η", *(c[1] for c in cols)] + (["⟨ln d(T)/d(0)⟩"] if growth else [])
     head += ["diverged seeds", "diverged replicas"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    body = []
     for r in rows:
         cells = [f"{r['learning_rate']:.4g}", *(seeds_cell(r[c[0]], c[2]) for c in cols)]
         if growth:
             cells.append(fmt(r.get("log_growth"), ".2f"))
         cells += [f"{r['diverged_seeds']}/{r['seeds']}", f"{r['diverged']}/{r['replicas']}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines += table(head, body)
     lines += [
         "",
         "## Figures",
@@ -717,55 +326,6 @@ def render_summary(results, cfg_text: str) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def protocol_report(store: Path, results, lyap, figures: Path) -> str:
-    from chaosjax.experiments import protocols as pr
-    from chaosjax.results import open_group
-
-    parts = []
-    ds = open_group(store, "series")
-    if ds is not None:
-        pr.series_figures(ds, figures)
-        parts += pr.series_markdown(ds)
-    div = open_group(store, "divergence")
-    if div is not None:
-        pr.divergence_figures(div, figures)
-        parts += pr.divergence_markdown(div)
-    ds = open_group(store, "marginal")
-    if ds is not None:
-        parts += pr.marginal_markdown(ds)
-    ds = open_group(store, "target")
-    if ds is not None:
-        parts += pr.target_markdown(ds, lyap, div)
-    ds = open_group(store, "prediction")
-    if ds is not None:
-        pr.prediction_figures(ds, figures)
-        parts += pr.prediction_markdown(ds)
-    ds = open_group(store, "response")
-    if ds is not None:
-        pr.response_figures(results, figures)
-        parts += pr.response_markdown(ds)
-    ds = open_group(store, "instability")
-    if ds is not None:
-        parts += pr.instability_markdown(ds)
-    ds = open_group(store, "grokking")
-    if ds is not None:
-        pr.grokking_figures(ds, results, figures)
-        parts += pr.grokking_markdown(ds)
-    ds = open_group(store, "landscape")
-    if ds is not None:
-        from chaosjax.experiments.landscapes import landscape_figures, landscape_markdown
-
-        landscape_figures(ds, figures)
-        parts += landscape_markdown(ds)
-    ds = open_group(store, "control")
-    if ds is not None:
-        from chaosjax.experiments import controlled
-
-        controlled.control_figures(ds, figures)
-        parts += controlled.control_markdown(ds)
-    return ("\n" + "\n".join(parts)) if parts else ""
 
 
 def plan_text(plan) -> str:
@@ -858,7 +418,6 @@ def report(folder: str | Path) -> Path:
                 report(folder / name)
             return write_index(folder, subs)
     from chaosjax import plots
-    from chaosjax.experiments import analyses
     from chaosjax.results import ReplicaResults, open_group
 
     folder = Path(folder)
@@ -867,21 +426,13 @@ def report(folder: str | Path) -> Path:
         raise RunFolderError(f"report: {folder} holds no results.zarr")
     results = ReplicaResults.load(store)
     cfg_text = results.attrs.get("config") or (folder / "config.toml").read_text()
-    lyap = open_group(store, "lyapunov")
-    plots.standard_figures(results, folder / "figures", fits=lyap)
+    groups = {name: open_group(store, name) for name in STAGES}
+    groups = {name: ds for name, ds in groups.items() if ds is not None}
+    plots.standard_figures(results, folder / "figures", fits=groups.get("lyapunov"))
     text = render_summary(results, cfg_text)
-    if lyap is not None:
-        analyses.lyapunov_figures(lyap, folder / "figures")
-        text += "\n" + "\n".join(analyses.lyapunov_markdown(lyap))
-    curv = open_group(store, "curvature")
-    if curv is not None and "sharpness" in results.records:
-        analyses.curvature_figures(curv, results, folder / "figures")
-        text += "\n" + "\n".join(analyses.curvature_markdown(curv, results))
-    clv = open_group(store, "clv")
-    if clv is not None:
-        analyses.clv_figures(clv, folder / "figures")
-        text += "\n" + "\n".join(analyses.clv_markdown(clv))
-    text += protocol_report(store, results, lyap, folder / "figures")
+    parts = render_stages(ReportInputs(results, groups, folder / "figures"))
+    if parts:
+        text += "\n" + "\n".join(parts)
     if int(results.attrs.get("complete", 0)) != 1:
         text = (
             "> **Incomplete run** (interrupted): resume it with `chaosjax run … --resume`.\n\n"
