@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-#: a window of fewer points is not a fit (DESIGN.md, reporting rules)
+#: a window of fewer points is not a fit (docs/architecture.md, reporting rules)
 MIN_POINTS = 10
 
 
@@ -44,6 +44,18 @@ def line_fit(x, y) -> LineFit:
     else:
         se, p = float("nan"), float("nan")
     return LineFit(float(slope), float(icpt), float(r2), float(se), float(p), n)
+
+
+def best_line_fit(windows):
+    """The highest-R² :func:`line_fit` over ``windows``, an iterable of ``(label, x, y)``:
+    ``(fit, label)``, or None when there is no window (the best-window fits of Danovski et al.
+    and of the method of analogues both use it)."""
+    best = None
+    for label, x, y in windows:
+        f = line_fit(x, y)
+        if best is None or f.r2 > best[0].r2:
+            best = (f, label)
+    return best
 
 
 def t_pvalue(t: float, df: int) -> float:

@@ -38,9 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._fit import MIN_POINTS, line_fit
+from chaosjax._fit import MIN_POINTS, best_line_fit
 from chaosjax._layout import layout_of
-from chaosjax._util import as_traceable, check_step_signature, warn_if_below_resolution
+from chaosjax._util import (
+    as_traceable,
+    check_step_signature,
+    renamed,
+    warn_if_below_resolution,
+)
 from chaosjax.observers import LyapunovTracker, TwinTracker, key_data
 from chaosjax.sharding import MemoryEstimate
 from chaosjax.tangents import (
@@ -659,20 +664,16 @@ def best_window_fit(
     if y.shape[0] != t.shape[0]:
         raise ValueError(f"times: length {t.shape[0]} differs from the distances' {y.shape[0]}")
     thresholds = {"min_r2": float(min_r2), "min_slope": float(min_slope)}
-    best, most = None, 0
+    windows, most = [], 0
     for x1 in starts:
         for w in widths:
             sel = (t >= x1) & (t <= x1 + w) & np.isfinite(y)
             n = int(sel.sum())
             most = max(most, n)
-            if n < min_points:
-                continue
-            f = line_fit(t[sel], y[sel])
-            if best is None or f.r2 > best.r2:
-                best = WindowFit(
-                    f.slope, f.intercept, f.r2, int(x1), int(x1 + w), n, "", **thresholds
-                )
-    if best is None:
+            if n >= min_points:
+                windows.append(((int(x1), int(x1 + w), n), t[sel], y[sel]))
+    found = best_line_fit(windows)
+    if found is None:
         spacing = float(np.median(np.diff(t))) if t.size > 1 else float("nan")
         reason = (
             f"no window holds {min_points} finite points (at most {most}; samples every "
@@ -680,14 +681,16 @@ def best_window_fit(
         )
         nan = float("nan")
         return WindowFit(nan, nan, nan, -1, -1, most, reason, **thresholds)
-    return best
+    f, (x1, x2, n) = found
+    return WindowFit(f.slope, f.intercept, f.r2, x1, x2, n, "", **thresholds)
 
 
+@renamed(n_perturbations="n_perturbed")
 def local_growth_rates(
     step: Callable,
     states,
     *,
-    n_perturbations: int = 16,
+    n_perturbed: int = 16,
     eps: float = 1e-8,
     delta_t: int = 10,
     key=None,
@@ -696,7 +699,7 @@ def local_growth_rates(
 ) -> np.ndarray:
     """Nonlinear growth of random perturbations from chosen states.
 
-    From each state, ``n_perturbations`` random perturbations of norm ``eps`` are evolved
+    From each state, ``n_perturbed`` random perturbations of norm ``eps`` are evolved
     with the reference for ``delta_t`` steps (one replica run: a reference group per state);
     the rate is ln(‖δ(Δt)‖/ε)/Δt (per step).
 
@@ -705,7 +708,7 @@ def local_growth_rates(
         states: (n_states, dim) starting states (all at time ``t0``).
 
     Returns:
-        Rates of shape (n_states, n_perturbations), float64 (NaN where a replica diverged).
+        Rates of shape (n_states, n_perturbed), float64 (NaN where a replica diverged).
     """
     from chaosjax import engine
     from chaosjax.replicas import ReplicaBatch
@@ -713,13 +716,13 @@ def local_growth_rates(
     x = jnp.atleast_2d(jnp.asarray(states))
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError("states: floating arrays required")
-    if int(n_perturbations) != n_perturbations or n_perturbations < 1:
-        raise ValueError(f"n_perturbations: must be a positive integer, got {n_perturbations!r}")
+    if int(n_perturbed) != n_perturbed or n_perturbed < 1:
+        raise ValueError(f"n_perturbed: must be a positive integer, got {n_perturbed!r}")
     if int(delta_t) != delta_t or delta_t < 1:
         raise ValueError(f"delta_t: must be a positive integer, got {delta_t!r}")
     warn_if_below_resolution(float(eps), x.dtype, float(jnp.sqrt(jnp.mean(x**2))), what="eps")
     key = jax.random.PRNGKey(0) if key is None else key
-    n, m = int(x.shape[0]), int(n_perturbations)
+    n, m = int(x.shape[0]), int(n_perturbed)
     u = jax.random.normal(key, (n, m, x.shape[1]), x.dtype)
     u = eps * u / jnp.linalg.norm(u, axis=-1, keepdims=True)
     rows = jnp.concatenate([x[:, None, :], x[:, None, :] + u], axis=1).reshape(n * (m + 1), -1)

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from chaosjax._fit import line_fit
+from chaosjax._fit import best_line_fit
 
 
 def _series(x, name: str = "x", min_len: int = 3) -> np.ndarray:
@@ -398,15 +398,10 @@ def expansion_rate(
     curve = sums / pairs
     with np.errstate(divide="ignore"):
         y = np.log(curve)
-    best = None
-    for m in m_range:
-        k = np.arange(1, int(m) + 1, dtype=float)
-        yy = y[1 : int(m) + 1]
-        if not np.isfinite(yy).all() or k.size < 3:
-            continue
-        f = line_fit(k, yy)
-        if best is None or f.r2 > best[0].r2:
-            best = (f, int(m))
+    windows = ((int(m), np.arange(1, int(m) + 1, dtype=float), y[1 : int(m) + 1]) for m in m_range)
+    best = best_line_fit(
+        (m, k, yy) for m, k, yy in windows if k.size >= 3 and np.isfinite(yy).all()
+    )
     if best is None:
         reason = "the analogue divergence is zero or not finite at every horizon"
         return ExpansionRate(nan, nan, -1, nan, False, curve, pairs, reason)
