@@ -182,3 +182,63 @@ def finite_median(x) -> float:
 
 def dumps(obj: Any) -> str:
     return json.dumps(to_jsonable(obj), sort_keys=True)
+
+
+class _FrozenDict(tuple):
+    """A dict stored in a pytree's static data (sorted items: hashable, comparable)."""
+
+
+def _freeze(v):
+    return _FrozenDict(sorted(v.items())) if isinstance(v, dict) else v
+
+
+def _thaw(v):
+    return dict(v) if isinstance(v, _FrozenDict) else v
+
+
+class FieldsPytree:
+    """Pytree base for the maps: the attributes named in ``_DYNAMIC`` (arrays: data,
+    hyper-parameters, initial states) are the children; every other attribute of the instance
+    is static data, found from the instance itself. A field is declared once, by setting it in
+    ``__init__``, so flattening (``jit``, ``vmap``, ``replace``) cannot drop one. Static values
+    must be hashable (dicts are stored as sorted items)."""
+
+    _DYNAMIC: tuple[str, ...] = ()
+
+    def tree_flatten(self):
+        dyn = self._DYNAMIC
+        static = tuple(sorted((k, _freeze(v)) for k, v in vars(self).items() if k not in dyn))
+        return tuple(getattr(self, k) for k in dyn), static
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        for k, v in aux:
+            object.__setattr__(obj, k, _thaw(v))
+        for k, v in zip(cls._DYNAMIC, children):
+            object.__setattr__(obj, k, v)
+        return obj
+
+
+def renamed(**old_to_new: str):
+    """Decorator: accept the old keyword names of a renamed argument for one release, with a
+    DeprecationWarning naming the new one (both given: TypeError)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{new}: given twice (also as its old name {old!r})")
+                    warnings.warn(
+                        f"{old}: renamed {new!r}; the old name works for one release",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

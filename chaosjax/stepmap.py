@@ -344,51 +344,8 @@ class StepMap(TrainingMap):
 
     # -- pytree -----------------------------------------------------------------------------
 
-    _STATIC = (
-        "_state_split",
-        "_train_step",
-        "_batch_fn",
-        "_loss_fn",
-        "_params_fn",
-        "_returns_metrics",
-        "_metric_names",
-        "state_dtype",
-        "n_params",
-        "dim",
-        "has_carry",
-        "_optimizer_hparams",
-        "optimizer_name",
-        "_declared_lr",
-        "_lr_source",
-        "init_fn",
-        "features_fn",
-        "matmul_precision",
-        "name",
-        "loss_name",
-        "task",
-        "dataset_name",
-        "n_classes",
-        "batch_size",
-        "batch_seed",
-        "rng_seed",
-    )
+    # the pytree children (arrays); every other attribute is static (FieldsPytree)
     _DYNAMIC = ("data", "eval_batch", "test_batch", "hparams", "_x0", "_state_carry0", "_metrics0")
-
-    def tree_flatten(self):
-        static = tuple(
-            tuple(sorted(v.items())) if k == "_optimizer_hparams" else getattr(self, k)
-            for k, v in ((k, getattr(self, k)) for k in self._STATIC)
-        )
-        return tuple(getattr(self, k) for k in self._DYNAMIC), static
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        for k, v in zip(cls._STATIC, aux):
-            setattr(obj, k, dict(v) if k == "_optimizer_hparams" else v)
-        for k, v in zip(cls._DYNAMIC, children):
-            setattr(obj, k, v)
-        return obj
 
     # -- states -----------------------------------------------------------------------------
 

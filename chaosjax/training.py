@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from chaosjax._layout import Layout, MapState, layout_of
-from chaosjax._util import x64_enabled
+from chaosjax._util import FieldsPytree, x64_enabled
 from chaosjax.datasets import Dataset
 from chaosjax.losses import LOSSES, cross_entropy_loss, loss_function, mse_loss
 from chaosjax.optimizers import (
@@ -70,7 +70,7 @@ class _PureForward:
         return isinstance(other, _PureForward) and other.apply_fn == self.apply_fn
 
 
-class TrainingMap:
+class TrainingMap(FieldsPytree):
     """One optimizer step as a map ``step(state, t) -> state``.
 
     Build it from a pure ``apply_fn(params, x)`` and its parameter pytree (this constructor),
@@ -403,33 +403,7 @@ class TrainingMap:
 
     # -- pytree -----------------------------------------------------------------------------
 
-    _STATIC = (
-        "_schedule",
-        "_lr_source",
-        "_apply_fn",
-        "_loss",
-        "loss_name",
-        "task",
-        "state_dtype",
-        "dataset_name",
-        "n_classes",
-        "_factory",
-        "optimizer_name",
-        "batch_size",
-        "batch_seed",
-        "rng_seed",
-        "init_fn",
-        "features_fn",
-        "matmul_precision",
-        "name",
-        "_params_layout",
-        "_opt_layout",
-        "_counters",
-        "n_params",
-        "dim",
-        "has_carry",
-        "_forward",
-    )
+    # the pytree children (arrays); every other attribute is static (FieldsPytree)
     _DYNAMIC = (
         "data",
         "hparams",
@@ -439,20 +413,6 @@ class TrainingMap:
         "_opt_carry0",
         "_model_carry0",
     )
-
-    def tree_flatten(self):
-        return tuple(getattr(self, k) for k in self._DYNAMIC), tuple(
-            getattr(self, k) for k in self._STATIC
-        )
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        obj = object.__new__(cls)
-        for k, v in zip(cls._STATIC, aux):
-            setattr(obj, k, v)
-        for k, v in zip(cls._DYNAMIC, children):
-            setattr(obj, k, v)
-        return obj
 
     # -- learning rate ----------------------------------------------------------------------
 

@@ -197,3 +197,23 @@ def test_dataset_type_checked():
     net = models.PureMLP((2, 4, 2))
     with pytest.raises(TypeError, match="dataset"):
         TrainingMap(net.apply, net.init_params(jax.random.PRNGKey(0)), (1, 2), learning_rate=0.1)
+
+
+def test_fields_are_declared_once_and_survive_replace_and_flattening(iris_map):
+    """Every attribute of a map (and one added later) survives replace, jit and vmap
+    flattening: the static fields are read from the instance, not from a hand-kept list."""
+    import jax
+
+    tmap = iris_map.replace(learning_rate=0.5)
+    assert vars(tmap).keys() == vars(iris_map).keys()
+    assert float(tmap.hparams["learning_rate"]) == 0.5
+    assert float(iris_map.hparams["learning_rate"]) == 1.0
+    object.__setattr__(tmap, "extra_note", ("a", 1))
+    leaves, treedef = jax.tree_util.tree_flatten(tmap)
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert back.extra_note == ("a", 1) and vars(back).keys() == vars(tmap).keys()
+    assert back.replace(learning_rate=0.1).extra_note == ("a", 1)
+    # equal maps flatten to equal treedefs (jit caches on them)
+    assert jax.tree_util.tree_structure(iris_map) == jax.tree_util.tree_structure(
+        iris_map.replace(learning_rate=2.0)
+    )
