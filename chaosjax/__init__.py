@@ -6,17 +6,19 @@ The same functions analyse any map ``step(x, t) -> x``: a Hénon map from
 
 import os as _os
 
-# XLA's concurrency-optimised CPU scheduler can deadlock (all threads idle, no progress) when
-# several CPU devices run a program that mixes a long loop with a batched LAPACK call (e.g. a
-# sharded Lanczos with its small eigh). Turn it off unless the user chose otherwise; it only
-# affects the CPU backend and has to be set before the backend starts.
-if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
-    _os.environ["XLA_FLAGS"] = (
-        _os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    ).strip()
+# The one import side effect. XLA's concurrency-optimised CPU scheduler can deadlock (all
+# threads idle, no progress) when several CPU devices run a program that mixes a long loop with
+# a batched LAPACK call (a sharded Lanczos with its small eigh). chaosjax turns it off, only
+# when the user has not set XLA_FLAGS themselves; it affects the CPU backend only and takes
+# effect only if the backend has not started yet (import chaosjax before running JAX code).
+# x64 is never switched on by importing: call jax.config.update("jax_enable_x64", True) or set
+# a config's precision = "float64".
+if "XLA_FLAGS" not in _os.environ:
+    _os.environ["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 from chaosjax import control as control
 from chaosjax import datasets as datasets
+from chaosjax import episodes as episodes
 from chaosjax import landscape as landscape
 from chaosjax import models as models
 from chaosjax import observers as observers
@@ -25,16 +27,11 @@ from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
 from chaosjax import systems as systems
-from chaosjax._util import as_traceable as as_traceable
 from chaosjax.clv import CLVResult as CLVResult
 from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
 from chaosjax.clv import clv_subspace_overlap as clv_subspace_overlap
 from chaosjax.clv import covariant_lyapunov_vectors as covariant_lyapunov_vectors
-from chaosjax.control import ftle_target as ftle_target
-from chaosjax.control import gradient_noise as gradient_noise
-from chaosjax.control import instability_episodes as instability_episodes
-from chaosjax.control import sharpness_margin as sharpness_margin
 from chaosjax.curvature import CurvatureTracker as CurvatureTracker
 from chaosjax.curvature import DensityResult as DensityResult
 from chaosjax.curvature import EigResult as EigResult
@@ -83,3 +80,96 @@ try:
     __version__ = _version("chaosjax")
 except Exception:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
+
+# names that moved: importable from here for one release, with a DeprecationWarning
+_MOVED = {
+    "as_traceable": ("chaosjax._util", "as_traceable", "a private helper"),
+    "ftle_target": ("chaosjax.control", "ftle_target", "chaosjax.control.ftle_target"),
+    "gradient_noise": ("chaosjax.control", "gradient_noise", "chaosjax.control.gradient_noise"),
+    "sharpness_margin": (
+        "chaosjax.control",
+        "sharpness_margin",
+        "chaosjax.control.sharpness_margin",
+    ),
+    "instability_episodes": (
+        "chaosjax.episodes",
+        "instability_episodes",
+        "chaosjax.episodes.instability_episodes",
+    ),
+}
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module, attr, use = _MOVED[name]
+        warnings.warn(
+            f"chaosjax.{name} is deprecated and will be removed in the next release; use {use}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'chaosjax' has no attribute {name!r}")
+
+
+__all__ = [
+    "CLVResult",
+    "CLVWindow",
+    "CurvatureTracker",
+    "Dataset",
+    "DensityResult",
+    "EigResult",
+    "LyapunovResult",
+    "LyapunovTracker",
+    "MapState",
+    "ReplicaBatch",
+    "ReplicaResults",
+    "ResponseTracker",
+    "StateSnapshots",
+    "StepMap",
+    "TraceResult",
+    "TrainingMap",
+    "TwinTracker",
+    "WindowFit",
+    "best_window_fit",
+    "clv_layer_mass",
+    "clv_memory_bytes",
+    "clv_subspace_overlap",
+    "control",
+    "covariant_lyapunov_vectors",
+    "datasets",
+    "dense_hessian",
+    "ensemble_log_distance",
+    "episodes",
+    "hessian_density",
+    "hessian_eigs",
+    "hessian_trace",
+    "hvp",
+    "landscape",
+    "local_growth_rates",
+    "log_det_jacobian",
+    "lyapunov_spectrum",
+    "make_replicas",
+    "make_schedule",
+    "max_lyapunov",
+    "models",
+    "ntk",
+    "observers",
+    "open_store",
+    "optimizers",
+    "perturbation",
+    "qr_renormalize",
+    "random_basis",
+    "response",
+    "run_replicas",
+    "series",
+    "sharding",
+    "smooth_density",
+    "split_state",
+    "stability_threshold",
+    "systems",
+    "tangent_step",
+    "twin_lyapunov",
+]

@@ -88,6 +88,8 @@ def _die(msg: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``chaosjax`` command (``run``, ``report``, ``presets``, ``config``); returns the exit
+    code: 0 done, 2 bad input (one line naming the field and the allowed values)."""
     args = _parser().parse_args(argv)
     command = args.command or "run"
     if args.command is None:
@@ -173,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:
         return _die(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
+
+__all__ = ["main"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

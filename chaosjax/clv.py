@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from chaosjax._util import renamed
 from chaosjax.observers import CLVWindow, LyapunovTracker, key_data
 
 #: default host-memory budget of one call, bytes.
@@ -160,6 +161,7 @@ def _solve_upper(r: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+@renamed(memory_budget="host_memory_limit")
 def covariant_lyapunov_vectors(
     step: Callable,
     x0,
@@ -176,7 +178,7 @@ def covariant_lyapunov_vectors(
     args=None,
     t0: int = 0,
     tangency_threshold: float = math.radians(1.0),
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    host_memory_limit: int = DEFAULT_MEMORY_BUDGET,
     chunk_steps: int = 10_000,
     progress: bool = False,
     checkpoint=None,
@@ -208,7 +210,7 @@ def covariant_lyapunov_vectors(
         args: extra step argument (batched like x0), e.g. training hyper-parameters.
         t0: time index of ``x0``.
         tangency_threshold: angle (radians) below which a time counts as a near-tangency.
-        memory_budget: refuse (before running) a call whose host memory estimate
+        host_memory_limit: refuse (before running) a call whose host memory estimate
             :func:`clv_memory_bytes` exceeds this many bytes.
         chunk_steps: steps per jitted forward chunk.
         progress: show progress bars.
@@ -254,11 +256,11 @@ def covariant_lyapunov_vectors(
     kept = np.arange(0, n_keep, keep_per)
     n_batch = len(batch)
     need = clv_memory_bytes(dim, k, n_keep + n_bt, len(kept), n_batch)
-    if need > memory_budget:
+    if need > host_memory_limit:
         raise ValueError(
-            f"memory_budget: this call needs about {need / 2**20:.0f} MiB of host memory "
-            f"(budget {memory_budget / 2**20:.0f} MiB); raise keep_every, lower k or steps, or "
-            "raise memory_budget"
+            f"host_memory_limit: this call needs about {need / 2**20:.0f} MiB of host memory "
+            f"(limit {host_memory_limit / 2**20:.0f} MiB); raise keep_every, lower k or steps, or "
+            "raise host_memory_limit"
         )
     key = jax.random.PRNGKey(0) if key is None else key
     k_basis, k_back = jax.random.split(key)

@@ -99,6 +99,7 @@ CONTROLLED = tuple(name for name, spec in OPTIMIZERS.items() if spec.direction i
 
 
 def spec(name: str) -> OptimizerSpec:
+    """The registry entry of optimizer ``name`` (ValueError naming the allowed names)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: unknown {name!r}; allowed: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[name]

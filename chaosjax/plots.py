@@ -314,6 +314,7 @@ def spectral_density(ds, *, ax=None):
 
 
 def save(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` (folders created, tight layout), close it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax._util import renamed
+
 
 def _system(*, data: tuple[str, ...] = ()):
     """Frozen dataclass registered as a pytree: ``data`` fields are leaves, the rest static.
@@ -225,13 +227,13 @@ class QuadraticGD:
     """
 
     matrix: jax.Array | None = None
-    lr: float = 0.1
+    learning_rate: float = 0.1
     eigenvalues: tuple[float, ...] | None = None
     seed: int = 0
     name: ClassVar[str] = "quadratic_gd"
 
     def __post_init__(self):
-        _positive("lr", self.lr)
+        _positive("learning_rate", self.learning_rate)
         if self.matrix is None:
             ev = np.asarray(
                 self.eigenvalues if self.eigenvalues is not None else (1.0, 5.0, 12.0, 25.0)
@@ -258,12 +260,12 @@ class QuadraticGD:
         return 0.5 * theta @ (self.matrix @ theta)
 
     def step(self, x, t):
-        return x - self.lr * (self.matrix @ x)
+        return x - self.learning_rate * (self.matrix @ x)
 
     def exact_exponents(self) -> np.ndarray:
         """log|1 − η a_i| sorted descending."""
         ev = np.linalg.eigvalsh(np.asarray(self.matrix, dtype=np.float64))
-        return np.sort(np.log(np.abs(1.0 - self.lr * ev)))[::-1]
+        return np.sort(np.log(np.abs(1.0 - self.learning_rate * ev)))[::-1]
 
 
 logistic = Logistic
@@ -272,7 +274,8 @@ standard_map = StandardMap
 linear_map = LinearMap
 lorenz63 = Lorenz63
 lorenz96 = Lorenz96
-quadratic_gd = QuadraticGD
+quadratic_gd = renamed(lr="learning_rate")(QuadraticGD)
+"""Build a :class:`QuadraticGD` (``lr=`` is the old name of ``learning_rate``)."""
 
 __all__ = [
     "Henon",

@@ -25,7 +25,7 @@
 # sharpness against Adam's stability threshold, and covariant Lyapunov vectors. Then it does
 # the same for a hand-written `train_step` on a flax `TrainState`.
 #
-# What chaosjax does with your model (DESIGN.md, "Your own training, as a map"):
+# What chaosjax does with your model (README, "Your own training, as a map"):
 #
 # - `nnx.Param` variables are the trained parameters; with Adam's moments they are the
 #   dynamical coordinates that tangents, perturbations and distances act on;

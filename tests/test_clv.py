@@ -157,10 +157,10 @@ def test_training_map_clvs_and_layer_mass():
     np.testing.assert_allclose(sum(mass.values()), 1.0, atol=1e-10)
 
 
-def test_memory_budget_refused_before_running():
+def test_host_memory_limit_refused_before_running():
     h = systems.henon()
     need = clv_memory_bytes(2, 2, 1_000_000 + 100, 1_000_000)
-    with pytest.raises(ValueError, match="memory_budget"):
+    with pytest.raises(ValueError, match="host_memory_limit"):
         covariant_lyapunov_vectors(
             h.step,
             h.x0,
@@ -168,7 +168,7 @@ def test_memory_budget_refused_before_running():
             steps=1_000_000,
             backward_transient=100,
             keep_every=1,
-            memory_budget=need - 1,
+            host_memory_limit=need - 1,
         )
 
 

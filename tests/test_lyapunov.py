@@ -269,7 +269,7 @@ def test_ensemble_log_distance_and_window_fit():
 
 def test_local_growth_rates_linear_map():
     lm = systems.linear_map(matrix=jnp.diag(jnp.array([2.0, 0.5])))
-    rates = local_growth_rates(lm.step, jnp.ones((3, 2)), n_perturbations=8, eps=1e-6, delta_t=40)
+    rates = local_growth_rates(lm.step, jnp.ones((3, 2)), n_perturbed=8, eps=1e-6, delta_t=40)
     assert rates.shape == (3, 8)
     # after 40 steps almost every perturbation grows like 2^t
     assert np.median(rates) == pytest.approx(np.log(2), abs=0.05)

@@ -66,7 +66,7 @@ def test_cli_and_api_build_one_network(preset):
     """The command line (NNX MLP from the config) and the API (PureMLP) give equal initial
     parameters, and so equal outputs, for the same config and seed."""
     from chaosjax.experiments import load_config
-    from chaosjax.experiments.runner import build_dataset, build_training_map
+    from chaosjax.experiments.builders import build_dataset, build_training_map
 
     cfg = load_config(preset)
     ds = build_dataset(cfg)

@@ -1,4 +1,4 @@
-"""The reporting rules of DESIGN.md, each on constructed input whose answer is known."""
+"""The reporting rules (docs/architecture.md), each on constructed input whose answer is known."""
 
 import jax
 import jax.numpy as jnp

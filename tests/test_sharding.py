@@ -288,7 +288,7 @@ def test_run_in_passes_matches_single_pass(tmp_path):
 def test_lyapunov_in_passes():
     h = systems.Henon()
     x0 = jnp.stack([h.x0 + 0.01 * i for i in range(6)])
-    a = cj.lyapunov_spectrum(h.step, x0, k=2, steps=200, batched=True)
+    a = cj.lyapunov_spectrum(h.step, x0, k=2, steps=200, batched=True, devices=2)
     per = cj.lyapunov.tangent_memory(h.step, x0, k=2, batched=True).per_replica
     b = cj.lyapunov_spectrum(h.step, x0, k=2, steps=200, batched=True, memory_limit=per, devices=2)
     assert b.info["passes"] == 3  # one replica per device and pass

@@ -98,7 +98,7 @@ def test_systems_are_pytrees_with_array_leaves():
         (lambda: systems.lorenz96(n=2), "n:"),
         (lambda: systems.linear_map(matrix=jnp.ones((2, 3))), "matrix:"),
         (lambda: systems.quadratic_gd(matrix=jnp.array([[1.0, 2.0], [0.0, 1.0]])), "symmetric"),
-        (lambda: systems.quadratic_gd(lr=-1.0), "lr:"),
+        (lambda: systems.quadratic_gd(learning_rate=-1.0), "learning_rate:"),
     ],
 )
 def test_bad_parameters_are_named(make, msg):

@@ -1,4 +1,4 @@
-"""Statistics across seeds as the reports show them (DESIGN.md, reporting rules): mean ±
+"""Statistics across seeds as the reports show them (docs/architecture.md, reporting rules): mean ±
 standard error over seeds with the per-seed values beside it; a within-run error never
 stands in for the spread between seeds."""
 
