@@ -65,10 +65,10 @@ def test_bad_model_arguments(make, msg):
 def test_cli_and_api_build_one_network(preset):
     """The command line (NNX MLP from the config) and the API (PureMLP) give equal initial
     parameters, and so equal outputs, for the same config and seed."""
-    from chaosjax.experiments import load_config
+    from chaosjax.experiments import load_plan
     from chaosjax.experiments.builders import build_dataset, build_training_map
 
-    cfg = load_config(preset)
+    cfg = load_plan(preset)[0][1]
     ds = build_dataset(cfg)
     dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
     cli = build_training_map(cfg, ds)

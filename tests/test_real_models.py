@@ -35,11 +35,12 @@ def assert_params_match(ours, model, bound, skip=None):
         assert float(jnp.max(jnp.abs(ours[path] - b))) <= bound * scale, name
 
 
-def resnet_map(ds, batch_norm=True, **kw):
+def resnet_map(ds, batch_norm=True, width=4, depth=2, **kw):
     def make(rngs):
         return models.ResNet(
-            (8, 8, 1), 10, width=4, depth=2, batch_norm=batch_norm, rngs=rngs, dtype=jnp.float64
-        )
+            (8, 8, 1), 10, width=width, depth=depth, batch_norm=batch_norm, rngs=rngs,
+            dtype=jnp.float64,
+        )  # fmt: skip
 
     kw.setdefault("optimizer", "momentum")
     kw.setdefault("learning_rate", 0.05)
@@ -81,7 +82,7 @@ def test_resnet_with_batchnorm_equals_a_hand_written_loop(digits_images):
     assert np.all(np.isfinite(top.eigenvalues)) and top.eigenvalues[0] >= top.eigenvalues[1]
 
 
-def test_transformer_on_tokens_trains_and_has_finite_exponents():
+def test_transformer_on_tokens_equals_the_users_loop_and_has_finite_curvature():
     p = 5
     a, b = np.meshgrid(np.arange(p), np.arange(p))
     x = np.stack([a.ravel(), b.ravel(), np.full(p * p, p)], 1).astype(np.int32)
@@ -106,27 +107,22 @@ def test_transformer_on_tokens_trains_and_has_finite_exponents():
 
         o.update(m, nnx.grad(loss_fn)(m))
 
-    s = tm.init()
+    s = s0 = tm.init()
     for t in range(3):
         s = tm.step(s, t)
         user_step(model, opt)
+    assert float(tm.loss(s)) < float(tm.loss(s0))
     # Adam amplifies round-off: bound 1e-7 of the largest weight over 3 steps. Softmax is
     # invariant to the key bias: its gradient is round-off (~1e-10), which Adam normalises into
     # O(η) steps, so that leaf follows each program's rounding and is left out
     assert_params_match(tm.params(s), model, 1e-7, skip="['key']['bias']")
     top = cj.hessian_eigs(tm, s, k=2, num_matvecs=30)
     assert np.all(np.isfinite(top.eigenvalues)) and top.eigenvalues[0] >= top.eigenvalues[1]
-    batch = cj.make_replicas(tm, seeds=[0, 1], n_perturbed=1, eps=1e-8)
-    res = cj.run_replicas(
-        tm, batch, steps=10, record_every=5, trackers=[cj.LyapunovTracker(k=2)], progress=False,
-        devices=1,
-    )  # fmt: skip
-    assert res.records["loss"][0, -1] < res.records["loss"][0, 0]
-    assert np.all(np.isfinite(res.records["ftle"][batch.coords["member"] == 0][:, 1:]))
+    # replicas with tangents on a Transformer: the slingshot preset's tiny run (test_presets)
 
 
 def test_replica_strategies_agree_and_are_recorded(digits_images, tmp_path):
-    tm = resnet_map(digits_images, batch_norm=True)
+    tm = resnet_map(digits_images, batch_norm=True, width=2, depth=1)  # three compilations
     batch = cj.make_replicas(tm, seeds=[0], n_perturbed=3, eps=1e-6)
     out = {}
     for strategy in ("vmap", "map", 2):

@@ -204,7 +204,7 @@ def test_threshold_and_eta_t_follow_a_learning_rate_schedule():
 
 
 def test_grokking_rule_counts_enrichment_not_any_event_in_a_window():
-    from chaosjax.experiments.protocols import _coincidence
+    from chaosjax.experiments.grokking import _coincidence
     from chaosjax.series import spike_mask
 
     loss = np.array([3.0, 1.0, 0.5, 0.2, 0.1, 0.5, 0.15, 0.25, 0.3, 0.35, 0.4])

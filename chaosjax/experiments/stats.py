@@ -48,4 +48,16 @@ def seeds_cell(values, spec: str = ".3g") -> str:
     return f"{head} ({tail})"
 
 
-__all__ = ["MAX_LISTED", "OverSeeds", "over_seeds", "seeds_cell"]
+def finite_prefix(x: np.ndarray) -> np.ndarray:
+    """The values before the first non-finite one."""
+    bad = ~np.isfinite(x)
+    return x[: int(np.argmax(bad))] if bad.any() else x
+
+
+def last_finite(x: np.ndarray) -> float:
+    """The last value before the series stops being finite (NaN if it never was)."""
+    p = finite_prefix(np.asarray(x, np.float64))
+    return float(p[-1]) if p.size else float("nan")
+
+
+__all__ = ["MAX_LISTED", "OverSeeds", "finite_prefix", "last_finite", "over_seeds", "seeds_cell"]
