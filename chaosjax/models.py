@@ -34,6 +34,10 @@ def activation(name: str) -> Callable:
     return ACTIVATIONS[name]
 
 
+# the constructors below take a parameter named ``activation``: they look names up through this
+_activation_of = activation
+
+
 def _check_widths(widths: Sequence[int]) -> tuple[int, ...]:
     widths = tuple(widths)
     if len(widths) < 2 or any(int(w) != w or w < 1 for w in widths):
@@ -113,11 +117,11 @@ class MLP(nnx.Module):
     ):
         widths = _check_widths(widths)
         output_bias = bias if output_bias is None else output_bias
-        globals()["activation"](activation)  # validate the name
+        _activation_of(activation)  # validate the name
         n = len(widths) - 1
         inits = _per_layer("init", init, n)
         scales = _per_layer("init_scale", init_scale, n)
-        globals()["activation"](output_activation)
+        _activation_of(output_activation)
         self.output_activation = output_activation
         self.activation = activation
         self.layers = nnx.List(
@@ -171,7 +175,7 @@ class CNN(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        globals()["activation"](activation)
+        _activation_of(activation)
         h, w, c = (int(v) for v in image_shape)
         self.image_shape = (h, w, c)
         self.activation = activation
@@ -273,7 +277,7 @@ class ResNet(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        globals()["activation"](activation)
+        _activation_of(activation)
         if int(width) < 1 or int(depth) < 1 or int(blocks_per_stage) < 1:
             raise ValueError(
                 f"width, depth, blocks_per_stage: must be >= 1, got {width}, {depth}, "

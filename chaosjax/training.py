@@ -718,11 +718,12 @@ class TrainingMap(FieldsPytree):
         return new_x.astype(x.dtype), new_carry, loss
 
     def step_and_loss(self, state, t, hparams=None):
-        """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step."""
-        hparams = self.hparams if hparams is None else hparams
-        x, carry = split_state(state)
-        new_x, new_carry, loss = self.flow(x, () if carry is None else carry, t, hparams)
-        return (new_x if carry is None else MapState(new_x, new_carry)), loss
+        """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step.
+
+        Compiled once per map structure and state shape (``jax.jit`` with the map as a pytree
+        argument), so eager calls in a notebook do not dispatch op by op; inside your own
+        ``jit``/``vmap``/``jvp``/``scan`` it is inlined like any jitted function."""
+        return _step_and_loss(self, state, t, self.hparams if hparams is None else hparams)
 
     def step_with(self, state, t, hparams):
         """One step with explicit hyper-parameters (a dict of arrays; vmappable)."""
@@ -788,6 +789,13 @@ class TrainingMap(FieldsPytree):
 
 
 jax.tree_util.register_pytree_node_class(TrainingMap)
+
+
+@jax.jit
+def _step_and_loss(tmap, state, t, hparams):
+    x, carry = split_state(state)
+    new_x, new_carry, loss = tmap.flow(x, () if carry is None else carry, t, hparams)
+    return (new_x if carry is None else MapState(new_x, new_carry)), loss
 
 
 class _nullcontext:

@@ -41,9 +41,25 @@ def test_nnx_mlp_matches_pure_function_with_same_weights():
     assert [f.shape for f in m.features(x)] == [(4, 7)]
 
 
-def test_cnn_shapes():
-    c = models.CNN((8, 8, 1), 10, channels=(4, 8), rngs=nnx.Rngs(0))
-    assert c(jnp.ones((3, 64))).shape == (3, 10)
+def test_cnn_equals_its_documented_layers():
+    """Two 3×3 SAME convolutions, each with the activation and a 2×2 average pool, then a
+    dense layer: the module's output equals that computation written with lax."""
+    c = models.CNN((8, 8, 1), 10, channels=(4, 8), rngs=nnx.Rngs(0), dtype=jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(3), (3, 64), jnp.float64)
+    h = x.reshape(3, 8, 8, 1)
+    for conv in c.convs:
+        h = jax.lax.conv_general_dilated(
+            h, conv.kernel[...], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        h = jax.nn.relu(h + conv.bias[...])
+        n, hh, ww, ch = h.shape
+        h = h.reshape(n, hh // 2, 2, ww // 2, 2, ch).mean(axis=(2, 4))
+    want = h.reshape(3, -1) @ c.head.kernel[...] + c.head.bias[...]
+    got = c(x)
+    assert got.shape == (3, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="activation: unknown 'nope'"):
+        models.CNN((8, 8, 1), 10, activation="nope", rngs=nnx.Rngs(0))
 
 
 @pytest.mark.parametrize(

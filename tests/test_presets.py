@@ -12,7 +12,7 @@ from chaosjax.results import open_group
 
 TINY = {
     "steps": 40,
-    "record_every": 2,
+    "record_every": 5,
     "chunk_steps": 20,
     "replicas.seeds": "[0, 1]",
     "replicas.n_perturbed": 1,

@@ -213,8 +213,10 @@ def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_cnn(digits_s
         u, o = opt.update(grads, o, params)
         params = optax.apply_updates(params, u)
         s = tm.step(s, t)
+    # the map's step is one compiled program, the loop runs op by op: Adam divides round-off in
+    # near-zero gradient entries by their tiny second moment, so agreement is ~1e-8, not 1e-15
     for a, b in zip(jax.tree_util.tree_leaves(tm.params(s)), jax.tree_util.tree_leaves(params)):
-        assert rel(a, b) <= 1e-9
+        assert rel(a, b) <= 1e-7
 
 
 # ------------------------------------------------------------------------------------------
