@@ -28,6 +28,9 @@ References:
     Meyer, Musco, Musco, Woodruff (2021). Hutch++: optimal stochastic trace estimation.
     Cohen, Kaur, Li, Kolter, Talwalkar (2021). Gradient descent on neural networks typically
     occurs at the edge of stability. ICLR.
+
+Length: the operators (Hessian, GGN, preconditioned), the Krylov solvers (Lanczos, block
+Krylov), trace and density estimators, and the tracker that uses them along a run.
 """
 
 from __future__ import annotations

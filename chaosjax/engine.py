@@ -15,6 +15,10 @@ not fit runs in passes of whole reference groups.
 :func:`run_replicas` (exported as :func:`chaosjax.run_replicas`) is the one driver;
 :func:`chaosjax.lyapunov_spectrum`, :func:`chaosjax.twin_lyapunov` and
 :func:`chaosjax.covariant_lyapunov_vectors` are thin calls of it.
+
+Length: this is the one driver of every analysis; the chunk program, the float64 host
+accumulation, checkpoints and resume, passes and sharding share one run's state and
+fingerprint. The checkpoint format and the memory plan are the next pieces to move out.
 """
 
 from __future__ import annotations

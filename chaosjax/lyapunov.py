@@ -24,6 +24,9 @@ References:
     smooth dynamical systems. Meccanica 15.
     Danovski, Soriano, Lacasa (2024). Dynamical stability and chaos in artificial neural
     network trajectories along training. arXiv:2404.05782.
+
+Length: one public function per estimator (QR spectrum, max exponent, twin, ensemble, local
+growth rates, window fits) with their result types; each is a thin call of the engine.
 """
 
 from __future__ import annotations

@@ -37,6 +37,9 @@ Observer protocol (duck-typed; the engine calls what an observer defines):
 Windows keep their meaning inside the one run: ``warmup`` delays an observer's start,
 ``align`` runs its tangents before accumulation, and a CLV window plus its backward
 transient lies inside the run. Nothing re-integrates a trajectory.
+
+Length: about 500 lines over the observer protocol, the tangent observer (FTLEs and the CLV
+forward pass), the twin observer and snapshots.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ batch_stats)``, mid-training included). chaosjax splits it once:
 
 ``batch_fn(t, data)`` chooses the data of step t (jittable in t); ``data`` travels as an
 argument of the jitted programs, never closed over.
+
+Length: about 500 lines: your train_step as a map needs its own state split, metrics and
+batching on top of :class:`~chaosjax.TrainingMap`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax import training as _training
 from chaosjax._layout import MapState, is_float, path_name
 from chaosjax._util import one_line
 from chaosjax.optimizers import (
@@ -601,5 +605,6 @@ def _as_leaf(v):
 
 
 jax.tree_util.register_pytree_node_class(StepMap)
+_training._STEP_MAP["class"] = StepMap  # TrainingMap.from_step builds one
 
 __all__ = ["MapState", "StepMap", "default_carried"]

@@ -16,6 +16,10 @@ data and the same masks, and the map is deterministic.
 
 Hyper-parameters (learning rate, momentum, Adam's betas, …) are arrays passed to the step,
 so a grid of learning rates runs as one vmapped batch (``step_with``).
+
+Length: losses (:mod:`chaosjax.losses`), optimizers (:mod:`chaosjax.optimizers`), the flat
+layout (:mod:`chaosjax._layout`) and the NNX adapter live elsewhere; what is here is the map
+itself (step, flow, schedules in η_t), its states and its evaluation.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.interpreters import partial_eval as pe
 
 from chaosjax._layout import Layout, MapState, layout_of
 from chaosjax._util import FieldsPytree, x64_enabled
@@ -307,11 +312,21 @@ class TrainingMap(FieldsPytree):
         if plain:
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
             x, y = self.data["x_train"], self.data["y_train"]
-            with differentiable_updates():
-                _, new_state = optax.with_extra_args_support(tx).update(
-                    zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
-                )
-            new = self._opt_layout.split(new_state)[1]
+
+            def counters_after_one_update(params, opt_state, x, y):
+                # only the integer leaves are returned: the jaxpr keeps what they need (a
+                # controller's Krylov solve is dead code here and is neither run nor compiled)
+                with differentiable_updates():
+                    _, new_state = optax.with_extra_args_support(tx).update(
+                        zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
+                    )
+                return self._opt_layout.split(new_state)[1]
+
+            closed = jax.make_jaxpr(counters_after_one_update)(params, opt_state, x, y)
+            kept, used_in = pe.dce_jaxpr(closed.jaxpr, True)
+            leaves = jax.tree_util.tree_leaves((params, opt_state, x, y))
+            args = [a for a, u in zip(leaves, used_in, strict=True) if u]
+            new = jax.core.eval_jaxpr(kept, closed.consts, *args)
             plain = all(bool(jnp.all(b == a + 1)) for a, b in zip(carried, new))
         return tuple(plain for _ in carried)
 
@@ -386,9 +401,9 @@ class TrainingMap(FieldsPytree):
     def from_step(cls, train_step, state, *, batch_fn, **kwargs):
         """Your own ``train_step(state, batch) -> state`` (or ``-> (state, metrics)``) as a map;
         see :class:`chaosjax.stepmap.StepMap` for the arguments."""
-        from chaosjax.stepmap import StepMap
-
-        return StepMap(train_step, state, batch_fn=batch_fn, **kwargs)
+        # StepMap builds on this module and registers itself here when chaosjax is imported
+        # (chaosjax/__init__ imports chaosjax.stepmap): no import back from this layer
+        return _STEP_MAP["class"](train_step, state, batch_fn=batch_fn, **kwargs)
 
     def replace(self, **hparams) -> TrainingMap:
         """A copy with hyper-parameters replaced, e.g. ``tmap.replace(learning_rate=0.5)``."""
@@ -789,6 +804,9 @@ class TrainingMap(FieldsPytree):
 
 
 jax.tree_util.register_pytree_node_class(TrainingMap)
+
+#: the class behind :meth:`TrainingMap.from_step`, registered by :mod:`chaosjax.stepmap`
+_STEP_MAP: dict[str, type] = {}
 
 
 @jax.jit

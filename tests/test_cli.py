@@ -182,7 +182,7 @@ def test_killed_run_resumes_to_the_same_arrays(tmp_path):
         "--set",
         "clv.enabled=false",  # the CLV stage is tested elsewhere; this test is about resume
         "--set",
-        "steps=600",
+        "steps=300",
         "--set",
         "record_every=10",
         "--set",

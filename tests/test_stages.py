@@ -174,3 +174,32 @@ def test_a_required_stage_that_is_off_is_a_config_error(scratch_stage):
     cfg = load_config("quickstart", ["lyapunov.enabled=false", "instability.enabled=false"])
     with pytest.raises(ConfigError, match=r"needs_ly\.enabled: needs lyapunov\.enabled = true"):
         enabled_stages(cfg)
+
+
+def test_instability_stage_finds_layer_separation_reconvergence_and_phases():
+    cfg = load_config("quickstart")
+    f, keep = cfg.instability.separation_factor, cfg.instability.reconverge_fraction
+    t = np.arange(0, 110, 10)
+    up = np.concatenate([np.geomspace(1.0, 10 * f, 6), np.full(5, 0.5 * keep * 10 * f)])
+
+    def layer_distance(c):
+        out = np.zeros((c["seed"].size, t.size, 2))
+        out[c["member"] > 0, :, 0] = up  # separates (step 50 passes f×), then re-converges
+        out[c["member"] > 0, :, 1] = 1.0  # never separates
+        return out
+
+    batch, res = synthetic({"layer_distance": layer_distance}, seeds=(0,), steps=t)
+    res.layer_names = ("hidden", "output")
+    ftle = np.array([1.0, 0.8, 0.3, 0.05, 0.0])[None, :, None]
+    lyap = xr.Dataset(
+        {"ftle": (("group", "window", "exponent"), ftle)},
+        coords={"window_end": ("window", [20, 40, 60, 80, 100])},
+        attrs={"ftle_window": 20},
+    )
+    ds = STAGES["instability"].run(RunInputs(cfg, None, batch, res, {"lyapunov": lyap}))
+    first = t[np.argmax(up >= f * up[0])]
+    assert ds["separation_step"].values[0, 0] == first
+    assert np.isnan(ds["separation_step"].values[0, 1])
+    assert ds["reconverged"].values[0].tolist() == [1, 0]
+    np.testing.assert_allclose(ds["peak_distance"].values[0], [up.max(), 1.0])
+    assert ds["exploration_end"].item() == 40.0 and ds["refining_start"].item() == 60.0

@@ -1,5 +1,9 @@
 """Analysis stages of a run, each producing an ``xarray.Dataset`` stored as a group of
-``results.zarr``, plus the summary rows and figures derived from it."""
+``results.zarr``, plus the summary rows and figures derived from it.
+
+Length: the three core stages (Lyapunov, curvature, CLVs), each with its run, markdown and
+figures; the protocol stages have one module per study.
+"""
 
 from __future__ import annotations
 
