@@ -8,7 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 # one cache folder per xdist worker: two processes never write the same cache files at once
-# (a full run aborted twice inside XLA on the sharded CPU path with one shared folder)
+# (JAX writes an entry with a plain write_bytes and reads it without a lock unless eviction is
+# on, so a worker could load another's half-written executable; a worker and the subprocess it
+# waits for share its folder safely)
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 _CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation" / _WORKER
 if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:

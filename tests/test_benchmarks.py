@@ -22,7 +22,19 @@ def load(name):
 EXTRA = {"suite": ["--models", "resnet-bn"]}
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in BENCH.glob("[!_]*.py")))
+#: scripts whose tiny run only re-times code that test_curvature, test_lyapunov and
+#: test_sharding check for correctness: `pytest -m slow` runs them (the suite stays under
+#: 10 minutes on 2 cores); the others run here
+SLOW = {"curvature", "lyapunov", "scaling"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+        for n in sorted(p.stem for p in BENCH.glob("[!_]*.py"))
+    ],
+)
 def test_benchmark_runs_tiny(name, tmp_path):
     args = ["--tiny", "--json", str(tmp_path / f"{name}.json"), *EXTRA.get(name, [])]
     rows = load(name).main(args)

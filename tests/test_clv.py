@@ -115,7 +115,7 @@ def test_lorenz63_zero_exponent_clv_is_the_flow_direction():
 
 
 def test_gd_quadratic_clvs_are_eigenvectors():
-    q = systems.quadratic_gd(eigenvalues=(0.5, 3.0, 9.0, 21.0), lr=0.075, seed=1)
+    q = systems.quadratic_gd(eigenvalues=(0.5, 3.0, 9.0, 21.0), learning_rate=0.075, seed=1)
     res = covariant_lyapunov_vectors(
         q.step, q.x0, k=4, steps=50, align=300, backward_transient=300, keep_every=25
     )

@@ -131,6 +131,9 @@ def _run(tmp_path, *sets, name="run"):
             "model.factory='./my_model.py:make_apply'",
             "data.name='iris'",
             "training.learning_rates=[0.1]",
+            # the CLV and landscape stages on a user's model: run by the nnx-batchnorm case
+            "clv.enabled=false",
+            "landscape.enabled=false",
         ],
         [
             "model.factory='./my_model.py:make_model'",
@@ -138,6 +141,8 @@ def _run(tmp_path, *sets, name="run"):
             "optimizer.kind='adamw'",
             "training.learning_rates=[0.01, 0.03]",
             "training.loss='cross_entropy'",
+            "clv.enabled=false",
+            "landscape.enabled=false",
         ],
     ],
     ids=["nnx-batchnorm", "apply-params", "optimizer-factory"],

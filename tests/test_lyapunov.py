@@ -36,7 +36,9 @@ def test_tangent_step_equals_jacobian_product():
 
 
 def test_gd_quadratic_exact_spectrum():
-    q = systems.quadratic_gd(eigenvalues=(0.5, 3.0, 9.0, 14.0, 21.0, 31.0), lr=0.075, seed=3)
+    q = systems.quadratic_gd(
+        eigenvalues=(0.5, 3.0, 9.0, 14.0, 21.0, 31.0), learning_rate=0.075, seed=3
+    )
     res = lyapunov_spectrum(q.step, q.x0, k=4, steps=300, align=200)
     np.testing.assert_allclose(res.exponents, q.exact_exponents()[:4], atol=1e-8)
 

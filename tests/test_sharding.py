@@ -165,11 +165,15 @@ def test_sharded_tracker_program_has_no_lapack_on_cpu():
     tmap, batch = iris_replicas()
     trackers = [cj.CurvatureTracker(k=2, cold_matvecs=16), cj.LyapunovTracker(k=2)]
     _, _, first, fargs, chunk, (hp, ref, state, track) = _sharded_program(tmap, batch, 2, trackers)
-    assert 'custom_call_target="lapack' not in first.lower(*fargs).compile().as_text()
-    _, tstates = first(*fargs)
+    # LAPACK enters at lowering (custom calls named lapack_*): the lowered programs tell, and
+    # nothing needs compiling (the observer states' shapes come from eval_shape)
+    assert "lapack" not in first.lower(*fargs).as_text().lower()
+    _, tstates = jax.eval_shape(first, *fargs)
     args = (Partial(TrainingMap.flow, tmap), tmap, hp, ref, state, tstates,
             jnp.asarray(0, jnp.int32), track)  # fmt: skip
-    assert 'custom_call_target="lapack' not in chunk.lower(*args).compile().as_text()
+    assert "lapack" not in chunk.lower(*args).as_text().lower()
+    # the check can fail: an eigh lowered on the CPU names its LAPACK call
+    assert "lapack" in jax.jit(jnp.linalg.eigh).lower(jnp.eye(3)).as_text().lower()
     rng = np.random.default_rng(1)
     a = rng.normal(size=(7, 7))
     a = a + a.T

@@ -66,7 +66,7 @@ def test_lorenz96_fixed_point_and_divergence():
 
 
 def test_quadratic_gd_exact_exponents():
-    q = systems.quadratic_gd(eigenvalues=(1.0, 5.0, 12.0, 25.0), lr=0.1)
+    q = systems.quadratic_gd(eigenvalues=(1.0, 5.0, 12.0, 25.0), learning_rate=0.1)
     ev = np.linalg.eigvalsh(np.asarray(q.matrix))
     np.testing.assert_allclose(np.sort(ev), [1, 5, 12, 25], atol=1e-10)
     np.testing.assert_allclose(
