@@ -126,7 +126,7 @@ def compare(tmap, s, trace_probes: int, tiny: bool, hidden: str):
             m = min(24 if k == 1 else 48, pp.shape[0])
             f = jax.jit(
                 lambda q, k=k, m=m, lossd=lossd: (
-                    cj.hessian_eigs(lossd, q, k, num_matvecs=m).eigenvalues
+                    cj.hessian_eigs(lossd, q, k, n_matvecs=m).eigenvalues
                 )
             )
             sec = timed(lambda f=f, pp=pp: f(pp))
@@ -141,7 +141,7 @@ def compare(tmap, s, trace_probes: int, tiny: bool, hidden: str):
         ftr = jax.jit(
             lambda q, lossd=lossd: (
                 cj.hessian_trace(
-                    lossd, q, num_probes=trace_probes, key=jax.random.PRNGKey(0), method="hutch++"
+                    lossd, q, n_probes=trace_probes, key=jax.random.PRNGKey(0), method="hutch++"
                 ).estimate
             )
         )

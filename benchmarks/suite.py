@@ -248,7 +248,7 @@ def curvature_cost(tm, sz) -> dict:
     tg = _timed(lambda: g(p), 5)
     th = _timed(lambda: hvp(p, v), 5)
     m = min(sz["m"], p.shape[0])
-    eigs = jax.jit(lambda q: cj.hessian_eigs(loss, q, 5, num_matvecs=m).eigenvalues)
+    eigs = jax.jit(lambda q: cj.hessian_eigs(loss, q, 5, n_matvecs=m).eigenvalues)
     tl = _timed(lambda: eigs(p))
     return {"grad_s": tg, "hvp_s": th, "hvp_over_grad": th / tg, "lanczos_top5_s": tl, "m": m}
 
@@ -380,15 +380,13 @@ def pyhessian_anchor(tiny: bool) -> list[dict]:
     loss64, p64, _ = cv.training_loss(tm64, s64)
     ref = None
     for m in (100, 200, 400, 800):
-        r = cj.hessian_eigs(loss64, p64, 5, num_matvecs=min(m, p64.shape[0]))
+        r = cj.hessian_eigs(loss64, p64, 5, n_matvecs=min(m, p64.shape[0]))
         ref = r
         if float(np.max(np.asarray(r.residuals))) < 1e-8:
             break
     ev = np.asarray(ref.eigenvalues)
     resid = float(np.max(np.asarray(ref.residuals)))
-    bottom = float(
-        cj.hessian_eigs(loss64, p64, 1, which="smallest", num_matvecs=100).eigenvalues[0]
-    )
+    bottom = float(cj.hessian_eigs(loss64, p64, 1, which="smallest", n_matvecs=100).eigenvalues[0])
     rows = []
 
     def err(vals, k):
@@ -399,9 +397,7 @@ def pyhessian_anchor(tiny: bool) -> list[dict]:
         loss, p, _ = cv.training_loss(tm, s)
         for k, m in ((1, 20), (5, 40)):
             f = jax.jit(
-                lambda q, k=k, m=m, loss=loss: (
-                    cj.hessian_eigs(loss, q, k, num_matvecs=m).eigenvalues
-                )
+                lambda q, k=k, m=m, loss=loss: cj.hessian_eigs(loss, q, k, n_matvecs=m).eigenvalues
             )
             sec = _timed(lambda f=f, p=p: f(p), 3)
             rows.append({"quantity": f"top-{k}", "tool": f"chaosjax {label} (Lanczos {m})",

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from chaosjax._layout import layout_of
+from chaosjax._util import renamed
 from chaosjax.curvature import (
     PRECISION,
     adaptive_preconditioner,
@@ -159,13 +160,14 @@ class SharpnessControlState(NamedTuple):
     inner: Any
 
 
+@renamed(num_blocks="n_blocks")
 def sharpness_margin(
     margin=1.0,
     learning_rate=0.01,
     *,
     optimizer: str = "sgd",
     every: int = 5,
-    num_blocks: int = 4,
+    n_blocks: int = 4,
     cold_blocks: int = 24,
     smoothing=0.5,
     max_change=2.0,
@@ -178,7 +180,7 @@ def sharpness_margin(
 
     Every ``every`` steps (first at count 0) the top algebraic eigenpair of the step's loss
     Hessian — preconditioned by P^{-1/2}·P^{-1/2} for Adam/RMSProp — is re-estimated by a block
-    Krylov / Rayleigh–Ritz solve warm-started from the previous eigenvector (``num_blocks``
+    Krylov / Rayleigh–Ritz solve warm-started from the previous eigenvector (``n_blocks``
     blocks; the first solve starts from a seeded
     random vector with ``cold_blocks``; every solve adds a fresh random vector of that step to
     the block, so an eigenvalue that overtakes the tracked one is found). η then moves geometrically towards the target
@@ -199,8 +201,8 @@ def sharpness_margin(
         learning_rate: initial η (vmappable).
         optimizer: base optimizer, one of :data:`CONTROLLED_OPTIMIZERS`.
         every: steps between estimates (>= 1).
-        num_blocks, cold_blocks: Krylov blocks of the warm and of the first solve (a block is
-            2 vectors: 2·(num_blocks + 1) Hessian-vector products per estimate).
+        n_blocks, cold_blocks: Krylov blocks of the warm and of the first solve (a block is
+            2 vectors: 2·(n_blocks + 1) Hessian-vector products per estimate).
         smoothing: exponent s in (0, 1] of the geometric move towards the target.
         max_change: largest factor by which η may change per estimate (>= 1).
         min_learning_rate, max_learning_rate: bounds on η.
@@ -216,13 +218,13 @@ def sharpness_margin(
     _check("margin", margin, lo=0.0, lo_open=True)
     _check("learning_rate", learning_rate, lo=0.0, lo_open=True)
     _check("every", every, lo=1, integer=True)
-    _check("num_blocks", num_blocks, lo=1, integer=True)
+    _check("n_blocks", n_blocks, lo=1, integer=True)
     _check("cold_blocks", cold_blocks, lo=1, integer=True)
     _check("smoothing", smoothing, lo=0.0, hi=1.0, lo_open=True)
     _check("max_change", max_change, lo=1.0)
     _check("min_learning_rate", min_learning_rate, lo=0.0)
     _check("max_learning_rate", max_learning_rate, lo=0.0, lo_open=True, hi=math.inf)
-    every, num_blocks, cold_blocks = int(every), int(num_blocks), int(cold_blocks)
+    every, n_blocks, cold_blocks = int(every), int(n_blocks), int(cold_blocks)
 
     def init_fn(params):
         flat = layout_of(params, what="params").ravel(params)
@@ -267,7 +269,7 @@ def sharpness_margin(
                     start, nb = jnp.stack([w0, fresh], axis=1), min(blocks, n // 2 - 1)
                 else:
                     start, nb = w0[:, None], min(blocks, n - 1)
-                r = block_krylov_eigs(op, start, num_blocks=nb)
+                r = block_krylov_eigs(op, start, n_blocks=nb)
                 lam, vec = r.eigenvalues[0].astype(dt), r.eigenvectors[0].astype(dt)
                 vec = vec * jnp.where(vec @ w0 < 0, -1.0, 1.0).astype(dt)
                 ok = jnp.isfinite(lam) & (lam > 0)
@@ -289,7 +291,7 @@ def sharpness_margin(
         eta, lam, vec = jax.lax.cond(
             measure,
             lambda _: jax.lax.cond(
-                state.count == 0, estimate(cold_blocks), estimate(num_blocks), None
+                state.count == 0, estimate(cold_blocks), estimate(n_blocks), None
             ),
             lambda _: (eta0, lam0, v0),
             None,

@@ -45,6 +45,7 @@ import numpy as np
 
 from chaosjax import _smalllinalg as _sl
 from chaosjax._layout import layout_of
+from chaosjax._util import renamed
 from chaosjax.optimizers import operator_of, optimizer_hparams
 
 PRECISION = "highest"
@@ -221,13 +222,25 @@ def training_loss(tmap, state, t=0, *, mode: str = "full", subset: int | None = 
 
 class EigResult(NamedTuple):
     """Eigenpairs: ``eigenvalues`` (k,), ``eigenvectors`` (k, dim) unit rows, ``residuals``
-    (k,) ‖A v − λ v‖, ``converged`` (k,) bool, ``num_matvecs`` used."""
+    (k,) ‖A v − λ v‖, ``converged`` (k,) bool, ``n_matvecs`` used."""
 
     eigenvalues: jax.Array
     eigenvectors: jax.Array
     residuals: jax.Array
     converged: jax.Array
-    num_matvecs: int
+    n_matvecs: int
+
+    @property
+    def num_matvecs(self) -> int:
+        """The old name of :attr:`n_matvecs` (one release)."""
+        import warnings
+
+        warnings.warn(
+            "num_matvecs: renamed 'n_matvecs'; the old name works for one release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.n_matvecs
 
 
 class TraceResult(NamedTuple):
@@ -254,17 +267,18 @@ def _default_tol(dtype) -> float:
     return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-3
 
 
-def lanczos(matvec: Callable, v0, num_matvecs: int, key=None):
+@renamed(num_matvecs="n_matvecs")
+def lanczos(matvec: Callable, v0, n_matvecs: int, key=None):
     """Lanczos with full reorthogonalisation (classical Gram–Schmidt applied twice).
 
     On breakdown (an invariant subspace found) the iteration continues from a random vector
-    orthogonal to the basis, with a zero off-diagonal, so ``num_matvecs`` stays fixed.
+    orthogonal to the basis, with a zero off-diagonal, so ``n_matvecs`` stays fixed.
 
     Returns:
         ``(alphas (m,), betas (m,), Q (m, dim))``: T = tridiag(betas[:-1], alphas, betas[:-1]),
         A Q[:m]ᵀ ≈ Q[:m]ᵀ T; ``betas[-1]`` is the residual coupling.
     """
-    m = int(num_matvecs)
+    m = int(n_matvecs)
     n = v0.shape[0]
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = v0.dtype
@@ -304,12 +318,13 @@ def _tridiag(alphas, betas):
     return jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
 
 
+@renamed(num_matvecs="n_matvecs")
 def lanczos_eigs(
     matvec: Callable,
     dim: int,
     k: int,
     *,
-    num_matvecs: int | None = None,
+    n_matvecs: int | None = None,
     key=None,
     which: str = "largest",
     dtype=None,
@@ -322,7 +337,7 @@ def lanczos_eigs(
         matvec: ``v -> A v`` on (dim,) vectors.
         dim: the operator's dimension.
         k: number of eigenpairs.
-        num_matvecs: Lanczos steps m (default min(dim, max(4k, 64))); fixed, so the call is
+        n_matvecs: Lanczos steps m (default min(dim, max(4k, 64))); fixed, so the call is
             jit and vmap friendly.
         which: ``"largest"`` (algebraic; sharpness) or ``"smallest"``.
         tol: a pair is converged when its residual estimate |β_m s_mi| ≤ tol·max|θ| (default
@@ -336,9 +351,9 @@ def lanczos_eigs(
         raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
     if int(k) != k or not 1 <= k <= dim:
         raise ValueError(f"k: must be an integer in [1, {dim}], got {k!r}")
-    m = int(min(dim, max(4 * k, 64)) if num_matvecs is None else num_matvecs)
+    m = int(min(dim, max(4 * k, 64)) if n_matvecs is None else n_matvecs)
     if not k <= m <= dim:
-        raise ValueError(f"num_matvecs: must lie in [k={k}, dim={dim}], got {m}")
+        raise ValueError(f"n_matvecs: must lie in [k={k}, dim={dim}], got {m}")
     dtype = dtype or jnp.asarray(0.0).dtype
     key = jax.random.PRNGKey(0) if key is None else key
     k_start, k_lan = jax.random.split(key)
@@ -357,11 +372,12 @@ def lanczos_eigs(
     return EigResult(theta, vecs, res, res <= tol * scale, m)
 
 
+@renamed(num_blocks="n_blocks")
 def block_krylov_eigs(
     matvec: Callable,
     v0,
     *,
-    num_blocks: int = 2,
+    n_blocks: int = 2,
     which: str = "largest",
     tol: float | None = None,
     k: int | None = None,
@@ -370,7 +386,7 @@ def block_krylov_eigs(
     """Top-k eigenpairs by Rayleigh–Ritz on the block Krylov space span{V, AV, …, A^p V}.
 
     Warm-started from ``v0`` (dim, b) — e.g. the previous eigenvectors while tracking, plus
-    fresh random vectors — it needs few blocks. Uses b·(p + 1) matvecs (p = ``num_blocks``)
+    fresh random vectors — it needs few blocks. Uses b·(p + 1) matvecs (p = ``n_blocks``)
     and returns exact residuals; p is capped so the space is no wider than the dimension.
     When the space is exhausted (the new block lies in the span
     already: a low-rank operator, or a start that is nearly invariant) the vanishing columns
@@ -387,7 +403,7 @@ def block_krylov_eigs(
     v = jnp.asarray(v0)
     n, b_width = v.shape
     # a Krylov space wider than the dimension is degenerate: cap the blocks
-    num_blocks = max(0, min(int(num_blocks), n // b_width - 1))
+    n_blocks = max(0, min(int(n_blocks), n // b_width - 1))
     k = b_width if k is None else int(k)
     if not 1 <= k <= b_width:
         raise ValueError(f"k: must be an integer in [1, {b_width}] (the block width), got {k!r}")
@@ -403,7 +419,7 @@ def block_krylov_eigs(
 
     blocks = [_sl.qr_q(v)]
     images = []
-    for j in range(int(num_blocks)):
+    for j in range(int(n_blocks)):
         w = mv(blocks[-1])
         images.append(w)
         basis = jnp.concatenate(blocks, axis=1)
@@ -428,11 +444,12 @@ def block_krylov_eigs(
     res = jnp.linalg.norm(ay - y * theta, axis=0)
     tol = _default_tol(dt) if tol is None else tol
     scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dt).tiny)
-    return EigResult(theta, y.T, res, res <= tol * scale, b_width * (int(num_blocks) + 1))
+    return EigResult(theta, y.T, res, res <= tol * scale, b_width * (int(n_blocks) + 1))
 
 
+@renamed(num_matvecs="n_matvecs")
 def hessian_eigs(
-    loss: Callable, params, k: int, *, num_matvecs=None, key=None, which="largest", tol=None
+    loss: Callable, params, k: int, *, n_matvecs=None, key=None, which="largest", tol=None
 ) -> EigResult:
     """The k largest algebraic Hessian eigenvalues of ``loss`` at ``params`` (Lanczos).
 
@@ -448,7 +465,7 @@ def hessian_eigs(
         loss, params, _ = training_loss(loss, params)
     matvec, p = hessian_operator(loss, params)
     return lanczos_eigs(
-        matvec, p.shape[0], k, num_matvecs=num_matvecs, key=key, which=which, dtype=p.dtype, tol=tol
+        matvec, p.shape[0], k, n_matvecs=n_matvecs, key=key, which=which, dtype=p.dtype, tol=tol
     )
 
 
@@ -468,27 +485,28 @@ def dense_hessian(loss: Callable, params, *, chunk_size: int = 64) -> jax.Array:
 TRACE_METHODS = ("hutchinson", "hutch++")
 
 
+@renamed(num_probes="n_probes")
 def trace_estimate(
-    matvec: Callable, dim: int, *, num_probes: int, key, method: str = "hutchinson", dtype=None
+    matvec: Callable, dim: int, *, n_probes: int, key, method: str = "hutchinson", dtype=None
 ) -> TraceResult:
     """Stochastic trace of a symmetric operator with Rademacher probes.
 
-    ``"hutchinson"``: mean of zᵀAz over ``num_probes`` probes. ``"hutch++"``: a third of the
+    ``"hutchinson"``: mean of zᵀAz over ``n_probes`` probes. ``"hutch++"``: a third of the
     probes build a sketch Q = orth(A S); tr(QᵀAQ) is exact and the rest estimate the
     remainder tr((I − QQᵀ) A (I − QQᵀ)). The standard error is that of the stochastic part.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method: unknown {method!r}; allowed: {', '.join(TRACE_METHODS)}")
-    if int(num_probes) != num_probes or num_probes < 2:
-        raise ValueError(f"num_probes: must be an integer >= 2, got {num_probes!r}")
+    if int(n_probes) != n_probes or n_probes < 2:
+        raise ValueError(f"n_probes: must be an integer >= 2, got {n_probes!r}")
     dtype = dtype or jnp.asarray(0.0).dtype
     mv = jax.vmap(matvec)
     if method == "hutchinson":
-        z = jax.random.rademacher(key, (num_probes, dim), dtype)
+        z = jax.random.rademacher(key, (n_probes, dim), dtype)
         samples = jnp.sum(z * mv(z), axis=1)
-        return TraceResult(samples.mean(), samples.std(ddof=1) / jnp.sqrt(num_probes), samples)
-    m = max(1, num_probes // 3)
-    g_n = max(2, num_probes - 2 * m)
+        return TraceResult(samples.mean(), samples.std(ddof=1) / jnp.sqrt(n_probes), samples)
+    m = max(1, n_probes // 3)
+    g_n = max(2, n_probes - 2 * m)
     ks, kg = jax.random.split(key)
     s = jax.random.rademacher(ks, (m, dim), dtype)
     q = _sl.qr_q(mv(s).T)
@@ -499,22 +517,24 @@ def trace_estimate(
     return TraceResult(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(g_n), exact + samples)
 
 
+@renamed(num_probes="n_probes")
 def hessian_trace(
-    loss: Callable, params, *, num_probes: int, key, method: str = "hutchinson"
+    loss: Callable, params, *, n_probes: int, key, method: str = "hutchinson"
 ) -> TraceResult:
     """tr(H) of ``loss`` at ``params`` by :func:`trace_estimate`."""
     matvec, p = hessian_operator(loss, params)
     return trace_estimate(
-        matvec, p.shape[0], num_probes=num_probes, key=key, method=method, dtype=p.dtype
+        matvec, p.shape[0], n_probes=n_probes, key=key, method=method, dtype=p.dtype
     )
 
 
+@renamed(num_matvecs="n_matvecs", num_runs="n_runs")
 def density_estimate(
-    matvec: Callable, dim: int, *, num_matvecs: int, num_runs: int, key, dtype=None
+    matvec: Callable, dim: int, *, n_matvecs: int, n_runs: int, key, dtype=None
 ) -> DensityResult:
-    """Stochastic Lanczos quadrature: for each of ``num_runs`` random unit starts, the Ritz
+    """Stochastic Lanczos quadrature: for each of ``n_runs`` random unit starts, the Ritz
     values of an m-step Lanczos run are nodes with weights (first eigenvector component)²/runs."""
-    m = int(min(num_matvecs, dim))
+    m = int(min(n_matvecs, dim))
     dtype = dtype or jnp.asarray(0.0).dtype
 
     def one(key):
@@ -524,17 +544,16 @@ def density_estimate(
         theta, s = jnp.linalg.eigh(_tridiag(a, b))
         return theta, s[0, :] ** 2
 
-    nodes, weights = jax.lax.map(one, jax.random.split(key, int(num_runs)))
-    return DensityResult(nodes.ravel(), weights.ravel() / num_runs)
+    nodes, weights = jax.lax.map(one, jax.random.split(key, int(n_runs)))
+    return DensityResult(nodes.ravel(), weights.ravel() / n_runs)
 
 
-def hessian_density(
-    loss: Callable, params, *, num_matvecs: int, num_runs: int, key
-) -> DensityResult:
+@renamed(num_matvecs="n_matvecs", num_runs="n_runs")
+def hessian_density(loss: Callable, params, *, n_matvecs: int, n_runs: int, key) -> DensityResult:
     """Spectral density of the Hessian by stochastic Lanczos quadrature (nodes, weights)."""
     matvec, p = hessian_operator(loss, params)
     return density_estimate(
-        matvec, p.shape[0], num_matvecs=num_matvecs, num_runs=num_runs, key=key, dtype=p.dtype
+        matvec, p.shape[0], n_matvecs=n_matvecs, n_runs=n_runs, key=key, dtype=p.dtype
     )
 
 
@@ -603,12 +622,12 @@ def _principal_angles(a, b):
     return jnp.arccos(jnp.clip(s, 0.0, 1.0))
 
 
-class CurvatureTracker(NamedTuple):
+class _CurvatureTracker(NamedTuple):
     """Track the top-k curvature of every replica at each record of :func:`run_replicas`.
 
     The first record runs a cold Lanczos (``cold_matvecs``); later records warm-start a block
-    Krylov solve (``num_blocks`` blocks of k + 1 vectors: the previous eigenvectors and a fresh
-    random vector; (k + 1)·(num_blocks + 1) matvecs) from the previous
+    Krylov solve (``n_blocks`` blocks of k + 1 vectors: the previous eigenvectors and a fresh
+    random vector; (k + 1)·(n_blocks + 1) matvecs) from the previous
     eigenvectors, sign-aligned to them. Recorded per replica:
 
     * ``sharpness`` (k,): top algebraic eigenvalues of the operator;
@@ -629,7 +648,7 @@ class CurvatureTracker(NamedTuple):
             or ``"auto"`` (the operator of the optimizer's threshold).
         mode: loss for the curvature: ``"full"``, ``"subset"`` (first ``subset`` examples)
             or ``"batch"`` (the minibatch of the record step).
-        num_blocks: warm-start blocks; cold_matvecs: Lanczos steps of the first record.
+        n_blocks: warm-start blocks; cold_matvecs: Lanczos steps of the first record.
         rows: the replicas tracked: ``"all"`` or ``"references"`` (NaN rows for the others).
     """
 
@@ -637,7 +656,7 @@ class CurvatureTracker(NamedTuple):
     operator: str = "auto"
     mode: str = "full"
     subset: int | None = None
-    num_blocks: int = 2
+    n_blocks: int = 2
     cold_matvecs: int = 64
     rows: str = "all"
 
@@ -696,7 +715,7 @@ class CurvatureTracker(NamedTuple):
         dim = p.shape[0]
         if cold:
             m = int(min(dim, max(self.cold_matvecs, 2 * self.k)))
-            r = lanczos_eigs(matvec, dim, self.k, num_matvecs=m, dtype=p.dtype)
+            r = lanczos_eigs(matvec, dim, self.k, n_matvecs=m, dtype=p.dtype)
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
         else:
             # a previous record without finite vectors (e.g. Adam before its first update, where
@@ -713,7 +732,7 @@ class CurvatureTracker(NamedTuple):
             )
             block = start if dim <= self.k else jnp.concatenate([start, fresh], axis=1)
             r = block_krylov_eigs(
-                matvec, block, num_blocks=self.num_blocks, k=self.k,
+                matvec, block, n_blocks=self.n_blocks, k=self.k,
                 key=jax.random.fold_in(jax.random.PRNGKey(3), t),
             )  # fmt: skip
             vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
@@ -751,7 +770,26 @@ class CurvatureTracker(NamedTuple):
         return jax.vmap(lambda s, h, v: self._one(tmap, s, h, t, v, False))(states, hparams, vecs)
 
     def matvecs(self, first: bool) -> int:
-        return self.cold_matvecs if first else (self.k + 1) * (self.num_blocks + 1)
+        return self.cold_matvecs if first else (self.k + 1) * (self.n_blocks + 1)
+
+
+class CurvatureTracker(_CurvatureTracker):
+    __doc__ = _CurvatureTracker.__doc__
+    __slots__ = ()
+
+    def __new__(cls, *args, num_blocks=None, **kwargs):
+        if num_blocks is not None:  # the old name, for one release
+            if "n_blocks" in kwargs:
+                raise TypeError("n_blocks: given twice (also as its old name 'num_blocks')")
+            import warnings
+
+            warnings.warn(
+                "num_blocks: renamed 'n_blocks'; the old name works for one release",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs["n_blocks"] = num_blocks
+        return super().__new__(cls, *args, **kwargs)
 
 
 __all__ += ["CurvatureTracker"]

@@ -258,7 +258,7 @@ def directions(kind: str, loss=None, params=None, *, k: int = 1, key=None, **kwa
             :func:`filter_normalize`, ``bias=`` passed on). ``"random"``: ``k`` Gaussian
             directions scaled to ‖θ‖ as a whole.
         ``"hessian"``: the top-k Hessian eigenvectors at θ (unit norm; largest algebraic;
-            ``num_matvecs=`` passed on).
+            ``n_matvecs=`` passed on).
         ``"clv"``: the first ``k`` covariant Lyapunov vectors of ``clv=`` (a
             :class:`chaosjax.CLVResult` of this map) at kept index ``index=`` (default the
             last), restricted to the parameters and normalised to unit norm.

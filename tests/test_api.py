@@ -157,3 +157,37 @@ def test_renamed_arguments_keep_their_old_names_for_one_release():
     import numpy as np
 
     np.testing.assert_array_equal(old, new)
+
+
+def test_krylov_counts_are_n_star_with_old_names_for_one_release():
+    import jax.numpy as jnp
+
+    import chaosjax as cj
+    from chaosjax import control
+    from chaosjax.experiments import load_plan
+
+    a = jnp.diag(jnp.arange(1.0, 7.0))
+
+    def loss(p):
+        return 0.5 * p @ a @ p
+
+    with pytest.warns(DeprecationWarning, match="num_matvecs: renamed 'n_matvecs'"):
+        old = cj.hessian_eigs(loss, jnp.ones(6), 2, num_matvecs=6)
+    new = cj.hessian_eigs(loss, jnp.ones(6), 2, n_matvecs=6)
+    assert new.n_matvecs == 6
+    with pytest.warns(DeprecationWarning, match="num_matvecs: renamed"):
+        assert old.num_matvecs == 6
+    import numpy as np
+
+    np.testing.assert_allclose(old.eigenvalues, [6.0, 5.0], rtol=1e-10)
+    with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
+        tr = cj.CurvatureTracker(k=1, num_blocks=3)
+    assert tr == cj.CurvatureTracker(k=1, n_blocks=3) and type(tr).__name__ == "CurvatureTracker"
+    assert repr(tr).startswith("CurvatureTracker(")
+    with pytest.raises(TypeError, match="n_blocks: given twice"):
+        cj.CurvatureTracker(num_blocks=3, n_blocks=2)
+    with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
+        control.sharpness_margin(num_blocks=3)
+    with pytest.warns(DeprecationWarning, match="curvature.num_blocks: renamed curvature.n_blocks"):
+        cfg = load_plan("quickstart", ["curvature.num_blocks=3"])[0][1]
+    assert cfg.curvature.n_blocks == 3

@@ -82,7 +82,7 @@ def test_sharpness_margin_on_chebyshev_holds_the_edge_and_stays_monotone():
     def run(x0):
         def one(x, h):
             def body(x, t):
-                lam = hessian_eigs(tmap.loss_of_params, tmap.params(x), 1, num_matvecs=30)
+                lam = hessian_eigs(tmap.loss_of_params, tmap.params(x), 1, n_matvecs=30)
                 eta = control.controller_state(tmap.opt_state(x, t)).learning_rate
                 return tmap.step_with(x, t, h), (tmap.loss(x), lam.eigenvalues[0], eta)
 

@@ -42,11 +42,11 @@ def test_quadratic_eigs_trace_density(quad):
     assert bool(r.converged.all()) and r.eigenvectors.shape == (3, 40)
     small = cj.hessian_eigs(loss, th, 1, which="smallest")
     np.testing.assert_allclose(small.eigenvalues, [-4.0], rtol=1e-10)  # algebraic, not magnitude
-    tr = cj.hessian_trace(loss, th, num_probes=200, key=jax.random.PRNGKey(3))
+    tr = cj.hessian_trace(loss, th, n_probes=200, key=jax.random.PRNGKey(3))
     assert abs(tr.estimate - ev.sum()) < 3 * tr.stderr
-    hpp = cj.hessian_trace(loss, th, num_probes=60, key=jax.random.PRNGKey(3), method="hutch++")
+    hpp = cj.hessian_trace(loss, th, n_probes=60, key=jax.random.PRNGKey(3), method="hutch++")
     assert abs(hpp.estimate - ev.sum()) < 3 * hpp.stderr + 1e-8
-    d = cj.hessian_density(loss, th, num_matvecs=40, num_runs=4, key=jax.random.PRNGKey(4))
+    d = cj.hessian_density(loss, th, n_matvecs=40, n_runs=4, key=jax.random.PRNGKey(4))
     assert abs(float(d.weights.sum()) - 1) < 1e-12
     # with m = dim the nodes are the exact eigenvalues
     nodes = np.unique(np.round(np.asarray(d.nodes), 8))
@@ -129,7 +129,7 @@ def test_vmapped_over_replicas_equals_loop(tiny):
     ps = flat[None] * (1 + 0.05 * jnp.arange(16)[:, None])
 
     def top(v):
-        return cj.hessian_eigs(lambda u: loss(unravel(u)), v, 2, num_matvecs=30).eigenvalues
+        return cj.hessian_eigs(lambda u: loss(unravel(u)), v, 2, n_matvecs=30).eigenvalues
 
     batch = jax.vmap(top)(ps)
     for i in (0, 7, 15):
@@ -140,20 +140,20 @@ def test_warm_start_needs_fewer_matvecs(tiny):
     _, p, _, _, loss = tiny
     flat, unravel = jax.flatten_util.ravel_pytree(p)
     mv0, _ = cv.hessian_operator(lambda u: loss(unravel(u)), flat)
-    prev = cv.lanczos_eigs(mv0, flat.shape[0], 1, num_matvecs=flat.shape[0])
+    prev = cv.lanczos_eigs(mv0, flat.shape[0], 1, n_matvecs=flat.shape[0])
     moved = flat + 1e-3 * jax.random.normal(jax.random.PRNGKey(5), flat.shape)
     mv1, _ = cv.hessian_operator(lambda u: loss(unravel(u)), moved)
     exact = np.linalg.eigvalsh(np.asarray(jax.vmap(mv1)(jnp.eye(flat.shape[0]))))[-1]
-    warm = cv.block_krylov_eigs(mv1, prev.eigenvectors.T, num_blocks=3)
+    warm = cv.block_krylov_eigs(mv1, prev.eigenvectors.T, n_blocks=3)
     err_warm = abs(float(warm.eigenvalues[0]) - exact) / exact
-    assert err_warm < 1e-5 and warm.num_matvecs == 4
+    assert err_warm < 1e-5 and warm.n_matvecs == 4
     cold_needed = None
     for m in range(2, flat.shape[0] + 1):
-        cold = cv.lanczos_eigs(mv1, flat.shape[0], 1, num_matvecs=m)
+        cold = cv.lanczos_eigs(mv1, flat.shape[0], 1, n_matvecs=m)
         if abs(float(cold.eigenvalues[0]) - exact) / exact < err_warm:
             cold_needed = m
             break
-    assert cold_needed is not None and cold_needed > warm.num_matvecs
+    assert cold_needed is not None and cold_needed > warm.n_matvecs
 
 
 def test_stability_thresholds():
@@ -336,7 +336,7 @@ def test_adam_preconditioner_undefined_before_first_update():
         cj.make_replicas(tm),
         steps=30,
         record_every=5,
-        trackers=[cv.CurvatureTracker(k=1, num_blocks=3)],
+        trackers=[cv.CurvatureTracker(k=1, n_blocks=3)],
         progress=False,
     )
     sh = res.records["sharpness"][0, :, 0]

@@ -123,8 +123,8 @@ def test_training_maps_hessian_direction_batchnorm_and_train_step():
     model = models.ResNet((8, 8, 1), 10, width=2, depth=1, rngs=nnx.Rngs(0), dtype=jnp.float64)
     tm = cj.TrainingMap.from_nnx(model, ds, loss="cross_entropy", learning_rate=0.1)
     s = tm.init()
-    u = landscape.directions("hessian", tm, s, k=1, num_matvecs=60)
-    lam = float(cj.hessian_eigs(tm, s, k=1, num_matvecs=60).eigenvalues[0])
+    u = landscape.directions("hessian", tm, s, k=1, n_matvecs=60)
+    lam = float(cj.hessian_eigs(tm, s, k=1, n_matvecs=60).eigenvalues[0])
     sl = landscape.slice(tm, s, u[0], span=1e-4, num=5)
     h = sl.alphas[1] - sl.alphas[0]
     second = (sl.values[3] - 2 * sl.values[2] + sl.values[1]) / h**2  # curvature along u

@@ -116,7 +116,7 @@ def test_transformer_on_tokens_equals_the_users_loop_and_has_finite_curvature():
     # invariant to the key bias: its gradient is round-off (~1e-10), which Adam normalises into
     # O(η) steps, so that leaf follows each program's rounding and is left out
     assert_params_match(tm.params(s), model, 1e-7, skip="['key']['bias']")
-    top = cj.hessian_eigs(tm, s, k=2, num_matvecs=30)
+    top = cj.hessian_eigs(tm, s, k=2, n_matvecs=30)
     assert np.all(np.isfinite(top.eigenvalues)) and top.eigenvalues[0] >= top.eigenvalues[1]
     # replicas with tangents on a Transformer: the slingshot preset's tiny run (test_presets)
 

@@ -83,7 +83,7 @@ def test_block_krylov_does_not_overshoot_an_exhausted_space():
         return lam * u * (u @ v)
 
     v0 = jax.random.normal(jax.random.PRNGKey(4), (n, 2))
-    r = cv.block_krylov_eigs(mv, v0, num_blocks=3)
+    r = cv.block_krylov_eigs(mv, v0, n_blocks=3)
     assert abs(float(r.eigenvalues[0]) - lam) < 1e-9 * lam
     assert float(r.residuals[0]) < 1e-8 * lam and bool(r.converged[0])
     assert np.all(np.asarray(r.eigenvalues) <= lam * (1 + 1e-12))

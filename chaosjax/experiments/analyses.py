@@ -330,7 +330,7 @@ def hessian_overlap(tmap, res, k: int) -> np.ndarray:
     @jax.jit
     def top(tm, state, t):  # the map is an argument: its data are not constant-folded
         loss, p, _ = training_loss(tm, state, t)
-        return hessian_eigs(loss, p, k_h, num_matvecs=m).eigenvectors
+        return hessian_eigs(loss, p, k_h, n_matvecs=m).eigenvectors
 
     out = np.full((*res.vectors.shape[:2], res.vectors.shape[-1]), np.nan)
     for g in range(res.vectors.shape[0]):
@@ -408,7 +408,7 @@ def curvature_tracker(cfg: ExperimentConfig):
         operator=c.operator,
         mode=c.mode,
         subset=c.subset or None,
-        num_blocks=c.num_blocks,
+        n_blocks=c.n_blocks,
         cold_matvecs=c.cold_matvecs,
     )
 
@@ -489,12 +489,12 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
         out = {}
         if c.trace_probes:
             tr = trace_estimate(
-                mv, p.shape[0], num_probes=max(2, c.trace_probes), key=key, dtype=p.dtype
+                mv, p.shape[0], n_probes=max(2, c.trace_probes), key=key, dtype=p.dtype
             )
             out["trace"] = (tr.estimate, tr.stderr)
         if m:
             d = density_estimate(
-                mv, p.shape[0], num_matvecs=m, num_runs=c.density_runs, key=key, dtype=p.dtype
+                mv, p.shape[0], n_matvecs=m, n_runs=c.density_runs, key=key, dtype=p.dtype
             )
             out["density"] = (d.nodes, d.weights)
         return out

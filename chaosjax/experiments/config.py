@@ -277,7 +277,7 @@ class LandscapeConfig:
     num: int = fld(81, "points of the 1-D slice", lo=3)
     num_2d: int = fld(41, "points per axis of the 2-D slice", lo=3)
     snapshots: int = fld(100, "recorded states of each reference run kept for its plane", lo=3)
-    num_matvecs: int = fld(64, "Lanczos steps of the top eigenvector at the end", lo=2)
+    n_matvecs: int = fld(64, "Lanczos steps of the top eigenvector at the end", lo=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +318,7 @@ class CurvatureConfig:
     subset: int = fld(
         0, "examples of the 'subset' mode (first n of the training set); 0 = all", lo=0
     )
-    num_blocks: int = fld(2, "warm-start Krylov blocks per record", lo=1)
+    n_blocks: int = fld(2, "warm-start Krylov blocks per record", lo=1)
     cold_matvecs: int = fld(64, "Lanczos steps of the first record", lo=2)
     trace_probes: int = fld(
         30, "Hutchinson probes of the trace at the start and end; 0 = off", lo=0
@@ -634,10 +634,39 @@ def _resolve_type(cls, name):
     return tp
 
 
+#: renamed fields: their old names still work for one release (with a DeprecationWarning)
+RENAMED_FIELDS = {
+    "landscape.num_matvecs": "landscape.n_matvecs",
+    "curvature.num_blocks": "curvature.n_blocks",
+}
+
+
+def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    import warnings
+
+    out = dict(data)
+    for old, new in RENAMED_FIELDS.items():
+        section, _, key = old.rpartition(".")
+        if prefix != (section + "." if section else "") or key not in out:
+            continue
+        new_key = new.rpartition(".")[2]
+        if new_key in out:
+            raise ConfigError(f"{new}: given twice (also as its old name {old})")
+        warnings.warn(
+            f"{old}: renamed {new}; the old name works for one release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        out[new_key] = out.pop(key)
+    return out
+
+
 def from_dict(cls, data: dict[str, Any], prefix: str = ""):
-    """Build config ``cls`` from a (TOML) dict, validating every key and value."""
+    """Build config ``cls`` from a (TOML) dict, validating every key and value (old names of
+    renamed fields, :data:`RENAMED_FIELDS`, are accepted for one release)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table, got {data!r}")
+    data = _renamed(data, prefix)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -68,7 +68,7 @@ def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
         if not np.isfinite(traj).all():
             continue  # a diverged run has no landscape to show
         p_end = jnp.asarray(traj[-1], tmap.state_dtype)
-        eig = hessian_eigs(f, p_end, 1, num_matvecs=min(c.num_matvecs, n_p))
+        eig = hessian_eigs(f, p_end, 1, n_matvecs=min(c.n_matvecs, n_p))
         lam, u = float(eig.eigenvalues[0]), np.asarray(eig.eigenvectors[0], np.float64)
         proj = (traj[-LAST:] - traj[-1]) @ u
         span = max(3.0 * float(np.max(np.abs(proj))), 1e-3 * float(np.linalg.norm(traj[-1])), 1e-6)
