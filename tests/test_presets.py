@@ -38,14 +38,15 @@ TINY = {
 EXTRA = {
     "weight-dynamics": {"replicas.seeds": "[0, 1, 2, 3]"},
     "edge-of-stability": {"model.hidden": "[8]"},
-    # its question is the sharpness against 2/η with BatchNorm; tangents through BatchNorm run
-    # in test_real_models and test_config_factories (the NNX case, every stage)
+    # the config path of a ResNet (model.kind = "resnet"): tangents and curvature through
+    # BatchNorm run in test_real_models and test_config_factories (the NNX case, every stage)
     "cnn-batchnorm": {
         "model.width": 2,
         "model.depth": 1,
         "data.test_fraction": 0.95,
         "lyapunov.enabled": "false",
         "instability.enabled": "false",
+        "curvature.enabled": "false",
     },
     # the grokking stage without curvature (its crossing column says n/a; the preconditioned
     # Hessian of a Transformer is compiled in test_your_training and test_real_models)
