@@ -220,6 +220,15 @@ class FieldsPytree:
         return obj
 
 
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """The DeprecationWarning of a renamed argument, attribute or config field."""
+    warnings.warn(
+        f"{old}: renamed {new!r}; the old name works for one release",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def renamed(**old_to_new: str):
     """Decorator: accept the old keyword names of a renamed argument for one release, with a
     DeprecationWarning naming the new one (both given: TypeError)."""
@@ -231,11 +240,7 @@ def renamed(**old_to_new: str):
                 if old in kwargs:
                     if new in kwargs:
                         raise TypeError(f"{new}: given twice (also as its old name {old!r})")
-                    warnings.warn(
-                        f"{old}: renamed {new!r}; the old name works for one release",
-                        DeprecationWarning,
-                        stacklevel=2,
-                    )
+                    warn_renamed(old, new)
                     kwargs[new] = kwargs.pop(old)
             return fn(*args, **kwargs)
 

@@ -45,7 +45,7 @@ import numpy as np
 
 from chaosjax import _smalllinalg as _sl
 from chaosjax._layout import layout_of
-from chaosjax._util import renamed
+from chaosjax._util import renamed, warn_renamed
 from chaosjax.optimizers import operator_of, optimizer_hparams
 
 PRECISION = "highest"
@@ -233,13 +233,7 @@ class EigResult(NamedTuple):
     @property
     def num_matvecs(self) -> int:
         """The old name of :attr:`n_matvecs` (one release)."""
-        import warnings
-
-        warnings.warn(
-            "num_matvecs: renamed 'n_matvecs'; the old name works for one release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warn_renamed("num_matvecs", "n_matvecs", stacklevel=2)
         return self.n_matvecs
 
 
@@ -781,13 +775,7 @@ class CurvatureTracker(_CurvatureTracker):
         if num_blocks is not None:  # the old name, for one release
             if "n_blocks" in kwargs:
                 raise TypeError("n_blocks: given twice (also as its old name 'num_blocks')")
-            import warnings
-
-            warnings.warn(
-                "num_blocks: renamed 'n_blocks'; the old name works for one release",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warn_renamed("num_blocks", "n_blocks", stacklevel=2)
             kwargs["n_blocks"] = num_blocks
         return super().__new__(cls, *args, **kwargs)
 

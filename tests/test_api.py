@@ -188,6 +188,8 @@ def test_krylov_counts_are_n_star_with_old_names_for_one_release():
         cj.CurvatureTracker(num_blocks=3, n_blocks=2)
     with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
         control.sharpness_margin(num_blocks=3)
-    with pytest.warns(DeprecationWarning, match="curvature.num_blocks: renamed curvature.n_blocks"):
+    with pytest.warns(
+        DeprecationWarning, match="curvature.num_blocks: renamed 'curvature.n_blocks'"
+    ):
         cfg = load_plan("quickstart", ["curvature.num_blocks=3"])[0][1]
     assert cfg.curvature.n_blocks == 3

@@ -642,7 +642,7 @@ RENAMED_FIELDS = {
 
 
 def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
-    import warnings
+    from chaosjax._util import warn_renamed
 
     out = dict(data)
     for old, new in RENAMED_FIELDS.items():
@@ -652,11 +652,7 @@ def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
         new_key = new.rpartition(".")[2]
         if new_key in out:
             raise ConfigError(f"{new}: given twice (also as its old name {old})")
-        warnings.warn(
-            f"{old}: renamed {new}; the old name works for one release",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        warn_renamed(old, new, stacklevel=4)
         out[new_key] = out.pop(key)
     return out
 

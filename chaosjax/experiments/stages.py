@@ -207,9 +207,6 @@ def _register_builtin() -> None:
     def tangents(cfg, tmap):
         return [an.tangent_tracker(cfg)]
 
-    def landscape_check(cfg, tmap):
-        needs_loss_fn("landscape")(cfg, tmap)
-
     def curvature_markdown(ds, rep):
         if "sharpness" not in rep.results.records:
             return []
@@ -218,9 +215,6 @@ def _register_builtin() -> None:
     def curvature_figures(ds, rep):
         if "sharpness" in rep.results.records:
             an.curvature_figures(ds, rep.results, rep.figures)
-
-    def control_check(cfg, tmap):
-        ct.validate(cfg)
 
     builtin = [
         Stage(
@@ -317,7 +311,7 @@ def _register_builtin() -> None:
             markdown=lambda ds, rep: ls.landscape_markdown(ds),
             figures=lambda ds, rep: ls.landscape_figures(ds, rep.figures),
             observers=lambda cfg, tmap: [ls.landscape_snapshots(cfg)],
-            validate=landscape_check,
+            validate=needs_loss_fn("landscape"),
         ),
         Stage(
             "control",
@@ -327,7 +321,7 @@ def _register_builtin() -> None:
             figures=lambda ds, rep: ct.control_figures(ds, rep.figures),
             requires=("curvature",),
             observers=tangents,
-            validate=control_check,
+            validate=lambda cfg, tmap: ct.validate(cfg),
         ),
     ]
     for s in builtin:
