@@ -29,8 +29,7 @@ References:
     Cohen, Kaur, Li, Kolter, Talwalkar (2021). Gradient descent on neural networks typically
     occurs at the edge of stability. ICLR.
 
-Length: the operators (Hessian, GGN, preconditioned), the Krylov solvers (Lanczos, block
-Krylov), trace and density estimators, and the tracker that uses them along a run.
+The Krylov kernels themselves live in :mod:`chaosjax._krylov` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -44,6 +43,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax import _smalllinalg as _sl
+from chaosjax._krylov import (
+    TRACE_METHODS,
+    DensityResult,
+    EigResult,
+    TraceResult,
+    block_krylov_eigs,
+    density_estimate,
+    lanczos,
+    lanczos_eigs,
+    trace_estimate,
+)
 from chaosjax._layout import layout_of
 from chaosjax._util import renamed, warn_renamed
 from chaosjax.optimizers import operator_of, optimizer_hparams
@@ -216,231 +226,6 @@ def training_loss(tmap, state, t=0, *, mode: str = "full", subset: int | None = 
     return loss, params, info
 
 
-# ---------------------------------------------------------------------------------------------
-# results
-
-
-class EigResult(NamedTuple):
-    """Eigenpairs: ``eigenvalues`` (k,), ``eigenvectors`` (k, dim) unit rows, ``residuals``
-    (k,) ‖A v − λ v‖, ``converged`` (k,) bool, ``n_matvecs`` used."""
-
-    eigenvalues: jax.Array
-    eigenvectors: jax.Array
-    residuals: jax.Array
-    converged: jax.Array
-    n_matvecs: int
-
-    @property
-    def num_matvecs(self) -> int:
-        """The old name of :attr:`n_matvecs` (one release)."""
-        warn_renamed("num_matvecs", "n_matvecs", stacklevel=2)
-        return self.n_matvecs
-
-
-class TraceResult(NamedTuple):
-    """``estimate`` of tr(A), its ``stderr``, and the per-probe ``samples``."""
-
-    estimate: jax.Array
-    stderr: jax.Array
-    samples: jax.Array
-
-
-class DensityResult(NamedTuple):
-    """Stochastic Lanczos quadrature: ``nodes`` and ``weights`` (each (runs·m,)); the weights
-    sum to 1 and ``Σ w δ(λ − node)`` approximates the spectral density."""
-
-    nodes: jax.Array
-    weights: jax.Array
-
-
-# ---------------------------------------------------------------------------------------------
-# Lanczos
-
-
-def _default_tol(dtype) -> float:
-    return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-3
-
-
-@renamed(num_matvecs="n_matvecs")
-def lanczos(matvec: Callable, v0, n_matvecs: int, key=None):
-    """Lanczos with full reorthogonalisation (classical Gram–Schmidt applied twice).
-
-    On breakdown (an invariant subspace found) the iteration continues from a random vector
-    orthogonal to the basis, with a zero off-diagonal, so ``n_matvecs`` stays fixed.
-
-    Returns:
-        ``(alphas (m,), betas (m,), Q (m, dim))``: T = tridiag(betas[:-1], alphas, betas[:-1]),
-        A Q[:m]ᵀ ≈ Q[:m]ᵀ T; ``betas[-1]`` is the residual coupling.
-    """
-    m = int(n_matvecs)
-    n = v0.shape[0]
-    key = jax.random.PRNGKey(0) if key is None else key
-    dtype = v0.dtype
-    q0 = v0 / jnp.linalg.norm(v0)
-    basis = jnp.zeros((m + 1, n), dtype).at[0].set(q0)
-    rows = jnp.arange(m + 1)
-
-    def orth(basis, w, mask):
-        for _ in range(2):
-            w = w - basis.T @ ((basis @ w) * mask)
-        return w
-
-    def body(carry, j):
-        basis, alphas, betas, scale = carry
-        q = basis[j]
-        w = matvec(q)
-        a = q @ w
-        mask = (rows <= j).astype(dtype)
-        w = orth(basis, w - a * q, mask)
-        b = jnp.linalg.norm(w)
-        scale = jnp.maximum(scale, jnp.abs(a) + b)
-        r = orth(basis, jax.random.normal(jax.random.fold_in(key, j), (n,), dtype), mask)
-        r = orth(basis, r, mask)
-        r = r / jnp.linalg.norm(r)
-        good = b > 1e3 * jnp.finfo(dtype).eps * scale
-        qn = jnp.where(good, w / jnp.where(good, b, 1.0), r)
-        b = jnp.where(good, b, 0.0)
-        basis = basis.at[j + 1].set(qn)
-        return (basis, alphas.at[j].set(a), betas.at[j].set(b), scale), None
-
-    init = (basis, jnp.zeros((m,), dtype), jnp.zeros((m,), dtype), jnp.zeros((), dtype))
-    (basis, alphas, betas, _), _ = jax.lax.scan(body, init, jnp.arange(m))
-    return alphas, betas, basis[:m]
-
-
-def _tridiag(alphas, betas):
-    return jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-
-
-@renamed(num_matvecs="n_matvecs")
-def lanczos_eigs(
-    matvec: Callable,
-    dim: int,
-    k: int,
-    *,
-    n_matvecs: int | None = None,
-    key=None,
-    which: str = "largest",
-    dtype=None,
-    tol: float | None = None,
-    v0=None,
-) -> EigResult:
-    """k extreme algebraic eigenpairs of a symmetric operator by Lanczos.
-
-    Args:
-        matvec: ``v -> A v`` on (dim,) vectors.
-        dim: the operator's dimension.
-        k: number of eigenpairs.
-        n_matvecs: Lanczos steps m (default min(dim, max(4k, 64))); fixed, so the call is
-            jit and vmap friendly.
-        which: ``"largest"`` (algebraic; sharpness) or ``"smallest"``.
-        tol: a pair is converged when its residual estimate |β_m s_mi| ≤ tol·max|θ| (default
-            1e-6 in float64, 1e-3 in float32).
-        v0: start vector (default random).
-
-    Returns:
-        :class:`EigResult`, largest first for ``"largest"``, smallest first for ``"smallest"``.
-    """
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
-    if int(k) != k or not 1 <= k <= dim:
-        raise ValueError(f"k: must be an integer in [1, {dim}], got {k!r}")
-    m = int(min(dim, max(4 * k, 64)) if n_matvecs is None else n_matvecs)
-    if not k <= m <= dim:
-        raise ValueError(f"n_matvecs: must lie in [k={k}, dim={dim}], got {m}")
-    dtype = dtype or jnp.asarray(0.0).dtype
-    key = jax.random.PRNGKey(0) if key is None else key
-    k_start, k_lan = jax.random.split(key)
-    if v0 is None:
-        v0 = jax.random.normal(k_start, (dim,), dtype)
-    alphas, betas, q = lanczos(matvec, jnp.asarray(v0, dtype), m, k_lan)
-    theta, s = _sl.eigh(_tridiag(alphas, betas))
-    if which == "largest":
-        theta, s = theta[::-1], s[:, ::-1]
-    theta, s = theta[:k], s[:, :k]
-    vecs = (q.T @ s).T
-    vecs = vecs / jnp.linalg.norm(vecs, axis=1, keepdims=True)
-    res = jnp.abs(betas[-1] * s[-1, :])
-    tol = _default_tol(dtype) if tol is None else tol
-    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dtype).tiny)
-    return EigResult(theta, vecs, res, res <= tol * scale, m)
-
-
-@renamed(num_blocks="n_blocks")
-def block_krylov_eigs(
-    matvec: Callable,
-    v0,
-    *,
-    n_blocks: int = 2,
-    which: str = "largest",
-    tol: float | None = None,
-    k: int | None = None,
-    key=None,
-) -> EigResult:
-    """Top-k eigenpairs by Rayleigh–Ritz on the block Krylov space span{V, AV, …, A^p V}.
-
-    Warm-started from ``v0`` (dim, b) — e.g. the previous eigenvectors while tracking, plus
-    fresh random vectors — it needs few blocks. Uses b·(p + 1) matvecs (p = ``n_blocks``)
-    and returns exact residuals; p is capped so the space is no wider than the dimension.
-    When the space is exhausted (the new block lies in the span
-    already: a low-rank operator, or a start that is nearly invariant) the vanishing columns
-    are replaced by random vectors orthogonal to the basis, and every block is
-    re-orthogonalised after its QR, so the basis stays orthonormal and the Ritz values never
-    exceed the operator's spectrum.
-
-    Args:
-        k: eigenpairs returned (default b, the block width).
-        key: PRNG key of the replacement vectors (default ``PRNGKey(0)``).
-    """
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
-    v = jnp.asarray(v0)
-    n, b_width = v.shape
-    # a Krylov space wider than the dimension is degenerate: cap the blocks
-    n_blocks = max(0, min(int(n_blocks), n // b_width - 1))
-    k = b_width if k is None else int(k)
-    if not 1 <= k <= b_width:
-        raise ValueError(f"k: must be an integer in [1, {b_width}] (the block width), got {k!r}")
-    key = jax.random.PRNGKey(0) if key is None else key
-    dt = v.dtype
-    eps = jnp.finfo(dt).eps
-    mv = jax.vmap(matvec, in_axes=1, out_axes=1)
-
-    def orth(basis, w):
-        for _ in range(2):
-            w = w - basis @ (basis.T @ w)
-        return w
-
-    blocks = [_sl.qr_q(v)]
-    images = []
-    for j in range(int(n_blocks)):
-        w = mv(blocks[-1])
-        images.append(w)
-        basis = jnp.concatenate(blocks, axis=1)
-        size = jnp.linalg.norm(w, axis=0)
-        w = orth(basis, w)
-        fresh = orth(basis, jax.random.normal(jax.random.fold_in(key, j), w.shape, dt))
-        spent = jnp.linalg.norm(w, axis=0) <= 1e3 * eps * jnp.maximum(size, jnp.finfo(dt).tiny)
-        q = _sl.qr_q(jnp.where(spent[None, :], fresh, w))
-        blocks.append(_sl.qr_q(orth(basis, q)))  # QR of near-dependent columns loses orthogonality
-    images.append(mv(blocks[-1]))
-    b = jnp.concatenate(blocks, axis=1)
-    ab = jnp.concatenate(images, axis=1)
-    h = b.T @ ab
-    theta, s = _sl.eigh(0.5 * (h + h.T))
-    if which == "largest":
-        theta, s = theta[::-1], s[:, ::-1]
-    theta, s = theta[:k], s[:, :k]
-    y = b @ s
-    ay = ab @ s
-    norms = jnp.linalg.norm(y, axis=0)
-    y, ay = y / norms, ay / norms
-    res = jnp.linalg.norm(ay - y * theta, axis=0)
-    tol = _default_tol(dt) if tol is None else tol
-    scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dt).tiny)
-    return EigResult(theta, y.T, res, res <= tol * scale, b_width * (int(n_blocks) + 1))
-
-
 @renamed(num_matvecs="n_matvecs")
 def hessian_eigs(
     loss: Callable, params, k: int, *, n_matvecs=None, key=None, which="largest", tol=None
@@ -476,40 +261,6 @@ def dense_hessian(loss: Callable, params, *, chunk_size: int = 64) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # trace and density
 
-TRACE_METHODS = ("hutchinson", "hutch++")
-
-
-@renamed(num_probes="n_probes")
-def trace_estimate(
-    matvec: Callable, dim: int, *, n_probes: int, key, method: str = "hutchinson", dtype=None
-) -> TraceResult:
-    """Stochastic trace of a symmetric operator with Rademacher probes.
-
-    ``"hutchinson"``: mean of zᵀAz over ``n_probes`` probes. ``"hutch++"``: a third of the
-    probes build a sketch Q = orth(A S); tr(QᵀAQ) is exact and the rest estimate the
-    remainder tr((I − QQᵀ) A (I − QQᵀ)). The standard error is that of the stochastic part.
-    """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method: unknown {method!r}; allowed: {', '.join(TRACE_METHODS)}")
-    if int(n_probes) != n_probes or n_probes < 2:
-        raise ValueError(f"n_probes: must be an integer >= 2, got {n_probes!r}")
-    dtype = dtype or jnp.asarray(0.0).dtype
-    mv = jax.vmap(matvec)
-    if method == "hutchinson":
-        z = jax.random.rademacher(key, (n_probes, dim), dtype)
-        samples = jnp.sum(z * mv(z), axis=1)
-        return TraceResult(samples.mean(), samples.std(ddof=1) / jnp.sqrt(n_probes), samples)
-    m = max(1, n_probes // 3)
-    g_n = max(2, n_probes - 2 * m)
-    ks, kg = jax.random.split(key)
-    s = jax.random.rademacher(ks, (m, dim), dtype)
-    q = _sl.qr_q(mv(s).T)
-    exact = jnp.trace(q.T @ mv(q.T).T)
-    g = jax.random.rademacher(kg, (g_n, dim), dtype)
-    g = g - (g @ q) @ q.T
-    samples = jnp.sum(g * mv(g), axis=1)
-    return TraceResult(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(g_n), exact + samples)
-
 
 @renamed(num_probes="n_probes")
 def hessian_trace(
@@ -520,26 +271,6 @@ def hessian_trace(
     return trace_estimate(
         matvec, p.shape[0], n_probes=n_probes, key=key, method=method, dtype=p.dtype
     )
-
-
-@renamed(num_matvecs="n_matvecs", num_runs="n_runs")
-def density_estimate(
-    matvec: Callable, dim: int, *, n_matvecs: int, n_runs: int, key, dtype=None
-) -> DensityResult:
-    """Stochastic Lanczos quadrature: for each of ``n_runs`` random unit starts, the Ritz
-    values of an m-step Lanczos run are nodes with weights (first eigenvector component)²/runs."""
-    m = int(min(n_matvecs, dim))
-    dtype = dtype or jnp.asarray(0.0).dtype
-
-    def one(key):
-        k1, k2 = jax.random.split(key)
-        v0 = jax.random.rademacher(k1, (dim,), dtype)
-        a, b, _ = lanczos(matvec, v0, m, k2)
-        theta, s = jnp.linalg.eigh(_tridiag(a, b))
-        return theta, s[0, :] ** 2
-
-    nodes, weights = jax.lax.map(one, jax.random.split(key, int(n_runs)))
-    return DensityResult(nodes.ravel(), weights.ravel() / n_runs)
 
 
 @renamed(num_matvecs="n_matvecs", num_runs="n_runs")

@@ -29,7 +29,7 @@ def test_worked_example_adds_an_observer_and_a_stage(tmp_path, monkeypatch):
 
 #: layer of each module (docs/architecture.md): imports go to the same layer or below
 LAYERS = {
-    0: ["tangents", "_layout", "optimizers", "losses", "_smalllinalg", "_fit", "_util"],
+    0: ["tangents", "_layout", "optimizers", "losses", "_smalllinalg", "_krylov", "_fit", "_util"],
     1: ["systems", "training", "nnx_adapter", "stepmap", "models", "datasets"],
     2: ["engine", "observers", "replicas", "sharding", "results"],
     3: ["lyapunov", "clv", "curvature", "landscape", "response", "series", "episodes",
