@@ -1,0 +1,382 @@
+"""Orbits and bifurcations: where training locks, doubles its period and turns chaotic.
+
+* :func:`detect_period` — the period of a recorded series of states (1 = fixed point, 0 =
+  none within the tolerance);
+* :func:`find_periodic_orbit` — a period-k orbit of any map by Newton–Krylov on
+  F^k(x) − x (JVPs only, lineax's GMRES), with its Floquet multipliers;
+* :func:`bifurcation` — hundreds of parameter values as one batched run of the engine
+  (:func:`chaosjax.run_replicas`): the attractor sampled after a transient, the period and
+  the leading Lyapunov exponent per value, and the values where the period changes, refined
+  by bisection;
+* :func:`plot_bifurcation` — the diagram above λ1(value).
+
+Maps are adapted exactly as the engine adapts them (:func:`chaosjax.engine._plain_flow` for
+``step(x, t)`` on any pytree state, ``TrainingMap.flow`` for training maps): the dynamical
+coordinates are the flat float vector, the carried part (integer counters, keys, running
+statistics) rides along and is held at its starting value during a Newton solve.
+
+References:
+    Feigenbaum, M. J. (1978). Quantitative universality for a class of nonlinear
+    transformations.
+    Kelley, C. T. (2003). Solving Nonlinear Equations with Newton's Method (Newton–Krylov).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import lineax as lx
+import numpy as np
+
+from chaosjax._layout import layout_of
+from chaosjax._util import as_traceable
+from chaosjax.engine import _plain_flow
+from chaosjax.training import TrainingMap, split_state
+
+DENSE_MAX = 256  # up to this dimension the k-step Jacobian is built densely (jacfwd + eig)
+
+
+# ---------------------------------------------------------------------------------------------
+# periods of a series
+
+
+def _check_tol(name: str, tol) -> float:
+    try:
+        tol = float(tol)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a positive finite number, got {tol!r}") from None
+    if not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"{name}: must be a positive finite number, got {tol!r}")
+    return tol
+
+
+def _check_int(name: str, v, lo: int, hi: int | None = None) -> int:
+    ok = isinstance(v, int | np.integer) and not isinstance(v, bool)
+    if not ok or v < lo or (hi is not None and v > hi):
+        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: must be an integer {rng}, got {v!r}")
+    return int(v)
+
+
+def _periods(tail: np.ndarray, tol: float, max_period: int, scale=None) -> np.ndarray:
+    """Periods of a batch of windows ``tail`` (B, n, p) (float64 on the host)."""
+    tail = np.asarray(tail, np.float64)
+    n = tail.shape[1]
+    kmax = min(max_period, n // 2)
+    finite = np.all(np.isfinite(tail), axis=(1, 2))
+    t = np.where(np.isfinite(tail), tail, 0.0)
+    if scale is None:
+        scale = np.max(np.linalg.norm(t, axis=-1), axis=1)
+    scale = np.maximum(np.broadcast_to(np.asarray(scale, np.float64), (t.shape[0],)), 1e-300)
+    out = np.zeros(t.shape[0], np.int64)
+    for k in range(kmax, 0, -1):  # descending: the smallest k that holds wins
+        d = np.max(np.linalg.norm(t[:, k:] - t[:, :-k], axis=-1), axis=1)
+        out = np.where(d <= tol * scale, k, out)
+    return np.where(finite, out, 0)
+
+
+def detect_period(states, *, tol: float = 1e-7, window: int | None = None, max_period: int = 64,
+                  scale: float | None = None) -> int:  # fmt: skip
+    """The period of a series of states: the smallest k with ‖x_{t+k} − x_t‖ ≤ tol·scale for
+    every pair (t, t + k) inside the window.
+
+    Args:
+        states: (T, ...) states, rows = time (each row flattened to a vector; a 1-D array is a
+            scalar series). At least 2 rows.
+        tol: the state tolerance, relative to ``scale``.
+        window: the last ``window`` rows are examined (default: the last half, at least 2).
+        max_period: the largest period tried. A period k is only accepted when the window
+            holds at least two of its cycles (k ≤ window // 2), so periods above
+            ``window // 2`` are never reported.
+        scale: the states' scale (default: the largest ‖x_t‖ in the window). A series that
+            decays geometrically to the origin is not a fixed point relative to its own size:
+            pass an absolute ``scale`` (e.g. 1.0) for such series.
+
+    Returns:
+        k ≥ 1 (1 = fixed point), or 0 for none (no period up to the limit, or a non-finite
+        state in the window: chaos, quasi-periodicity or a transient that has not settled).
+    """
+    x = np.asarray(states)
+    if x.ndim == 0 or x.shape[0] < 2:
+        raise ValueError(f"states: need at least 2 rows (rows = time), got shape {x.shape}")
+    x = x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
+    n = x.shape[0]
+    tol = _check_tol("tol", tol)
+    max_period = _check_int("max_period", max_period, 1)
+    window = max(2, n // 2) if window is None else _check_int("window", window, 2, n)
+    if scale is not None:
+        scale = _check_tol("scale", scale)
+    return int(_periods(x[None, n - window :], tol, max_period, scale)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# periodic orbits
+
+
+class Orbit(NamedTuple):
+    """A periodic orbit of a map.
+
+    Attributes:
+        points: (period, dim) the orbit's points x, F(x), …, F^{k−1}(x) in the flat
+            dynamical coordinates.
+        residual: ‖F^k(x) − x‖ at the returned point.
+        converged: the residual met the tolerance within the iteration budget.
+        multipliers: (n,) complex Floquet multipliers, the leading eigenvalues by magnitude of
+            the k-step Jacobian ∂F^k/∂x at the orbit.
+        stable: max |multiplier| < 1 (a converged orbit that attracts nearby states).
+    """
+
+    points: np.ndarray
+    residual: float
+    converged: bool
+    multipliers: np.ndarray
+    stable: bool
+
+
+class _Map(NamedTuple):
+    """A map in the engine's flat form: the program, how to call it and where it starts."""
+
+    program: Any
+    kind: str  # "training" or "plain"
+    layout: Any
+    has_args: bool
+    x: jax.Array
+    carry: Any
+    args: Any
+
+
+def _adapt(step, x0, args=None) -> _Map:
+    """The engine's flat form of ``step`` at ``x0`` (a training map's own hyper-parameters
+    unless ``args`` is given)."""
+    from jax.tree_util import Partial
+
+    model = getattr(step, "__self__", None) if not isinstance(step, TrainingMap) else step
+    if isinstance(model, TrainingMap) and getattr(step, "__name__", "step") in ("step", "flow"):
+        x, carry = split_state(x0)
+        carry = () if carry is None else carry
+        hp = model.hparams if args is None else args
+        return _Map(Partial(type(model).flow, model), "training", None, True, jnp.asarray(x),
+                    carry, hp)  # fmt: skip
+    program = as_traceable(step)
+    lay = layout_of(x0, what="x0")
+    if lay.dim == 0:
+        raise ValueError("x0: the state has no floating-point leaves (nothing to solve for)")
+    x, carry = lay.split(x0)
+    return _Map(program, "plain", lay, args is not None, x, tuple(carry), args)
+
+
+def _flow_of(program, kind, layout, has_args):
+    if kind == "training":
+        return program
+    return functools.partial(_plain_flow, program, layout=layout, has_args=has_args)
+
+
+def _iterate(flow, x, carry, t0, args, k: int):
+    """k steps from (x, carry) at time t0: the points visited (k, dim) and the end state."""
+
+    def body(c, t):
+        x, cr = c
+        x2, cr2, _ = flow(x, cr, t, args)
+        return (x2, cr2), x
+
+    (xk, _), pts = jax.lax.scan(body, (x, carry), t0 + jnp.arange(k))
+    return xk, pts
+
+
+_STATIC = ("kind", "layout", "has_args", "period", "max_iter")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period, max_iter):
+    """Damped Newton–Krylov on G(x) = F^k(x) − x (carry held fixed). Returns (x, residual,
+    iterations)."""
+    flow = _flow_of(program, kind, layout, has_args)
+
+    def g(x):
+        return _iterate(flow, x, carry, t0, args, period)[0] - x
+
+    n = x0.shape[0]
+    solver = lx.GMRES(rtol=1e-9, atol=1e-14, restart=min(n, 40), max_steps=20 * min(n, 40) + 20)
+    struct = jax.ShapeDtypeStruct(x0.shape, x0.dtype)
+
+    def done(x, r):
+        return r <= tol * jnp.maximum(1.0, jnp.linalg.norm(x))
+
+    def cond(c):
+        x, gx, r, it, stalled = c
+        return (it < max_iter) & ~done(x, r) & ~stalled & jnp.isfinite(r)
+
+    def body(c):
+        x, gx, r, it, _ = c
+        _, lin = jax.linearize(g, x)
+        op = lx.FunctionLinearOperator(lin, struct)
+        dx = lx.linear_solve(op, -gx, solver, throw=False).value
+        dx = jnp.where(jnp.all(jnp.isfinite(dx)), dx, -gx)
+
+        def ls_cond(s):
+            a, _, _, rn, i = s
+            return ~(rn < r) & (i < 30)
+
+        def ls_body(s):
+            a, _, _, _, i = s
+            xn = x + a * dx
+            gn = g(xn)
+            rn = jnp.linalg.norm(gn)
+            return a * 0.5, xn, gn, jnp.where(jnp.isfinite(rn), rn, jnp.inf), i + 1
+
+        _, xn, gn, rn, _ = jax.lax.while_loop(ls_cond, ls_body, (1.0, x, gx, jnp.inf, 0))
+        better = rn < r
+        return (jnp.where(better, xn, x), jnp.where(better, gn, gx), jnp.minimum(rn, r),
+                it + 1, ~better)  # fmt: skip
+
+    g0 = g(x0)
+    x, gx, r, it, _ = jax.lax.while_loop(cond, body, (x0, g0, jnp.linalg.norm(g0), 0, False))
+    return x, r, it
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
+def _orbit_points(program, x, carry, t0, args, *, kind, layout, has_args, period):
+    return _iterate(_flow_of(program, kind, layout, has_args), x, carry, t0, args, period)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
+def _jacobian(program, x, carry, t0, args, *, kind, layout, has_args, period):
+    flow = _flow_of(program, kind, layout, has_args)
+    return jax.jacfwd(lambda y: _iterate(flow, y, carry, t0, args, period)[0])(x)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
+def _jvp(program, x, carry, t0, args, v, *, kind, layout, has_args, period):
+    flow = _flow_of(program, kind, layout, has_args)
+    return jax.jvp(lambda y: _iterate(flow, y, carry, t0, args, period)[0], (x,), (v,))[1]
+
+
+def _arnoldi(matvec, dim: int, n: int, m: int, seed: int = 0) -> np.ndarray:
+    """Ritz values of an m-step Arnoldi iteration (full reorthogonalisation, float64 on the
+    host), the n largest by magnitude."""
+    V = np.zeros((m + 1, dim))
+    H = np.zeros((m + 1, m))
+    v = np.random.default_rng(seed).normal(size=dim)
+    V[0] = v / np.linalg.norm(v)
+    for j in range(m):
+        w = np.asarray(matvec(V[j]), np.float64)
+        for _ in range(2):
+            h = V[: j + 1] @ w
+            w = w - h @ V[: j + 1]
+            H[: j + 1, j] += h
+        H[j + 1, j] = np.linalg.norm(w)
+        if H[j + 1, j] < 1e-12 * max(1.0, np.abs(H[: j + 1, j]).max()):
+            m = j + 1
+            break
+        V[j + 1] = w / H[j + 1, j]
+    ev = np.linalg.eigvals(H[:m, :m])
+    return ev[np.argsort(-np.abs(ev), kind="stable")][:n]
+
+
+def _multipliers(mp: _Map, x, t0, period: int, n: int, dense_max: int) -> np.ndarray:
+    kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args, period=period)
+    dim = int(x.shape[0])
+    if dim <= dense_max:
+        jac = np.asarray(_jacobian(mp.program, x, mp.carry, t0, mp.args, **kw), np.float64)
+        ev = np.linalg.eigvals(jac)
+        return ev[np.argsort(-np.abs(ev), kind="stable")][:n]
+
+    def matvec(v):
+        return _jvp(mp.program, x, mp.carry, t0, mp.args, jnp.asarray(v, x.dtype), **kw)
+
+    return _arnoldi(matvec, dim, n, min(dim, max(4 * n, 40)))
+
+
+def _solve(mp: _Map, period, t0, tol, max_iter, n_mult, dense_max) -> Orbit:
+    kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args, period=period)
+    t0 = jnp.asarray(t0, jnp.int32)
+    x, r, _ = _newton(mp.program, mp.x, mp.carry, t0, mp.args, tol, max_iter=max_iter, **kw)
+    r = float(r)
+    converged = bool(np.isfinite(r) and r <= tol * max(1.0, float(jnp.linalg.norm(x))))
+    pts = np.asarray(_orbit_points(mp.program, x, mp.carry, t0, mp.args, **kw))
+    if np.all(np.isfinite(pts)):
+        mult = _multipliers(mp, x, t0, period, n_mult, dense_max)
+    else:
+        mult = np.full(n_mult, np.nan + 0j)
+    stable = bool(converged and np.all(np.isfinite(mult)) and np.max(np.abs(mult)) < 1.0)
+    return Orbit(pts, r, converged, mult.astype(np.complex128), stable)
+
+
+def find_periodic_orbit(
+    step: Callable,
+    x0,
+    period: int,
+    *,
+    tol: float = 1e-10,
+    max_iter: int = 50,
+    t0: int = 0,
+    args=None,
+    n_multipliers: int = 10,
+    dense_max: int = DENSE_MAX,
+) -> Orbit:
+    """A period-k orbit of ``step`` near ``x0``: Newton–Krylov on G(x) = F^k(x) − x.
+
+    Each Newton step solves (∂F^k/∂x − I) dx = −G(x) with lineax's GMRES on a
+    ``FunctionLinearOperator`` of ``jax.linearize`` (matrix-free: JVPs of the k-step map,
+    never a dense Jacobian), followed by a backtracking line search (halving the step until
+    ‖G‖ decreases). The whole solve is one jitted program per (map, period).
+
+    The map is the engine's flat form of ``step`` (the same adapter as
+    :func:`chaosjax.run_replicas`): for ``step(x, t)`` on a pytree state the float leaves are
+    solved for and integer leaves / keys are carried; for a :class:`chaosjax.TrainingMap`
+    (pass the map or its ``.step``) the unknowns are the flat float coordinates (parameters and
+    float optimizer moments) and the carried part (step counters, ``MultiSteps`` counts, PRNG
+    keys, BatchNorm statistics) is held fixed at its value in ``x0`` during the solve: the
+    orbit is one of the k-step map F^k = F_{t0+k−1} ∘ … ∘ F_{t0} from that carry. For an
+    autonomous map (a plain map, full-batch GD) ``t0`` is irrelevant; for a time-dependent one
+    the orbit is of the map at fixed t0 (pass ``t0=0`` unless you mean otherwise).
+
+    Floquet multipliers: the eigenvalues of ∂F^k/∂x at the orbit, leading by magnitude. Up to
+    ``dense_max`` coordinates (default 256) the Jacobian is built densely (``jax.jacfwd``) and
+    all eigenvalues come from ``numpy.linalg.eig``; above it an Arnoldi iteration of chaosjax's
+    own (max(4n, 40) JVPs, full reorthogonalisation, no restarts) gives Ritz values, accurate
+    for the well-separated leading multipliers.
+
+    Args:
+        step: ``step(x, t) -> x`` (``step(x, t, args)`` with ``args``), or a TrainingMap.
+        x0: the starting guess (a state of the map).
+        period: k ≥ 1.
+        tol: convergence when ‖F^k(x) − x‖ ≤ tol·max(1, ‖x‖).
+        max_iter: the Newton iteration budget.
+        t0: the time of the first step of the orbit.
+        args: the step's third argument (a training map: its hyper-parameter dict; default
+            the map's own).
+        n_multipliers: how many leading multipliers are returned (at most dim).
+        dense_max: the dimension up to which the Jacobian is dense.
+
+    Returns:
+        :class:`Orbit`.
+    """
+    if isinstance(period, bool) or not isinstance(period, int | np.integer) or period < 1:
+        raise ValueError(f"period: must be an integer >= 1, got {period!r}")
+    tol = _check_tol("tol", tol)
+    max_iter = _check_int("max_iter", max_iter, 1)
+    mp = _adapt(step, x0, args)
+    if not bool(jnp.all(jnp.isfinite(mp.x))):
+        raise ValueError("x0: must be finite (got NaN or inf in the state)")
+    n = min(_check_int("n_multipliers", n_multipliers, 1), int(mp.x.shape[0]))
+    return _solve(mp, int(period), int(t0), tol, max_iter, n, _check_int("dense_max", dense_max, 0))
+
+
+def _certify(mp: _Map, period: int, t0: int) -> bool:
+    """True when a stable orbit of minimal period ``period`` lies near ``mp.x``."""
+    if not bool(jnp.all(jnp.isfinite(mp.x))):
+        return False
+    o = _solve(mp, period, t0, 1e-11, 50, 1, DENSE_MAX)
+    if not o.stable:
+        return False
+    size = max(1.0, float(np.max(np.linalg.norm(o.points, axis=1))))
+    for j in range(1, period):
+        if period % j == 0 and np.linalg.norm(o.points[j] - o.points[0]) <= 1e-7 * size:
+            return False  # a shorter orbit (F^k also fixes the points of a j-cycle)
+    return True
