@@ -24,8 +24,9 @@ References:
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -208,7 +209,7 @@ def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period
         return r <= tol * jnp.maximum(1.0, jnp.linalg.norm(x))
 
     def cond(c):
-        x, gx, r, it, stalled = c
+        x, _gx, r, it, stalled = c
         return (it < max_iter) & ~done(x, r) & ~stalled & jnp.isfinite(r)
 
     def body(c):
@@ -219,7 +220,7 @@ def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period
         dx = jnp.where(jnp.all(jnp.isfinite(dx)), dx, -gx)
 
         def ls_cond(s):
-            a, _, _, rn, i = s
+            _a, _, _, rn, i = s
             return ~(rn < r) & (i < 30)
 
         def ls_body(s):
@@ -235,19 +236,19 @@ def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period
                 it + 1, ~better)  # fmt: skip
 
     g0 = g(x0)
-    x, gx, r, it, _ = jax.lax.while_loop(cond, body, (x0, g0, jnp.linalg.norm(g0), 0, False))
+    x, _gx, r, it, _ = jax.lax.while_loop(cond, body, (x0, g0, jnp.linalg.norm(g0), 0, False))
     return x, r, it
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
-def _orbit_points(program, x, carry, t0, args, *, kind, layout, has_args, period):
-    return _iterate(_flow_of(program, kind, layout, has_args), x, carry, t0, args, period)[1]
-
-
-@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
-def _jacobian(program, x, carry, t0, args, *, kind, layout, has_args, period):
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "dense"))
+def _orbit(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period, max_iter, dense):
+    """One program: the Newton solve, the orbit's points and (dense) the k-step Jacobian."""
+    kw = dict(kind=kind, layout=layout, has_args=has_args, period=period)
+    x, r, _ = _newton(program, x0, carry, t0, args, tol, max_iter=max_iter, **kw)
     flow = _flow_of(program, kind, layout, has_args)
-    return jax.jacfwd(lambda y: _iterate(flow, y, carry, t0, args, period)[0])(x)
+    pts = _iterate(flow, x, carry, t0, args, period)[1]
+    jac = jax.jacfwd(lambda y: _iterate(flow, y, carry, t0, args, period)[0])(x) if dense else None
+    return x, r, pts, jac
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
@@ -275,34 +276,33 @@ def _arnoldi(matvec, dim: int, n: int, m: int, seed: int = 0) -> np.ndarray:
             break
         V[j + 1] = w / H[j + 1, j]
     ev = np.linalg.eigvals(H[:m, :m])
+    return _leading(ev, n)
+
+
+def _leading(ev: np.ndarray, n: int) -> np.ndarray:
     return ev[np.argsort(-np.abs(ev), kind="stable")][:n]
-
-
-def _multipliers(mp: _Map, x, t0, period: int, n: int, dense_max: int) -> np.ndarray:
-    kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args, period=period)
-    dim = int(x.shape[0])
-    if dim <= dense_max:
-        jac = np.asarray(_jacobian(mp.program, x, mp.carry, t0, mp.args, **kw), np.float64)
-        ev = np.linalg.eigvals(jac)
-        return ev[np.argsort(-np.abs(ev), kind="stable")][:n]
-
-    def matvec(v):
-        return _jvp(mp.program, x, mp.carry, t0, mp.args, jnp.asarray(v, x.dtype), **kw)
-
-    return _arnoldi(matvec, dim, n, min(dim, max(4 * n, 40)))
 
 
 def _solve(mp: _Map, period, t0, tol, max_iter, n_mult, dense_max) -> Orbit:
     kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args, period=period)
     t0 = jnp.asarray(t0, jnp.int32)
-    x, r, _ = _newton(mp.program, mp.x, mp.carry, t0, mp.args, tol, max_iter=max_iter, **kw)
+    dim = int(mp.x.shape[0])
+    dense = dim <= dense_max
+    x, r, pts, jac = _orbit(mp.program, mp.x, mp.carry, t0, mp.args, tol, max_iter=max_iter,
+                            dense=dense, **kw)  # fmt: skip
     r = float(r)
     converged = bool(np.isfinite(r) and r <= tol * max(1.0, float(jnp.linalg.norm(x))))
-    pts = np.asarray(_orbit_points(mp.program, x, mp.carry, t0, mp.args, **kw))
-    if np.all(np.isfinite(pts)):
-        mult = _multipliers(mp, x, t0, period, n_mult, dense_max)
-    else:
+    pts = np.asarray(pts)
+    if not (np.all(np.isfinite(pts)) and np.isfinite(r)):
         mult = np.full(n_mult, np.nan + 0j)
+    elif dense:
+        mult = _leading(np.linalg.eigvals(np.asarray(jac, np.float64)), n_mult)
+    else:
+
+        def matvec(v):
+            return _jvp(mp.program, x, mp.carry, t0, mp.args, jnp.asarray(v, x.dtype), **kw)
+
+        mult = _arnoldi(matvec, dim, n_mult, min(dim, max(4 * n_mult, 40)))
     stable = bool(converged and np.all(np.isfinite(mult)) and np.max(np.abs(mult)) < 1.0)
     return Orbit(pts, r, converged, mult.astype(np.complex128), stable)
 
@@ -380,3 +380,287 @@ def _certify(mp: _Map, period: int, t0: int) -> bool:
         if period % j == 0 and np.linalg.norm(o.points[j] - o.points[0]) <= 1e-7 * size:
             return False  # a shorter orbit (F^k also fixes the points of a j-cycle)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# bifurcation diagrams
+
+
+class Bifurcation(NamedTuple):
+    """A bifurcation diagram: the attractor, its period and λ1 per parameter value.
+
+    Attributes:
+        values: (n,) the parameter values, as given.
+        samples: (n, n_samples) the attractor sampled at the last n_samples steps (a plain
+            map: ``project`` of the state, by default its first coordinate; a training map:
+            the loss L(θ_t) of the full batch / the batch of step t). NaN for a replica that
+            diverged.
+        periods: (n,) the period of the attractor over the sampled window
+            (:func:`detect_period` semantics: 0 = none up to the limit, chaotic, diverged or not
+            settled within the run).
+        lyapunov: (n,) the leading Lyapunov exponent per step, measured on the same run after
+            the transient (and a tangent alignment of a eighth of the sampled window).
+        points: (m,) the parameter values where the period changes, refined by bisection to
+            ``refine_tol`` (sorted).
+        transitions: (m, 2) the certified periods of the grid values on either side of
+            each point.
+        certified: (n,) the period of the stable orbit certified near the run's final state
+            (Newton + multipliers, see :func:`bifurcation`; 0: none). It differs from
+            ``periods`` where the run had not settled within ``tol``.
+        info: the settings and timings (steps, transient, tol, refine_tol, rounds, seconds).
+    """
+
+    values: np.ndarray
+    samples: np.ndarray
+    periods: np.ndarray
+    lyapunov: np.ndarray
+    points: np.ndarray
+    transitions: np.ndarray
+    certified: np.ndarray
+    info: dict
+
+
+def _as_training(step_or_map):
+    if isinstance(step_or_map, TrainingMap):
+        return step_or_map
+    owner = getattr(step_or_map, "__self__", None)
+    return owner if isinstance(owner, TrainingMap) else None
+
+
+class _Scan(NamedTuple):
+    """The engine's side of a bifurcation scan: what runs and how a row becomes a map."""
+
+    model: Any  # the TrainingMap, or None
+    step: Any  # the traceable plain step
+    x0: Any
+    layout: Any
+    param: str
+
+
+def _probe_index(dim: int) -> np.ndarray:
+    return np.arange(dim) if dim <= 16 else np.unique(np.linspace(0, dim - 1, 8).astype(int))
+
+
+def _run(sc: _Scan, vals, *, steps, t0, record_every, custom=None, trackers=(), progress=False):
+    """One batched run of the engine over the parameter values ``vals``."""
+    from chaosjax.lyapunov import _prepare
+    from chaosjax.replicas import make_replicas, run_replicas
+
+    vals = np.asarray(vals, np.float64)
+    if sc.model is not None:
+        batch = make_replicas(sc.model, base=sc.x0, grid={sc.param: list(vals)})
+        model, obs = sc.model, ("loss",) if custom else ()
+    else:
+        xs = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(vals), *a.shape)), sc.x0)
+        model, batch, _ = _prepare(sc.step, xs, True, jnp.asarray(vals))
+        obs = ()
+    res = run_replicas(model, batch, steps=steps, record_every=record_every, observables=obs,
+                       custom_observables=custom, trackers=trackers, t0=t0, progress=progress,
+                       desc="bifurcation")  # fmt: skip
+    return res, batch
+
+
+def _row_map(sc: _Scan, res, batch, i: int) -> _Map:
+    """Replica i's final state as a map at its parameter value."""
+    if sc.model is not None:
+        x, carry = split_state(sc.model.final_state(res, i))
+        args = {k: v[i] for k, v in batch.hparams.items()}
+        return _Map(_adapt(sc.model, sc.x0).program, "training", None, True, jnp.asarray(x),
+                    () if carry is None else carry, args)  # fmt: skip
+    carry = tuple(jnp.asarray(c[i]) for c in res.final_carry)
+    return _Map(sc.step, "plain", sc.layout, True, jnp.asarray(res.final_state[i]), carry,
+                batch.hparams[i])  # fmt: skip
+
+
+def _settle(values, periods, cert) -> np.ndarray:
+    """The certified period per value (0: none): a detected period k is replaced by its
+    smallest divisor whose orbit certifies (a decaying oscillation of a stable fixed point
+    passes as period 2); a value that did not settle takes a neighbouring run's period where
+    that orbit certifies. ``cert(i, k)`` tests value i."""
+    order = np.argsort(values, kind="stable")
+    out = np.zeros(len(values), np.int64)
+    for i in order:
+        k = int(periods[i])
+        if k > 0:
+            out[i] = next((j for j in range(1, k + 1) if k % j == 0 and cert(i, j)), 0)
+    p = out[order]
+    pos = 0
+    while pos < len(order):
+        if p[pos]:
+            pos += 1
+            continue
+        end = pos
+        while end < len(order) and not p[end]:
+            end += 1
+        near = [int(p[pos - 1])] if pos else []
+        near += [int(p[end])] if end < len(order) else []
+        for q in range(pos, end):
+            out[order[q]] = next((k for k in near if cert(order[q], k)), 0)
+        pos = end
+    return out
+
+
+def _refine(sc: _Scan, values, settled, cert, *, steps, t0, refine_tol, progress):
+    """Bisection of every bracket of neighbouring values whose certified periods differ."""
+    order = np.argsort(values, kind="stable")
+    brackets = []  # [lo, hi, lo passes, candidate period, (k_lo, k_hi)]
+    for a, b in itertools.pairwise(order):
+        ka, kb = int(settled[a]), int(settled[b])
+        if ka == kb or values[a] == values[b]:
+            continue
+        cand = min(k for k in (ka, kb) if k > 0)
+        ya, yb = cert(a, cand), cert(b, cand)
+        if ya != yb:
+            brackets.append([float(values[a]), float(values[b]), ya, cand, (ka, kb)])
+    rounds = 0
+    if brackets and np.isfinite(refine_tol):
+        width = max(b[1] - b[0] for b in brackets)
+        rounds = max(0, math.ceil(math.log2(width / refine_tol)))
+    for _ in range(rounds):
+        mids = np.asarray([0.5 * (b[0] + b[1]) for b in brackets])
+        r, bt = _run(sc, mids, steps=steps, t0=t0, record_every=steps, progress=progress)
+        for i, b in enumerate(brackets):
+            if _certify(_row_map(sc, r, bt, i), b[3], t0 + steps) == b[2]:
+                b[0] = mids[i]
+            else:
+                b[1] = mids[i]
+    pts = sorted((0.5 * (b[0] + b[1]), b[4]) for b in brackets)
+    merged: list = []
+    for p, ks in pts:
+        if not (merged and p - merged[-1][0] <= 2 * refine_tol):
+            merged.append((p, ks))
+    points = np.asarray([p for p, _ in merged], np.float64)
+    trans = np.asarray([ks for _, ks in merged], np.int64).reshape(-1, 2)
+    return points, trans, rounds
+
+
+def bifurcation(
+    step_or_map,
+    x0,
+    values,
+    *,
+    steps: int = 2000,
+    transient: int | None = None,
+    n_samples: int = 64,
+    refine_tol: float = 1e-4,
+    max_period: int = 16,
+    tol: float = 1e-7,
+    project: Callable | None = None,
+    param: str = "learning_rate",
+    t0: int = 0,
+    refine: bool = True,
+    progress: bool = False,
+) -> Bifurcation:
+    """A bifurcation diagram: every parameter value is a replica of ONE batched run.
+
+    The run (:func:`chaosjax.run_replicas`, every value a replica of the batch) lasts
+    ``steps`` steps from ``x0``; the first ``transient`` are dropped. On the remaining window
+    it records the attractor (``samples``: its last ``n_samples`` steps), the period per value
+    (:func:`detect_period` on the window with ``tol`` and ``max_period``, on the state itself
+    for up to 16 coordinates, else on 8 evenly spaced coordinates and, for a training map, the
+    loss), and λ1 per value from a :class:`chaosjax.LyapunovTracker` on the same run.
+
+    ``points``: for every pair of neighbouring values whose periods differ, the value where
+    the period changes, bisected to ``refine_tol``; each bisection round is one batched run
+    of all brackets' midpoints. Near a period doubling the approach to the orbit is slow (its
+    multiplier → −1: within δ of the bifurcation a run of N steps settles only when
+    δ·N ≫ ln(1/tol)), so the simulated period there reads 0; a value is therefore classified
+    by the orbit itself: the run's final state is polished by :func:`find_periodic_orbit` to
+    the bracket's smaller nonzero period k, and the value is on the k side when that orbit
+    exists with minimal period k and is stable (max |multiplier| < 1). A bracket whose ends
+    both pass (or both fail) that test is an unsettled value, not a change, and is dropped;
+    points closer than 2·refine_tol are merged. Periodic windows opened by a saddle-node are
+    found the same way; period doublings beyond ``max_period`` are reported where the last
+    detected period loses stability.
+
+    Args:
+        step_or_map: ``step(x, t, p)`` with the parameter p as third argument, or a
+            :class:`chaosjax.TrainingMap` (its ``param`` hyper-parameter is scanned).
+        x0: the initial state (of every value).
+        values: (n,) parameter values (finite).
+        steps: the length of the run.
+        transient: steps dropped (default: all but the last n_samples·max_period steps, at
+            least 0).
+        n_samples: the samples kept per value.
+        refine_tol: the width to which points are bisected.
+        max_period: the largest period detected.
+        tol: the period tolerance (relative to the window's scale).
+        project: ``project(x) -> scalar`` of the flat state of a plain map (default x[0]).
+        param: the grid field of a training map.
+        t0: the time of x0.
+        refine: bisect the points (False: ``points`` are the midpoints of the brackets).
+        progress: show the engine's progress bars.
+
+    Returns:
+        :class:`Bifurcation`.
+    """
+    import time
+
+    from chaosjax.observers import LyapunovTracker
+
+    start = time.perf_counter()
+    v = np.asarray(values, np.float64) if np.ndim(values) else np.asarray([values], np.float64)
+    if v.ndim != 1 or v.size < 1 or not np.all(np.isfinite(v)):
+        raise ValueError("values: must be a 1-D sequence of finite parameter values (no NaN/inf)")
+    steps = _check_int("steps", steps, 2)
+    n_samples = _check_int("n_samples", n_samples, 1, steps)
+    max_period = _check_int("max_period", max_period, 1)
+    tol, refine_tol = _check_tol("tol", tol), _check_tol("refine_tol", refine_tol)
+    if transient is None:
+        transient = max(0, steps - n_samples * max_period)
+    transient = _check_int("transient", transient, 0, steps - max(2, n_samples))
+    model = _as_training(step_or_map)
+    if model is not None:
+        if param not in model.hparams:
+            raise ValueError(f"param: unknown {param!r}; allowed: {sorted(model.hparams)}")
+        xf = split_state(x0)[0]
+        sc = _Scan(model, None, x0, None, param)
+        idx = _probe_index(int(model.dim))
+
+        def probe(s):
+            return split_state(s)[0][idx]
+
+        custom = {"orbit_probe": probe}
+    else:
+        lay = layout_of(x0, what="x0")
+        if lay.dim == 0:
+            raise ValueError("x0: the state has no floating-point leaves")
+        xf = lay.split(x0)[0]
+        sc = _Scan(None, as_traceable(step_or_map), x0, lay, param)
+        idx = _probe_index(lay.dim)
+        proj = project or (lambda x: x[0])
+        custom = {"orbit_probe": lambda x: x[idx], "orbit_sample": lambda x: proj(x)}
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(xf)))):
+        raise ValueError("x0: must be finite (got NaN or inf in the state)")
+    window = steps - transient
+    tracker = LyapunovTracker(k=1, rows="all", warmup=transient, align=window // 8)
+    res, batch = _run(sc, v, steps=steps, t0=t0, record_every=1, custom=custom,
+                      trackers=[tracker], progress=progress)  # fmt: skip
+    probes = np.asarray(res.records["orbit_probe"], np.float64)[:, -window:]
+    if model is not None:
+        loss = np.asarray(res.records["loss"], np.float64)[:, -window:]
+        probes = np.concatenate([probes.reshape(len(v), window, -1), loss[..., None]], -1)
+        samples = loss[:, -n_samples:]
+    else:
+        samples = np.asarray(res.records["orbit_sample"], np.float64)[:, -n_samples:]
+    periods = _periods(probes.reshape(len(v), window, -1), tol, max_period)
+    lyap = np.nanmean(np.asarray(res.records["log_growth"], np.float64)[..., 0], axis=1)
+    lyap = np.where(np.asarray(res.diverged_step) >= 0, np.nan, lyap)
+    sim = time.perf_counter() - start
+    cache: dict = {}
+
+    def cert(i, k):
+        if (i, k) not in cache:
+            cache[i, k] = _certify(_row_map(sc, res, batch, int(i)), k, t0 + steps)
+        return cache[i, k]
+
+    settled = _settle(v, periods, cert)
+    points, trans, rounds = _refine(
+        sc, v, settled, cert, steps=steps, t0=t0,
+        refine_tol=refine_tol if refine else np.inf, progress=progress,
+    )  # fmt: skip
+    info = {"steps": steps, "transient": transient, "window": window, "tol": tol,
+            "max_period": max_period, "refine_tol": refine_tol, "rounds": rounds,
+            "param": param if model is not None else "p", "seconds_run": sim,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+    return Bifurcation(v, samples, periods, lyap, points, trans, settled, info)
