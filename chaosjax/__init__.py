@@ -23,6 +23,7 @@ from chaosjax import landscape as landscape
 from chaosjax import models as models
 from chaosjax import observers as observers
 from chaosjax import optimizers as optimizers
+from chaosjax import orbits as orbits
 from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
@@ -56,6 +57,9 @@ from chaosjax.observers import LyapunovTracker as LyapunovTracker
 from chaosjax.observers import StateSnapshots as StateSnapshots
 from chaosjax.observers import TwinTracker as TwinTracker
 from chaosjax.optimizers import stability_threshold as stability_threshold
+from chaosjax.orbits import Bifurcation as Bifurcation
+from chaosjax.orbits import Orbit as Orbit
+from chaosjax.orbits import bifurcation as bifurcation
 from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
@@ -115,6 +119,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Bifurcation",
     "CLVResult",
     "CLVWindow",
     "CurvatureTracker",
@@ -124,6 +129,7 @@ __all__ = [
     "LyapunovResult",
     "LyapunovTracker",
     "MapState",
+    "Orbit",
     "ReplicaBatch",
     "ReplicaResults",
     "ResponseTracker",
@@ -134,6 +140,7 @@ __all__ = [
     "TwinTracker",
     "WindowFit",
     "best_window_fit",
+    "bifurcation",
     "clv_layer_mass",
     "clv_memory_bytes",
     "clv_subspace_overlap",
@@ -159,6 +166,7 @@ __all__ = [
     "observers",
     "open_store",
     "optimizers",
+    "orbits",
     "perturbation",
     "qr_renormalize",
     "random_basis",

@@ -451,7 +451,6 @@ def bifurcation(
 
 
 __all__ = [
-    "DENSE_MAX",
     "Bifurcation",
     "Orbit",
     "bifurcation",

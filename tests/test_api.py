@@ -29,7 +29,7 @@ def test_import_side_effects(user_flags):
 TOP_LEVEL = {
     # modules
     "control", "datasets", "episodes", "landscape", "models", "observers", "optimizers",
-    "response", "series", "sharding", "systems",
+    "response", "series", "sharding", "systems", "orbits",
     # the engine, maps and replicas
     "TrainingMap", "StepMap", "MapState", "split_state", "make_schedule", "ReplicaBatch",
     "make_replicas", "perturbation", "run_replicas", "ReplicaResults", "open_store", "Dataset",
@@ -46,11 +46,13 @@ TOP_LEVEL = {
     # curvature and response
     "hvp", "dense_hessian", "hessian_eigs", "hessian_trace", "hessian_density",
     "smooth_density", "EigResult", "TraceResult", "DensityResult", "stability_threshold", "ntk",
+    # orbits and bifurcations
+    "bifurcation", "Bifurcation", "Orbit",
 }  # fmt: skip
 
 PUBLIC_MODULES = (
     "clv", "control", "curvature", "datasets", "engine", "episodes", "landscape", "losses",
-    "lyapunov", "models", "nnx_adapter", "observers", "optimizers", "plots", "replicas",
+    "lyapunov", "models", "nnx_adapter", "observers", "optimizers", "orbits", "plots", "replicas",
     "response", "results", "series", "sharding", "stepmap", "systems", "tangents", "training",
     "experiments", "experiments.stages", "cli",
 )  # fmt: skip
