@@ -99,29 +99,42 @@ def _flow_of(program, kind, layout, has_args):
     return functools.partial(_plain_flow, program, layout=layout, has_args=has_args)
 
 
-def _iterate(flow, x, carry, t0, args, k: int):
-    """k steps from (x, carry) at time t0: the points visited (k, dim) and the end state."""
+def _iterate(flow, x, carry, t0, args, k):
+    """F^k(x): k steps from (x, carry) at time t0 (k may be traced: one program for every
+    period)."""
+
+    def body(i, c):
+        x, cr = c
+        x2, cr2, _ = flow(x, cr, t0 + i, args)
+        return x2, cr2
+
+    return jax.lax.fori_loop(0, k, body, (x, carry))[0]
+
+
+_STATIC = ("kind", "layout", "has_args")
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "period"))
+def _points(program, x, carry, t0, args, *, kind, layout, has_args, period):
+    """The k points x, F(x), …, F^{k−1}(x), (k, dim)."""
+    flow = _flow_of(program, kind, layout, has_args)
 
     def body(c, t):
         x, cr = c
         x2, cr2, _ = flow(x, cr, t, args)
         return (x2, cr2), x
 
-    (xk, _), pts = jax.lax.scan(body, (x, carry), t0 + jnp.arange(k))
-    return xk, pts
+    return jax.lax.scan(body, (x, carry), t0 + jnp.arange(period))[1]
 
 
-_STATIC = ("kind", "layout", "has_args", "period", "max_iter")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period, max_iter):
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "max_iter"))
+def _newton(program, x0, carry, t0, args, tol, period, *, kind, layout, has_args, max_iter):
     """Damped Newton–Krylov on G(x) = F^k(x) − x (carry held fixed). Returns (x, residual,
     iterations)."""
     flow = _flow_of(program, kind, layout, has_args)
 
     def g(x):
-        return _iterate(flow, x, carry, t0, args, period)[0] - x
+        return _iterate(flow, x, carry, t0, args, period) - x
 
     n = x0.shape[0]
     solver = lx.GMRES(rtol=1e-9, atol=1e-14, restart=min(n, 40), max_steps=20 * min(n, 40) + 20)
@@ -162,21 +175,20 @@ def _newton(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period
     return x, r, it
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "dense"))
-def _orbit(program, x0, carry, t0, args, tol, *, kind, layout, has_args, period, max_iter, dense):
-    """One program: the Newton solve, the orbit's points and (dense) the k-step Jacobian."""
-    kw = dict(kind=kind, layout=layout, has_args=has_args, period=period)
-    x, r, _ = _newton(program, x0, carry, t0, args, tol, max_iter=max_iter, **kw)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "max_iter", "dense"))
+def _orbit(program, x0, carry, t0, args, tol, period, *, kind, layout, has_args, max_iter, dense):
+    """One program for every period: the Newton solve and (dense) the k-step Jacobian."""
+    kw = dict(kind=kind, layout=layout, has_args=has_args)
+    x, r, _ = _newton(program, x0, carry, t0, args, tol, period, max_iter=max_iter, **kw)
     flow = _flow_of(program, kind, layout, has_args)
-    pts = _iterate(flow, x, carry, t0, args, period)[1]
-    jac = jax.jacfwd(lambda y: _iterate(flow, y, carry, t0, args, period)[0])(x) if dense else None
-    return x, r, pts, jac
+    jac = jax.jacfwd(lambda y: _iterate(flow, y, carry, t0, args, period))(x) if dense else None
+    return x, r, jac
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "layout", "has_args", "period"))
-def _jvp(program, x, carry, t0, args, v, *, kind, layout, has_args, period):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _jvp(program, x, carry, t0, args, v, period, *, kind, layout, has_args):
     flow = _flow_of(program, kind, layout, has_args)
-    return jax.jvp(lambda y: _iterate(flow, y, carry, t0, args, period)[0], (x,), (v,))[1]
+    return jax.jvp(lambda y: _iterate(flow, y, carry, t0, args, period), (x,), (v,))[1]
 
 
 def _arnoldi(matvec, dim: int, n: int, m: int, seed: int = 0) -> np.ndarray:
@@ -206,12 +218,14 @@ def _leading(ev: np.ndarray, n: int) -> np.ndarray:
 
 
 def _solve(mp: _Map, period, t0, tol, max_iter, n_mult, dense_max) -> Orbit:
-    kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args, period=period)
+    kw = dict(kind=mp.kind, layout=mp.layout, has_args=mp.has_args)
     t0 = jnp.asarray(t0, jnp.int32)
+    k = jnp.asarray(period, jnp.int32)
     dim = int(mp.x.shape[0])
     dense = dim <= dense_max
-    x, r, pts, jac = _orbit(mp.program, mp.x, mp.carry, t0, mp.args, tol, max_iter=max_iter,
-                            dense=dense, **kw)  # fmt: skip
+    x, r, jac = _orbit(mp.program, mp.x, mp.carry, t0, mp.args, tol, k, max_iter=max_iter,
+                       dense=dense, **kw)  # fmt: skip
+    pts = _points(mp.program, x, mp.carry, t0, mp.args, period=period, **kw)
     r = float(r)
     converged = bool(np.isfinite(r) and r <= tol * max(1.0, float(jnp.linalg.norm(x))))
     pts = np.asarray(pts)
@@ -222,7 +236,7 @@ def _solve(mp: _Map, period, t0, tol, max_iter, n_mult, dense_max) -> Orbit:
     else:
 
         def matvec(v):
-            return _jvp(mp.program, x, mp.carry, t0, mp.args, jnp.asarray(v, x.dtype), **kw)
+            return _jvp(mp.program, x, mp.carry, t0, mp.args, jnp.asarray(v, x.dtype), k, **kw)
 
         mult = _arnoldi(matvec, dim, n_mult, min(dim, max(4 * n_mult, 40)))
     stable = bool(converged and np.all(np.isfinite(mult)) and np.max(np.abs(mult)) < 1.0)
