@@ -428,7 +428,9 @@ def bifurcation(
     else:
         samples = np.asarray(res.records["orbit_sample"], np.float64)[:, -n_samples:]
     periods = _periods(probes.reshape(len(v), window, -1), tol, max_period)
-    lyap = np.nanmean(np.asarray(res.records["log_growth"], np.float64)[..., 0], axis=1)
+    growth = np.asarray(res.records["log_growth"], np.float64)[..., 0]
+    n_ok = np.sum(np.isfinite(growth), axis=1)
+    lyap = np.where(n_ok > 0, np.nansum(growth, axis=1) / np.maximum(n_ok, 1), np.nan)
     lyap = np.where(np.asarray(res.diverged_step) >= 0, np.nan, lyap)
     sim = time.perf_counter() - start
     cache: dict = {}
