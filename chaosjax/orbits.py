@@ -44,6 +44,7 @@ from chaosjax._orbit_newton import (
     _Map,
     _solve,
 )
+from chaosjax._orbit_observer import PeriodTracker, probe_index
 from chaosjax._orbit_plots import plot_bifurcation
 from chaosjax._util import as_traceable
 from chaosjax.training import TrainingMap, split_state
@@ -223,10 +224,6 @@ class _Scan(NamedTuple):
     param: str
 
 
-def _probe_index(dim: int) -> np.ndarray:
-    return np.arange(dim) if dim <= 16 else np.unique(np.linspace(0, dim - 1, 8).astype(int))
-
-
 def _run(sc: _Scan, vals, *, steps, t0, record_every, custom=None, trackers=(), progress=False):
     """One batched run of the engine over the parameter values ``vals``."""
     from chaosjax.lyapunov import _prepare
@@ -399,7 +396,7 @@ def bifurcation(
             raise ValueError(f"param: unknown {param!r}; allowed: {sorted(model.hparams)}")
         xf = split_state(x0)[0]
         sc = _Scan(model, None, x0, None, param)
-        idx = _probe_index(int(model.dim))
+        idx = probe_index(int(model.dim))
 
         def probe(s):
             return split_state(s)[0][idx]
@@ -411,7 +408,7 @@ def bifurcation(
             raise ValueError("x0: the state has no floating-point leaves")
         xf = lay.split(x0)[0]
         sc = _Scan(None, as_traceable(step_or_map), x0, lay, param)
-        idx = _probe_index(lay.dim)
+        idx = probe_index(lay.dim)
         proj = project or (lambda x: x[0])
         custom = {"orbit_probe": lambda x: x[idx], "orbit_sample": lambda x: proj(x)}
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(xf)))):
@@ -455,6 +452,7 @@ def bifurcation(
 __all__ = [
     "Bifurcation",
     "Orbit",
+    "PeriodTracker",
     "bifurcation",
     "detect_period",
     "find_periodic_orbit",

@@ -58,6 +58,28 @@ def test_detect_period_tolerance_is_relative_to_the_states_scale():
     assert orbits.detect_period(decay, scale=1.0) == 1
 
 
+def test_period_tracker_observes_the_running_run():
+    """The same rule inside the engine's chunks: period at every record, NaN until the window
+    is full, beside a LyapunovTracker on the same run."""
+    from chaosjax.lyapunov import _prepare
+
+    rs = jnp.array([2.9, 3.2, 3.5, 4.0])
+    step, batch, _ = _prepare(logistic, jnp.full((4, 1), 0.3), True, rs)
+    res = cj.run_replicas(
+        step, batch, steps=2000, record_every=100, progress=False,
+        trackers=[orbits.PeriodTracker(window=64), cj.LyapunovTracker(rows="all")],
+    )  # fmt: skip
+    period = res.records["period"]
+    assert np.all(np.isnan(period[:, 0]))
+    np.testing.assert_array_equal(period[:, -1], [1, 2, 4, 0])
+    # the host rule on the same trajectory's last 64 states agrees
+    tail = _series(lambda x, t: 3.5 * x * (1 - x), [0.3], 2001)[-64:]
+    assert orbits.detect_period(tail, window=64) == 4
+    assert res.records["ftle"][3, -1, 0] > 0.3
+    with pytest.raises(ValueError, match=r"^window: must be an integer >= 2"):
+        cj.run_replicas(step, batch, steps=10, trackers=[orbits.PeriodTracker(window=1)])
+
+
 # ---------------------------------------------------------------------------------------------
 # periodic orbits against closed forms
 
