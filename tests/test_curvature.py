@@ -5,6 +5,7 @@ import pytest
 
 import chaosjax as cj
 from chaosjax import curvature as cv
+from chaosjax._krylov import _tridiag
 from chaosjax.optimizers import stability_threshold
 
 
@@ -342,3 +343,67 @@ def test_adam_preconditioner_undefined_before_first_update():
     sh = res.records["sharpness"][0, :, 0]
     assert np.isnan(sh[0]) and np.all(np.isfinite(sh[1:]))  # recovers after the NaN record
     assert res.records["threshold"][0, 0] == pytest.approx(3.8 / (0.1 * 1e-2))
+
+
+def _rank3_lanczos_checks(alphas, betas, q):
+    """Rank-3 diagonal, m = 20: breakdown after three steps, then every step."""
+    assert np.all(np.isfinite(np.asarray(q))) and np.all(np.isfinite(np.asarray(alphas)))
+    np.testing.assert_allclose(np.asarray(q @ q.T), np.eye(q.shape[0]), atol=1e-13)
+    theta = np.sort(np.linalg.eigvalsh(np.asarray(_tridiag(alphas, betas))))[::-1]
+    np.testing.assert_allclose(theta[:4], [3.0, 2.0, 1.0, 0.0], atol=1e-12)
+    assert np.count_nonzero(np.asarray(betas) == 0.0) >= 16  # the restarts carry β = 0
+
+
+def test_lanczos_breakdown_single_and_vmapped():
+    """A rank-3 operator exhausts the Krylov space after three steps: the iteration continues
+    from random vectors orthogonal to the basis (also when vmapped, where the replacement
+    must not cost a branch): eigenvalues right, basis orthonormal, no NaN."""
+    d = jnp.zeros(40).at[:3].set(jnp.array([3.0, 2.0, 1.0]))
+
+    def mv(v):
+        return d * v
+
+    def run(v0):
+        return cv.lanczos(mv, v0, 20, jax.random.PRNGKey(1))
+
+    v0s = jax.random.normal(jax.random.PRNGKey(0), (3, 40))
+    _rank3_lanczos_checks(*jax.jit(run)(v0s[0]))
+    batch = jax.jit(jax.vmap(run))(v0s)
+    for i in range(3):
+        _rank3_lanczos_checks(*(x[i] for x in batch))
+    r = jax.vmap(lambda v: cv.lanczos_eigs(mv, 40, 3, n_matvecs=20, v0=v))(v0s)
+    np.testing.assert_allclose(r.eigenvalues, np.tile([3.0, 2.0, 1.0], (3, 1)), atol=1e-12)
+    assert bool(r.converged.all()) and float(r.residuals.max()) < 1e-12
+
+
+def test_lanczos_agrees_with_matfree_eigh_partial():
+    """Same start vector, same m, full reorthogonalisation: chaosjax's Ritz values equal
+    matfree's ``eigh_partial(tridiag_sym(m))`` to round-off, single and vmapped."""
+    pytest.importorskip("matfree")
+    from matfree import decomp, eig
+
+    n, m, k = 300, 40, 6
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = np.concatenate([[50.0, 31.0, 30.0, 12.0, 11.5, 7.0], rng.uniform(-2.0, 5.0, n - 6)])
+    a = jnp.asarray((q * ev) @ q.T)
+
+    def mv(v):
+        return a @ v
+
+    def ours(v0):
+        r = cv.lanczos_eigs(mv, n, k, n_matvecs=m, v0=v0)
+        return r.eigenvalues, r.eigenvectors
+
+    def theirs(v0):
+        vals, vecs = eig.eigh_partial(decomp.tridiag_sym(m, custom_vjp=False))(mv, v0)
+        return vals[::-1][:k], vecs[::-1][:k]
+
+    v0s = jax.random.normal(jax.random.PRNGKey(2), (3, n))
+    for f in (lambda v: v, jax.vmap):  # single (first start), then vmapped over three
+        x = v0s[0] if f is not jax.vmap else v0s
+        (t1, y1), (t2, y2) = jax.jit(f(ours))(x), jax.jit(f(theirs))(x)
+        np.testing.assert_allclose(t1, t2, rtol=1e-12, atol=1e-12)
+        # same Ritz vectors up to sign (the top six are converged and well separated)
+        overlap = np.abs(np.sum(np.asarray(y1) * np.asarray(y2), axis=-1))
+        np.testing.assert_allclose(overlap, 1.0, atol=1e-8)
