@@ -8,9 +8,22 @@ On the quickstart MLP (two moons, 2→32→32→2 tanh, MSE, 1218 parameters) af
    the dense float64 Hessian (target: ≥ 20× faster for top-5 at ≥ 10× smaller error).
 3. Sharpness tracking throughput: replica-records per second of ``CurvatureTracker(k=1)``
    in ``run_replicas`` for R replicas.
+4. The Krylov kernels against matfree (``peers`` extra; imported lazily, the section is
+   skipped with a message when it is missing), side by side on the same jitted matvec, the
+   same start vectors / probes and the same m, both jitted: top-5 by Lanczos (full
+   reorthogonalisation; matfree ``eigh_partial(tridiag_sym(m))``) on an MLP Hessian of
+   4810 parameters (8→60→60→10 tanh, MSE, 256 random samples) and one of 269 322
+   (784→256→256→10), on a diagonal operator (n = 269 322, m = 64 and 80) and vmapped over 4
+   replicas (n = 50 000 each); Hutchinson trace (100 Rademacher probes; matfree
+   ``estimator_monte_carlo_mean_and_sem``); SLQ nodes and weights (m = 40, 3 runs; matfree
+   ``tridiag_sym`` + ``eigh`` per run). Timings after a warm-up compile, chaosjax and matfree
+   interleaved (A, B, A, B, …) in one process so machine load hits both alike; the median
+   and the best of the repeats, the ratio chaosjax/matfree of the medians (target ≤ 1) and
+   the largest difference of the results.
 
 Usage:
     python benchmarks/curvature.py [--json benchmarks/out/curvature.json] [--tiny]
+        [--only matfree]
 """
 
 from __future__ import annotations
@@ -235,19 +248,233 @@ def tracking(tmap, s, replicas, steps):
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. against matfree
+
+
+def _import_matfree():
+    try:
+        import matfree
+        from matfree import decomp, eig, stochtrace
+    except ImportError:
+        return None
+    from importlib.metadata import version
+
+    return decomp, eig, stochtrace, version(matfree.__name__)
+
+
+def mlp_hessian(widths, batch=256, seed=0):
+    """The Hessian of an MSE-trained tanh MLP on random data: ``(matvec, dim)``."""
+    net = cj.models.PureMLP(tuple(widths), activation="tanh")
+    p = net.init_params(jax.random.PRNGKey(seed), jnp.float64)
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed + 1))
+    x = jax.random.normal(kx, (batch, widths[0]))
+    y = jax.random.normal(ky, (batch, widths[-1]))
+    mv, flat = cv.hessian_operator(lambda q: cj.training.mse_loss(net.apply(q, x), y), p)
+    return mv, int(flat.shape[0])
+
+
+def interleaved(fns: dict, args, repeats: int) -> tuple[dict, dict, dict]:
+    """Warm up (compile) every function, then time them in turn A, B, A, B, …: the median and
+    the best of ``repeats`` rounds per function, and the outputs."""
+    out = {k: jax.block_until_ready(f(*args)) for k, f in fns.items()}
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[k].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return med, {k: float(np.min(v)) for k, v in times.items()}, out
+
+
+def _topk_pair(mf, mv, dim, m, k=5):
+    decomp, eig = mf[0], mf[1]
+    solve = eig.eigh_partial(decomp.tridiag_sym(m))
+
+    def ours(v0):
+        r = cv.lanczos_eigs(mv, dim, k, n_matvecs=m, v0=v0)
+        return r.eigenvalues, r.eigenvectors
+
+    def theirs(v0):
+        vals, vecs = solve(mv, v0)
+        return vals[::-1][:k], vecs[::-1][:k]
+
+    return ours, theirs
+
+
+def _diag(n, scale=1.0):
+    return scale * (0.01 + 100.0 * jnp.linspace(0.0, 1.0, n) ** 12)
+
+
+def _slq_pair(mf, mv, dim, m, runs):
+    decomp = mf[0]
+    tri = decomp.tridiag_sym(m, materialize=False)
+
+    def ours(key):
+        d = cv.density_estimate(mv, dim, n_matvecs=m, n_runs=runs, key=key)
+        return d.nodes, d.weights
+
+    def theirs(key):  # the same Rademacher starts as density_estimate draws
+        def one(k):
+            v0 = jax.random.rademacher(jax.random.split(k)[0], (dim,), jnp.float64)
+            _, (diag, off), *_ = tri(mv, v0)
+            t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+            theta, s = jnp.linalg.eigh(t)
+            return theta, s[0, :] ** 2
+
+        nodes, weights = jax.lax.map(one, jax.random.split(key, runs))
+        return nodes.ravel(), weights.ravel() / runs
+
+    return ours, theirs
+
+
+def _trace_pair(mf, mv, dim, probes):
+    stochtrace = mf[2]
+    est = stochtrace.estimator_monte_carlo_mean_and_sem(
+        stochtrace.monte_carlo_trace(),
+        stochtrace.sampler_signs(jnp.zeros((dim,), jnp.float64), num=probes),
+    )
+
+    def ours(key):
+        r = cv.trace_estimate(mv, dim, n_probes=probes, key=key)
+        return r.estimate, r.stderr
+
+    def theirs(key):
+        return est(mv, key)
+
+    return ours, theirs
+
+
+def _max_diff(a, b, sort=False):
+    a, b = (np.asarray(x[0] if isinstance(x, tuple) else x) for x in (a, b))
+    if sort:
+        a, b = np.sort(a, axis=-1), np.sort(b, axis=-1)
+    return float(np.max(np.abs(a - b)))
+
+
+def against_matfree(tiny: bool, repeats: int):
+    """Section 4: one row per case (see the module docstring)."""
+    mf = _import_matfree()
+    if mf is None:
+        print("matfree is not installed (pip install -e '.[peers]'): comparison skipped")
+        return [], None
+    small, large = ((3, 6, 2), (8, 12, 4)) if tiny else ((8, 60, 60, 10), (784, 256, 256, 10))
+    n_diag, n_rep, m, m_slq, probes = (
+        (300, 100, 12, 8, 10) if tiny else (269_322, 50_000, 64, 40, 100)
+    )
+    cases = []
+    mv_s, dim_s = mlp_hessian(small)
+    mv_l, dim_l = mlp_hessian(large)
+    key = jax.random.PRNGKey(11)
+    for name, mv, dim in ((f"MLP {dim_s}", mv_s, dim_s), (f"MLP {dim_l}", mv_l, dim_l)):
+        v0 = jax.random.normal(key, (dim,))
+        cases.append((f"top-5 {name}", m, _topk_pair(mf, mv, dim, min(m, dim)), (v0,), False))
+    for mm in (m, m + 16):
+        d = _diag(n_diag)
+        v0 = jax.random.normal(key, (n_diag,))
+        pair = _topk_pair(mf, lambda v, d=d: d * v, n_diag, mm)
+        cases.append((f"top-5 diagonal n={n_diag}", mm, pair, (v0,), False))
+    ds = jnp.stack([_diag(n_rep, 1.0 + 0.1 * r) for r in range(4)])
+    v0s = jax.random.normal(key, (4, n_rep))
+
+    def vm(f):
+        return jax.vmap(lambda d, v: f(v, d))
+
+    def rep(which):
+        def f(v, d):
+            return _topk_pair(mf, lambda x: d * x, n_rep, m)[which](v)
+
+        return vm(f)
+
+    cases.append((f"top-5 diagonal vmap 4×n={n_rep}", m, (rep(0), rep(1)), (ds, v0s), False))
+    cases.append(
+        (
+            f"trace Hutchinson {probes} probes, MLP {dim_s}",
+            probes,
+            _trace_pair(mf, mv_s, dim_s, probes),
+            (key,),
+            False,
+        )
+    )
+    cases.append(
+        (
+            f"trace Hutchinson {probes} probes, MLP {dim_l}",
+            probes,
+            _trace_pair(mf, mv_l, dim_l, probes),
+            (key,),
+            False,
+        )
+    )
+    cases.append(
+        (f"SLQ 3 runs, MLP {dim_l}", m_slq, _slq_pair(mf, mv_l, dim_l, m_slq, 3), (key,), True)
+    )
+    rows = []
+    for name, mm, (ours, theirs), args, sort in cases:
+        fns = {"chaosjax": jax.jit(ours), "matfree": jax.jit(theirs)}
+        med, best, out = interleaved(fns, args, repeats)
+        rows.append(
+            {
+                "case": name,
+                "m": mm,
+                "chaosjax_s": med["chaosjax"],
+                "matfree_s": med["matfree"],
+                "chaosjax_best_s": best["chaosjax"],
+                "matfree_best_s": best["matfree"],
+                "ratio": med["chaosjax"] / med["matfree"],
+                "max_diff": _max_diff(out["chaosjax"], out["matfree"], sort),
+            }
+        )
+        print(
+            f"  {name}: chaosjax {med['chaosjax']:.3g} s, matfree {med['matfree']:.3g} s, "
+            f"ratio {rows[-1]['ratio']:.2f}, max diff {rows[-1]['max_diff']:.1e}",
+            flush=True,
+        )
+    return rows, mf[3]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default="benchmarks/out/curvature.json")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--only", choices=("all", "matfree"), default="all")
+    ap.add_argument("--repeats", type=int, default=None, help="rounds of section 4 (default 5)")
     a = ap.parse_args(argv)
-    train, probes, reps, tsteps = (20, 12, (1, 4), 5) if a.tiny else (500, 99, (1, 16, 64), 50)
-    hidden = "[8]" if a.tiny else "[32, 32]"
+    repeats = a.repeats or (1 if a.tiny else 5)
+    rows, extra, track = [], {}, []
+    if a.only == "all":
+        rows, extra, track = sections_1_to_3(a.tiny)
+    print("chaosjax against matfree (median of interleaved rounds; ratio target ≤ 1):")
+    mf_rows, mf_version = against_matfree(a.tiny, repeats)
+    if mf_rows:
+        print(
+            table(
+                mf_rows,
+                [
+                    ("case", "case", "s"),
+                    ("m", "m / probes", "d"),
+                    ("chaosjax_s", "chaosjax (s)", ".3g"),
+                    ("matfree_s", "matfree (s)", ".3g"),
+                    ("ratio", "ratio", ".2f"),
+                    ("max_diff", "max |difference|", ".1e"),
+                ],
+            )
+        )
+    extra.update({"matfree": {"version": mf_version, "repeats": repeats, "rows": mf_rows}})
+    path = write_json(a.json, "curvature", rows, extra)
+    print(f"wrote {path}")
+    return rows + track + mf_rows
+
+
+def sections_1_to_3(tiny: bool):
+    train, probes, reps, tsteps = (20, 12, (1, 4), 5) if tiny else (500, 99, (1, 16, 64), 50)
+    hidden = "[8]" if tiny else "[32, 32]"
     tmap, s = setup(train, hidden)
     cost = hvp_cost(tmap, s)
     print(
         f"HVP / gradient time: {cost['ratio']:.2f} (grad {cost['grad_s']:.2e} s, hvp {cost['hvp_s']:.2e} s; target ≤ 2.5)"
     )
-    rows, t_dense, ev, trace = compare(tmap, s, probes, a.tiny, hidden)
+    rows, t_dense, ev, trace = compare(tmap, s, probes, tiny, hidden)
     print(
         f"dense Hessian ({len(ev)}²) in {t_dense:.1f} s; top-5 {np.round(ev[:5], 4)}, trace {trace:.4f}"
     )
@@ -268,14 +495,13 @@ def main(argv=None):
             track, [("replicas", "R", "d"), ("records_per_s", "tracked replica-records/s", ".3g")]
         )
     )
-    path = write_json(
-        a.json,
-        "curvature",
-        rows,
-        {"hvp_cost": cost, "tracking": track, "dense_top5": ev[:5].tolist(), "dense_trace": trace},
-    )
-    print(f"wrote {path}")
-    return rows + track
+    extra = {
+        "hvp_cost": cost,
+        "tracking": track,
+        "dense_top5": ev[:5].tolist(),
+        "dense_trace": trace,
+    }
+    return rows, extra, track
 
 
 if __name__ == "__main__":
