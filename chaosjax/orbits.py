@@ -125,7 +125,10 @@ def find_periodic_orbit(
     Each Newton step solves (∂F^k/∂x − I) dx = −G(x) with lineax's GMRES on a
     ``FunctionLinearOperator`` of ``jax.linearize`` (matrix-free: JVPs of the k-step map,
     never a dense Jacobian), followed by a backtracking line search (halving the step until
-    ‖G‖ decreases). The whole solve is one jitted program per (map, period).
+    ‖G‖ decreases). The whole solve is one jitted program per map (the period is an argument
+    of it, not a constant). Fixed points that are not isolated (a continuum of minima of an
+    over-parameterised network: multipliers exactly 1 along it) make F^k − I singular; Newton
+    may then stall, and ``converged`` is False.
 
     The map is the engine's flat form of ``step`` (the same adapter as
     :func:`chaosjax.run_replicas`): for ``step(x, t)`` on a pytree state the float leaves are
@@ -192,8 +195,10 @@ class Bifurcation(NamedTuple):
         transitions: (m, 2) the certified periods of the grid values on either side of
             each point.
         certified: (n,) the period of the stable orbit certified near the run's final state
-            (Newton + multipliers, see :func:`bifurcation`; 0: none). It differs from
-            ``periods`` where the run had not settled within ``tol``.
+            (Newton + multipliers, see :func:`bifurcation`; 0: none), the detected period
+            where no orbit certifies. It differs from ``periods`` where the run had not
+            settled within ``tol`` (a decaying oscillation of a stable fixed point reads as
+            period 2, a slow approach as 0).
         info: the settings and timings (steps, transient, tol, refine_tol, rounds, seconds).
     """
 
@@ -222,6 +227,22 @@ class _Scan(NamedTuple):
     x0: Any
     layout: Any
     param: str
+    custom: dict  # the probe (and a plain map's sample) recorded at every step
+    window: int  # the steps a period is detected on
+    tol: float
+    max_period: int
+
+
+def _observed(sc: _Scan, res):
+    """The probes (R, window, p) a period is detected on and the sample series (R, window)."""
+    n, w = len(res.final_state), sc.window
+    probes = np.asarray(res.records["orbit_probe"], np.float64)[:, -w:].reshape(n, w, -1)
+    if sc.model is not None:
+        series = np.asarray(res.records["loss"], np.float64)[:, -w:]
+        probes = np.concatenate([probes, series[..., None]], -1)
+    else:
+        series = np.asarray(res.records["orbit_sample"], np.float64)[:, -w:]
+    return _periods(probes, sc.tol, sc.max_period), series
 
 
 def _run(sc: _Scan, vals, *, steps, t0, record_every, custom=None, trackers=(), progress=False):
@@ -258,14 +279,14 @@ def _row_map(sc: _Scan, res, batch, i: int) -> _Map:
 def _settle(values, periods, cert) -> np.ndarray:
     """The certified period per value (0: none): a detected period k is replaced by its
     smallest divisor whose orbit certifies (a decaying oscillation of a stable fixed point
-    passes as period 2); a value that did not settle takes a neighbouring run's period where
+    passes as period 2), and kept where none does; a value that did not settle takes a neighbouring run's period where
     that orbit certifies. ``cert(i, k)`` tests value i."""
     order = np.argsort(values, kind="stable")
     out = np.zeros(len(values), np.int64)
     for i in order:
         k = int(periods[i])
         if k > 0:
-            out[i] = next((j for j in range(1, k + 1) if k % j == 0 and cert(i, j)), 0)
+            out[i] = next((j for j in range(1, k + 1) if k % j == 0 and cert(i, j)), k)
     p = out[order]
     pos = 0
     while pos < len(order):
@@ -283,10 +304,12 @@ def _settle(values, periods, cert) -> np.ndarray:
     return out
 
 
-def _refine(sc: _Scan, values, settled, cert, *, steps, t0, refine_tol, progress):
-    """Bisection of every bracket of neighbouring values whose certified periods differ."""
+def _refine(sc: _Scan, values, periods, settled, cert, *, steps, t0, refine_tol, progress):
+    """Bisection of every bracket of neighbouring values whose certified periods differ: by
+    the orbit's stability where it certifies at one end only, by the run's own period where
+    it certifies at neither end (Newton did not converge: e.g. a continuum of minima)."""
     order = np.argsort(values, kind="stable")
-    brackets = []  # [lo, hi, lo passes, candidate period, (k_lo, k_hi)]
+    brackets = []  # [lo, hi, lo passes (None: by the run's period), candidate, (k_lo, k_hi)]
     for a, b in itertools.pairwise(order):
         ka, kb = int(settled[a]), int(settled[b])
         if ka == kb or values[a] == values[b]:
@@ -295,22 +318,30 @@ def _refine(sc: _Scan, values, settled, cert, *, steps, t0, refine_tol, progress
         ya, yb = cert(a, cand), cert(b, cand)
         if ya != yb:
             brackets.append([float(values[a]), float(values[b]), ya, cand, (ka, kb)])
+        elif not ya and periods[a] != periods[b]:
+            brackets.append([float(values[a]), float(values[b]), None, int(periods[a]), (ka, kb)])
     rounds = 0
     if brackets and np.isfinite(refine_tol):
         width = max(b[1] - b[0] for b in brackets)
         rounds = max(0, math.ceil(math.log2(width / refine_tol)))
     for _ in range(rounds):
         mids = np.asarray([0.5 * (b[0] + b[1]) for b in brackets])
-        r, bt = _run(sc, mids, steps=steps, t0=t0, record_every=steps, progress=progress)
+        r, bt = _run(sc, mids, steps=steps, t0=t0, record_every=1, custom=sc.custom,
+                     progress=progress)  # fmt: skip
+        sim = _observed(sc, r)[0]
         for i, b in enumerate(brackets):
-            if _certify(_row_map(sc, r, bt, i), b[3], t0 + steps) == b[2]:
+            if b[2] is None:
+                lo_side = sim[i] == b[3]
+            else:
+                lo_side = _certify(_row_map(sc, r, bt, i), b[3], t0 + steps) == b[2]
+            if lo_side:
                 b[0] = mids[i]
             else:
                 b[1] = mids[i]
     pts = sorted((0.5 * (b[0] + b[1]), b[4]) for b in brackets)
     merged: list = []
     for p, ks in pts:
-        if not (merged and p - merged[-1][0] <= 2 * refine_tol):
+        if not (merged and p - merged[-1][0] <= 2 * refine_tol < np.inf):
             merged.append((p, ks))
     points = np.asarray([p for p, _ in merged], np.float64)
     trans = np.asarray([ks for _, ks in merged], np.int64).reshape(-1, 2)
@@ -351,10 +382,18 @@ def bifurcation(
     by the orbit itself: the run's final state is polished by :func:`find_periodic_orbit` to
     the bracket's smaller nonzero period k, and the value is on the k side when that orbit
     exists with minimal period k and is stable (max |multiplier| < 1). A bracket whose ends
-    both pass (or both fail) that test is an unsettled value, not a change, and is dropped;
-    points closer than 2·refine_tol are merged. Periodic windows opened by a saddle-node are
-    found the same way; period doublings beyond ``max_period`` are reported where the last
-    detected period loses stability.
+    both pass that test is an unsettled value, not a change, and is dropped; where it fails
+    at both ends (no orbit certifies: Newton does not converge, e.g. on a continuum of minima
+    of an over-parameterised network, or a neutral multiplier |μ| = 1 makes no orbit
+    "stable"), the bisection falls back on the run's own period at the midpoints, and such
+    points carry the run's unsettled zone: a doubling can then read as 1→2, 2→0, 0→2 within
+    about ln(1/tol)/(window·|1 − |μ||) of each other. Points closer than 2·refine_tol are
+    merged. Periodic windows opened by a saddle-node are found the same way; period doublings
+    beyond ``max_period`` are reported where the last detected period loses stability.
+
+    The run records the probe (and the sample) at every step: memory n_values · steps ·
+    (p + 1) floats, p ≤ 16 probed coordinates. For the period of a long run at a coarse
+    record cadence use the observer :class:`PeriodTracker` in :func:`chaosjax.run_replicas`.
 
     Args:
         step_or_map: ``step(x, t, p)`` with the parameter p as third argument, or a
@@ -395,7 +434,6 @@ def bifurcation(
         if param not in model.hparams:
             raise ValueError(f"param: unknown {param!r}; allowed: {sorted(model.hparams)}")
         xf = split_state(x0)[0]
-        sc = _Scan(model, None, x0, None, param)
         idx = probe_index(int(model.dim))
 
         def probe(s):
@@ -407,24 +445,19 @@ def bifurcation(
         if lay.dim == 0:
             raise ValueError("x0: the state has no floating-point leaves")
         xf = lay.split(x0)[0]
-        sc = _Scan(None, as_traceable(step_or_map), x0, lay, param)
         idx = probe_index(lay.dim)
         proj = project or (lambda x: x[0])
         custom = {"orbit_probe": lambda x: x[idx], "orbit_sample": lambda x: proj(x)}
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(xf)))):
         raise ValueError("x0: must be finite (got NaN or inf in the state)")
     window = steps - transient
+    sc = _Scan(model, None if model is not None else as_traceable(step_or_map), x0,
+               None if model is not None else lay, param, custom, window, tol, max_period)  # fmt: skip
     tracker = LyapunovTracker(k=1, rows="all", warmup=transient, align=window // 8)
     res, batch = _run(sc, v, steps=steps, t0=t0, record_every=1, custom=custom,
                       trackers=[tracker], progress=progress)  # fmt: skip
-    probes = np.asarray(res.records["orbit_probe"], np.float64)[:, -window:]
-    if model is not None:
-        loss = np.asarray(res.records["loss"], np.float64)[:, -window:]
-        probes = np.concatenate([probes.reshape(len(v), window, -1), loss[..., None]], -1)
-        samples = loss[:, -n_samples:]
-    else:
-        samples = np.asarray(res.records["orbit_sample"], np.float64)[:, -n_samples:]
-    periods = _periods(probes.reshape(len(v), window, -1), tol, max_period)
+    periods, series = _observed(sc, res)
+    samples = series[:, -n_samples:]
     growth = np.asarray(res.records["log_growth"], np.float64)[..., 0]
     n_ok = np.sum(np.isfinite(growth), axis=1)
     lyap = np.where(n_ok > 0, np.nansum(growth, axis=1) / np.maximum(n_ok, 1), np.nan)
@@ -439,7 +472,7 @@ def bifurcation(
 
     settled = _settle(v, periods, cert)
     points, trans, rounds = _refine(
-        sc, v, settled, cert, steps=steps, t0=t0,
+        sc, v, periods, settled, cert, steps=steps, t0=t0,
         refine_tol=refine_tol if refine else np.inf, progress=progress,
     )  # fmt: skip
     info = {"steps": steps, "transient": transient, "window": window, "tol": tol,

@@ -245,6 +245,20 @@ def test_logistic_period_doubling_points_by_one_batched_run():
     plt.close(fig)
 
 
+def test_bifurcation_falls_back_on_the_runs_period_where_no_orbit_certifies():
+    """(x, y) ↦ (r x(1 − x), y): the neutral y (multiplier exactly 1) keeps every orbit from
+    being "stable", so the points come from the run's own periods, with its unsettled zone
+    around r = 3 (the documented bias: within about ln(1/tol)/(window·|1 − |μ||))."""
+
+    def step(z, t, r):
+        return jnp.stack([r * z[0] * (1 - z[0]), z[1]])
+
+    b = cj.bifurcation(step, jnp.array([0.3, 0.5]), np.linspace(2.8, 3.2, 41), refine_tol=1e-4)
+    assert b.points.size >= 1 and np.all(np.abs(b.points - 3.0) < 0.02)
+    assert b.transitions[0, 0] == 1 and b.transitions[-1, 1] == 2
+    assert np.all(b.periods[:15] == 1) and np.all(b.periods[-15:] == 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
