@@ -27,6 +27,7 @@ from chaosjax import orbits as orbits
 from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
+from chaosjax import smoothness as smoothness
 from chaosjax import systems as systems
 from chaosjax.clv import CLVResult as CLVResult
 from chaosjax.clv import clv_layer_mass as clv_layer_mass
@@ -60,6 +61,7 @@ from chaosjax.optimizers import stability_threshold as stability_threshold
 from chaosjax.orbits import Bifurcation as Bifurcation
 from chaosjax.orbits import Orbit as Orbit
 from chaosjax.orbits import bifurcation as bifurcation
+from chaosjax.smoothness import step_smoothness as step_smoothness
 from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
@@ -167,6 +169,8 @@ __all__ = [
     "open_store",
     "optimizers",
     "orbits",
+    "smoothness",
+    "step_smoothness",
     "perturbation",
     "qr_renormalize",
     "random_basis",

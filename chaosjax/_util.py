@@ -220,6 +220,20 @@ class FieldsPytree:
         return obj
 
 
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside chaosjax, JAX and optax (the
+    user's line), however deep inside the library the warning was raised."""
+    import sys
+    import warnings
+
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and any(
+        part in frame.f_code.co_filename for part in ("/chaosjax/", "/jax/", "/optax/")
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
 def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
     """The DeprecationWarning of a renamed argument, attribute or config field."""
     warnings.warn(

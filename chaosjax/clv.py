@@ -61,6 +61,8 @@ class CLVResult:
         angle_matrix: (n_kept, k, k) all pairwise angles at the kept times, radians.
         states: (n_kept, dim) the state at the kept times.
         near_tangencies: number of times with a smallest angle below ``tangency_threshold``.
+        reason: why every array is NaN ('' when the vectors were measured), e.g. a step that
+            is not smooth (:func:`chaosjax.smoothness.step_smoothness`).
     With ``batched=True`` every array gains a leading batch axis.
     """
 
@@ -81,6 +83,7 @@ class CLVResult:
     bases: np.ndarray | None = None
     kept: np.ndarray | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    reason: str = ""
 
     _PER_RUN = (
         "exponents", "qr_exponents", "local_growth", "coefficients", "angles", "vectors",
@@ -186,6 +189,7 @@ def covariant_lyapunov_vectors(
     devices=None,
     memory_limit=None,
     strategy: str | int | None = None,
+    allow_nonsmooth: bool = False,
 ) -> CLVResult:
     """Covariant Lyapunov vectors (Ginelli) of ``step`` over ``steps`` steps.
 
@@ -219,6 +223,9 @@ def covariant_lyapunov_vectors(
             accelerator, one CPU device; see :func:`chaosjax.sharding.replica_mesh`).
         memory_limit: bytes (or ``"8GiB"``) a device may use.
         strategy: how a device runs the rows (see :func:`chaosjax.engine.run_replicas`).
+        allow_nonsmooth: compute the vectors even for a step that is not smooth (Lion,
+            sign-SGD: :func:`chaosjax.smoothness.step_smoothness`); by default such a step gives
+            NaN arrays, the reason in ``.reason`` and one warning.
 
     Memory: the device holds the state and a (dim, k) basis per batch element; the host holds
     ``clv_memory_bytes(dim, k, N, n_kept, batch)`` bytes — R and C factors for every interval
@@ -278,6 +285,7 @@ def covariant_lyapunov_vectors(
         rows="all",
         key=key_data(k_basis),
         clv=window,
+        allow_nonsmooth=bool(allow_nonsmooth),
     )
     total = start + int(steps) + int(backward_transient)
     res = _engine(
@@ -314,6 +322,7 @@ def covariant_lyapunov_vectors(
             "passes": int(res.attrs.get("passes", 1)),
         },
     )
+    out.reason = res.attrs.get("tangent_reason", "")
     return out if batched else out.squeeze()
 
 

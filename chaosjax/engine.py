@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from chaosjax._layout import Layout
 from chaosjax._smalllinalg import pure_linalg
-from chaosjax._util import atomic_write_bytes, dumps, environment_info
+from chaosjax._util import atomic_write_bytes, dumps, environment_info, warn_at_caller
 from chaosjax.observers import (
     ROWS,
     Record,
@@ -133,15 +133,15 @@ def _states(model, spec: _Spec, x, cr):
     return x
 
 
-def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True, cr=()):
-    """The named observables ``names`` (and the custom ones) of every row."""
+def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True, cr=(), t=None):
+    """The named observables ``names`` (and the custom ones) of every row at record step t."""
     out = {}
     s = _states(model, spec, x, cr)
     p = x[:, : spec.n_params]
     diff = p - p[ref]
     for name in names:
         if name == "loss":
-            v = jax.vmap(model.loss)(s)
+            v = jax.vmap(lambda r: model.loss(r, "train", t))(s)
         elif name == "accuracy":
             v = jax.vmap(model.accuracy)(s)
         elif name == "test_loss":
@@ -204,13 +204,13 @@ def _take(tree, idx):
 def _first(program, model, hp, ref, state, t, track, spec: _Spec):
     """The first record and the observers' cold starts."""
     x, cr, alive, _ = state
-    out = _observe(model, x, alive, ref, spec, spec.names, cr=cr)
+    out = _observe(model, x, alive, ref, spec, spec.names, cr=cr, t=t)
     s = _states(model, spec, x, cr)
     tstates = []
     for tr, (idx, valid) in zip(spec.trackers, track):
         vals, ts = tr.init(model, _take(s, idx), _take(hp, idx), t)
         if getattr(tr, "evaluates_all_rows", False):
-            vals = {**vals, **tr.evaluate(model, s, idx)}
+            vals = {**vals, **tr.evaluate(model, s, idx, t)}
         out.update(_mask(dict(vals), _take(alive, idx) & valid))
         tstates.append(ts)
     return out, tuple(tstates)
@@ -224,7 +224,7 @@ def _update(tracker, model, x, hp, idx, ts, t):
     bit for bit (a batch of a different size compiles to different round-off)."""
     vals, ts = tracker.update(model, _take(x, idx), _take(hp, idx), ts, t)
     if getattr(tracker, "evaluates_all_rows", False):
-        vals = {**vals, **tracker.evaluate(model, x, idx)}
+        vals = {**vals, **tracker.evaluate(model, x, idx, t)}
     return vals, ts
 
 
@@ -283,7 +283,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
     def outer(c, tr):
         c, fine = jax.lax.scan(inner, c, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
         (x, cr, a, d), ts = c
-        obs = _observe(model, x, a, ref, spec, _record_names(spec), cr=cr)
+        obs = _observe(model, x, a, ref, spec, _record_names(spec), cr=cr, t=tr + spec.record_every)
         s = _states(model, spec, x, cr)
         ts = list(ts)
         for i, (tracker, (idx, valid)) in enumerate(zip(spec.trackers, track)):
@@ -546,8 +546,7 @@ def _replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> M
     parts = {"state": 4 * dim * np.dtype(dtype).itemsize}
     t = jnp.zeros((), jnp.int32)
     program, kind, layout, has_args = _program_of(model, replicas)
-    spec = _Spec((), (), 1, 1, 0.0, 0.0, (), dim, (), RunInfo(0, 1, 1), kind, layout, has_args)
-    flow = _flow(spec, program)
+    flow = _flow(_probe_spec(dim, kind, layout, has_args), program)
     x1 = jax.ShapeDtypeStruct((dim,), dtype)
     c1 = _row_struct(replicas.carry)
     a1 = _row_struct(replicas.hparams)
@@ -770,6 +769,9 @@ def run_replicas(
             rec_specs[name] = (i, r)
 
     program, kind, layout, has_args = _program_of(model, replicas)
+    trackers, tangent_reason = _void_nonsmooth(
+        trackers, _flow(_probe_spec(dim, kind, layout, has_args), program), replicas, t0
+    )
     model_arg = model if is_tm else None  # a plain step travels as the program
     if is_tm:
         layers = tuple(model.layers.values())
@@ -796,6 +798,7 @@ def run_replicas(
         "processes": jax.process_count(),
         "memory_plan": plan.describe(),
         "replica_strategy": str(strategy),
+        **({"tangent_reason": tangent_reason} if tangent_reason else {}),
         **dict(attrs or {}),
     }
     coords = coords_of(replicas)
@@ -1201,6 +1204,44 @@ def default_strategy(model, backend: str | None = None) -> str:
         has_conv = "conv_general_dilated" in jaxpr_primitives(jaxpr)
         model.__dict__["_has_convolution"] = has_conv
     return "map" if has_conv else "vmap"
+
+
+def _probe_spec(dim, kind, layout, has_args) -> _Spec:
+    """A spec that only builds the flow of one row (memory estimates, program checks)."""
+    return _Spec((), (), 1, 1, 0.0, 0.0, (), dim, (), RunInfo(0, 1, 1), kind, layout, has_args)
+
+
+def _void_nonsmooth(trackers, flow, replicas, t0) -> tuple[tuple, str]:
+    """The trackers, with every tangent observer voided (NaN records) when the step is not
+    smooth (:func:`chaosjax.smoothness.flow_smoothness`) unless it allows it; and the reason.
+    Decided from the step's program at the first row, once per run, with one warning."""
+    from chaosjax.smoothness import NonSmoothWarning, flow_smoothness
+
+    need = [
+        i
+        for i, tr in enumerate(trackers)
+        if getattr(type(tr), "uses_tangents", False) and not tr.allow_nonsmooth
+    ]
+    if not need:
+        return trackers, ""
+
+    def row0(tree):
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[0], tree)
+
+    verdict = flow_smoothness(
+        flow,
+        jnp.asarray(replicas.states[0]),
+        row0(replicas.carry),
+        jnp.asarray(t0, jnp.int32),
+        row0(replicas.hparams),
+    )
+    if verdict.smooth:
+        return trackers, ""
+    warn_at_caller(verdict.reason, NonSmoothWarning)
+    voided = tuple(
+        tr._replace(void=verdict.reason) if i in need else tr for i, tr in enumerate(trackers)
+    )
+    return voided, verdict.reason
 
 
 def _stored(records, transient):

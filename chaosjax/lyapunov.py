@@ -76,6 +76,8 @@ class LyapunovResult:
         log_det: mean log|det J| per step along the trajectory (small systems; else None).
         method: ``"qr"`` (tangent space) or ``"twin"`` (finite perturbation).
         reasons: why an exponent is NaN, per batch element ('' when valid).
+        reason: the first non-empty reason ('' when every exponent is valid), e.g. a step that
+            is not smooth (:func:`chaosjax.smoothness.step_smoothness`).
 
     All exponents are per step, natural log.
     """
@@ -94,6 +96,11 @@ class LyapunovResult:
     @property
     def steps(self) -> int:
         return int(self.log_growth.shape[-2]) * self.renorm_every
+
+    @property
+    def reason(self) -> str:
+        reasons = [self.reasons] if isinstance(self.reasons, str) else list(self.reasons)
+        return next((r for r in reasons if r), "")
 
     @property
     def exponents(self) -> np.ndarray:
@@ -298,6 +305,7 @@ def lyapunov_spectrum(
     devices=None,
     memory_limit=None,
     strategy: str | int | None = None,
+    allow_nonsmooth: bool = False,
 ) -> LyapunovResult:
     """The top-k Lyapunov spectrum of ``step`` by Benettin's QR method.
 
@@ -332,6 +340,11 @@ def lyapunov_spectrum(
             runs in passes, and a run where one replica does not fit is refused.
         strategy: how a device runs the batch's rows (``"vmap"``, ``"map"`` or a block size;
             see :func:`chaosjax.engine.run_replicas`).
+        allow_nonsmooth: compute tangent exponents even for a step that is not smooth (Lion,
+            sign-SGD: :func:`chaosjax.smoothness.step_smoothness`); by default such a step gives
+            NaN exponents, the reason in ``.reason`` and one
+            :class:`~chaosjax.smoothness.NonSmoothWarning` — use :func:`twin_lyapunov` or
+            replica distances instead.
 
     Returns:
         :class:`LyapunovResult`; ``.exponents`` has shape (k,) (or (batch, k)).
@@ -352,6 +365,7 @@ def lyapunov_spectrum(
         rows="all",
         key=key_data(key),
         log_det=bool(log_det),
+        allow_nonsmooth=bool(allow_nonsmooth),
     )
     res = _engine(
         step,
@@ -387,7 +401,8 @@ def lyapunov_spectrum(
             "passes": int(res.attrs.get("passes", 1)),
         },
     )
-    reasons = _reasons(lg, res.axes["renorm"], res.diverged_step)
+    void = res.attrs.get("tangent_reason", "")
+    reasons = [void] * lg.shape[0] if void else _reasons(lg, res.axes["renorm"], res.diverged_step)
     out.reasons = reasons if batched else reasons[0]
     _warn_spread(lg, batch.states.dtype)
     return out

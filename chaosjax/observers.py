@@ -219,7 +219,15 @@ class LyapunovTracker(NamedTuple):
         log_det: record log|det J| per step (dense Jacobian) to check Σλ.
         clv: a :class:`CLVWindow` for covariant Lyapunov vectors.
         prefix: prefix of the record names and axes (two trackers in one run).
+        allow_nonsmooth: take tangents even of a step that
+            :func:`chaosjax.smoothness.step_smoothness` flags (Lion, sign-SGD): by default the
+            engine voids this tracker for such a step (NaN records, the reason in the run's
+            ``attrs["tangent_reason"]``, one :class:`~chaosjax.smoothness.NonSmoothWarning`).
+        void: set by the engine: the reason this tracker records NaN ('' = it measures).
     """
+
+    #: the engine decides from the step's program whether tangents mean something
+    uses_tangents = True
 
     k: int = 1
     renorm_every: int = 1
@@ -230,6 +238,8 @@ class LyapunovTracker(NamedTuple):
     log_det: bool = False
     clv: CLVWindow | None = None
     prefix: str = ""
+    allow_nonsmooth: bool = False
+    void: str = ""
 
     # -- geometry of the run ---------------------------------------------------------------
 
@@ -361,16 +371,19 @@ class LyapunovTracker(NamedTuple):
         """The basis and state at a record, when the CLV window keeps them by records."""
         if self.clv is None or not self.clv.by_records:
             return {}
+        q = jnp.full_like(q, jnp.nan) if self.void else q
         return {f"{self.prefix}clv_basis": q, f"{self.prefix}clv_state": x}
 
-    def evaluate(self, model, x, rows):
+    def evaluate(self, model, x, rows, t=None):
         """``tangent_loss``: the training loss of the states the tangents see (training maps),
-        evaluated like the run's ``loss`` record, on every row, and kept for ``rows``."""
+        evaluated like the run's ``loss`` record (at record step t), on every row, and kept
+        for ``rows``."""
         from chaosjax.training import TrainingMap
 
         if not isinstance(model, TrainingMap):
             return {}
-        return {f"{self.prefix}tangent_loss": jnp.take(jax.vmap(model.loss)(x), rows, mode="clip")}
+        loss = jax.vmap(lambda r: model.loss(r, "train", t))(x)
+        return {f"{self.prefix}tangent_loss": jnp.take(loss, rows, mode="clip")}
 
     def _propagate(self, flow, x, carry, args, t, q):
         """One row: the step's primal outputs and J q (n, k) from one linearisation."""
@@ -434,7 +447,9 @@ class LyapunovTracker(NamedTuple):
         def idle(q):
             return q, self._idle_values(q.shape[0], q.dtype)
 
-        if self.warmup == 0:
+        if self.void:  # a non-smooth step: nothing to measure
+            q, out = idle(q)
+        elif self.warmup == 0:
             q, out = active(q)
         else:
             q, out = jax.lax.cond(ctx.t >= self.start(info), active, idle, q)
@@ -458,6 +473,8 @@ class LyapunovTracker(NamedTuple):
             )
             return x2, c2, loss, q, self._idle_values(q.shape[0], q.dtype)
 
+        if self.void:  # a non-smooth step: the step alone
+            return idle(q)
         if self.warmup == 0:
             return active(q)
         return jax.lax.cond(ctx.t >= self.start(info), active, idle, q)
@@ -489,7 +506,8 @@ class LyapunovTracker(NamedTuple):
 
     def snapshot(self, info, t, q, x) -> dict[str, np.ndarray]:
         p = self.prefix
-        return {f"{p}clv_basis": np.asarray(q), f"{p}clv_state": np.asarray(x)}
+        q = np.full(np.shape(q), np.nan) if self.void else np.asarray(q)
+        return {f"{p}clv_basis": q, f"{p}clv_state": np.asarray(x)}
 
     def memory(self, info, flow, x1, carry1, args1) -> dict[str, int]:
         """Bytes per tracked row: ``tangents`` (the basis and its image) and ``tangent step``

@@ -48,13 +48,15 @@ TOP_LEVEL = {
     "smooth_density", "EigResult", "TraceResult", "DensityResult", "stability_threshold", "ntk",
     # orbits and bifurcations
     "bifurcation", "Bifurcation", "Orbit",
+    # smoothness of a step (tangent exponents need it)
+    "smoothness", "step_smoothness",
 }  # fmt: skip
 
 PUBLIC_MODULES = (
     "clv", "control", "curvature", "datasets", "engine", "episodes", "landscape", "losses",
     "lyapunov", "models", "nnx_adapter", "observers", "optimizers", "orbits", "plots", "replicas",
-    "response", "results", "series", "sharding", "stepmap", "systems", "tangents", "training",
-    "experiments", "experiments.stages", "cli",
+    "response", "results", "series", "sharding", "smoothness", "stepmap", "systems", "tangents",
+    "training", "experiments", "experiments.stages", "cli",
 )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ def test_worked_example_adds_an_observer_and_a_stage(tmp_path, monkeypatch):
 LAYERS = {
     0: ["tangents", "_layout", "optimizers", "losses", "_smalllinalg", "_krylov", "_fit", "_util"],
     1: ["systems", "training", "nnx_adapter", "stepmap", "models", "datasets"],
-    2: ["engine", "observers", "replicas", "sharding", "results"],
+    2: ["engine", "observers", "replicas", "sharding", "results", "smoothness"],
     3: ["lyapunov", "clv", "curvature", "landscape", "response", "series", "episodes",
         "control", "plots", "orbits", "_orbit_newton", "_orbit_plots",
         "_orbit_observer"],
