@@ -61,7 +61,6 @@ from chaosjax.optimizers import stability_threshold as stability_threshold
 from chaosjax.orbits import Bifurcation as Bifurcation
 from chaosjax.orbits import Orbit as Orbit
 from chaosjax.orbits import bifurcation as bifurcation
-from chaosjax.smoothness import step_smoothness as step_smoothness
 from chaosjax.replicas import ReplicaBatch as ReplicaBatch
 from chaosjax.replicas import make_replicas as make_replicas
 from chaosjax.replicas import perturbation as perturbation
@@ -70,6 +69,7 @@ from chaosjax.response import ResponseTracker as ResponseTracker
 from chaosjax.response import ntk as ntk
 from chaosjax.results import ReplicaResults as ReplicaResults
 from chaosjax.results import open_store as open_store
+from chaosjax.smoothness import step_smoothness as step_smoothness
 from chaosjax.stepmap import StepMap as StepMap
 from chaosjax.tangents import log_det_jacobian as log_det_jacobian
 from chaosjax.tangents import qr_renormalize as qr_renormalize
@@ -169,8 +169,6 @@ __all__ = [
     "open_store",
     "optimizers",
     "orbits",
-    "smoothness",
-    "step_smoothness",
     "perturbation",
     "qr_renormalize",
     "random_basis",
@@ -179,8 +177,10 @@ __all__ = [
     "series",
     "sharding",
     "smooth_density",
+    "smoothness",
     "split_state",
     "stability_threshold",
+    "step_smoothness",
     "systems",
     "tangent_step",
     "twin_lyapunov",
