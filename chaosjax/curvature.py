@@ -365,7 +365,18 @@ class _CurvatureTracker(NamedTuple):
     * ``grad_overlap`` / ``update_overlap`` (k,): ⟨ĝ, v_i⟩² and ⟨û, v_i⟩² of the unit
       gradient and of the unit parameter update of the next step;
     * ``top_layer_mass`` (layers,): share of v1's squared norm per layer;
-    * ``eig_residual`` (k,): ‖A v − λ v‖.
+    * ``eig_residual`` (k,): ‖A v − λ v‖;
+    * ``sharpness_residual`` (k,): the relative residual ‖A v − λ v‖ / max_i |λ_i|;
+    * ``sharpness_converged`` (k,): 1 where ``sharpness_residual`` ≤ ``tol``, else 0 — a record
+      that is not converged is reported as such and left out of verdicts;
+    * ``sharpness_matvecs``: the operator applications the record took.
+
+    Convergence: after the first solve (cold Lanczos, or the warm block Krylov solve) the
+    tracker restarts block Krylov from its k + 1 best Ritz vectors while any of the k pairs
+    has a relative residual above ``tol``, within ``max_matvecs`` operator applications per
+    record (``lax.while_loop``: under vmap every replica iterates until the slowest
+    converges, and a converged replica keeps its values). Records that reach the cap
+    unconverged keep their best estimate and ``sharpness_converged = 0``.
 
     Args:
         k: number of eigenpairs.
@@ -375,6 +386,9 @@ class _CurvatureTracker(NamedTuple):
             or ``"batch"`` (the minibatch of the record step).
         n_blocks: warm-start blocks; cold_matvecs: Lanczos steps of the first record.
         rows: the replicas tracked: ``"all"`` or ``"references"`` (NaN rows for the others).
+        tol: relative residual a record must reach (default 1e-3, DESIGN.md "Numerical
+            rules").
+        max_matvecs: the cap on operator applications per record and replica.
     """
 
     k: int = 1
@@ -384,6 +398,8 @@ class _CurvatureTracker(NamedTuple):
     n_blocks: int = 2
     cold_matvecs: int = 64
     rows: str = "all"
+    tol: float = 1e-3
+    max_matvecs: int = 512
 
     DIMS = (  # extra dims of the records (after replica, step)
         ("sharpness", ("eig",)),
@@ -391,6 +407,8 @@ class _CurvatureTracker(NamedTuple):
         ("grad_overlap", ("eig",)),
         ("update_overlap", ("eig",)),
         ("eig_residual", ("eig",)),
+        ("sharpness_residual", ("eig",)),
+        ("sharpness_converged", ("eig",)),
         ("top_layer_mass", ("layer",)),
     )
     NAMES = (
@@ -403,6 +421,9 @@ class _CurvatureTracker(NamedTuple):
         "update_overlap",
         "top_layer_mass",
         "eig_residual",
+        "sharpness_residual",
+        "sharpness_converged",
+        "sharpness_matvecs",
     )
 
     def validate(self, tmap) -> None:
@@ -416,6 +437,10 @@ class _CurvatureTracker(NamedTuple):
             raise ValueError(f"mode: unknown {self.mode!r}; allowed: {', '.join(LOSS_MODES)}")
         if int(self.k) != self.k or not 1 <= self.k <= tmap.n_params:
             raise ValueError(f"k: must be an integer in [1, {tmap.n_params}], got {self.k!r}")
+        if not 0 < self.tol < 1:
+            raise ValueError(f"tol: must lie in (0, 1), got {self.tol!r}")
+        if int(self.max_matvecs) != self.max_matvecs or self.max_matvecs < 1:
+            raise ValueError(f"max_matvecs: must be a positive integer, got {self.max_matvecs!r}")
         if self._operator(tmap) == "preconditioned" and tmap.optimizer_name not in (
             "adam",
             "adamw",
@@ -438,10 +463,11 @@ class _CurvatureTracker(NamedTuple):
                 matvec, training_preconditioner(tmap, state, t, hparams)
             )
         dim = p.shape[0]
+        width = min(self.k + 1, dim)  # pairs kept for restarts: the k tracked and one more
         if cold:
             m = int(min(dim, max(self.cold_matvecs, 2 * self.k)))
-            r = lanczos_eigs(matvec, dim, self.k, n_matvecs=m, dtype=p.dtype)
-            vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
+            r = lanczos_eigs(matvec, dim, width, n_matvecs=m, dtype=p.dtype)
+            first = m
         else:
             # a previous record without finite vectors (e.g. Adam before its first update, where
             # P is undefined) restarts from a fixed random basis; residuals show the accuracy
@@ -457,12 +483,15 @@ class _CurvatureTracker(NamedTuple):
             )
             block = start if dim <= self.k else jnp.concatenate([start, fresh], axis=1)
             r = block_krylov_eigs(
-                matvec, block, n_blocks=self.n_blocks, k=self.k,
+                matvec, block, n_blocks=self.n_blocks, k=width,
                 key=jax.random.fold_in(jax.random.PRNGKey(3), t),
             )  # fmt: skip
-            vecs, vals, res = r.eigenvectors.T, r.eigenvalues, r.residuals
+            first = block.shape[1] * (min(self.n_blocks, dim // block.shape[1] - 1) + 1)
+        vecs, vals, res, used = self._refine(matvec, r, t, first)
+        if not cold:
             sign = jnp.sign(jnp.sum(vecs * start, axis=0))
             vecs = vecs * jnp.where(sign == 0, 1.0, sign)
+        rel = res / jnp.maximum(jnp.max(jnp.abs(vals)), jnp.finfo(p.dtype).tiny)
         thr = jnp.asarray(tmap.threshold_at(state, t, hparams), p.dtype)
         g = jax.grad(loss)(p)
         u = tmap.flat_params(tmap.step_with(state, t, hparams)) - p
@@ -483,8 +512,48 @@ class _CurvatureTracker(NamedTuple):
             "update_overlap": (uu @ vecs) ** 2,
             "top_layer_mass": layers / jnp.sum(v1),
             "eig_residual": res,
+            "sharpness_residual": rel,
+            "sharpness_converged": (rel <= self.tol).astype(p.dtype),
+            "sharpness_matvecs": jnp.asarray(used, p.dtype),
         }
         return values, vecs
+
+    def _restart_matvecs(self, dim: int) -> int:
+        width = min(self.k + 1, dim)
+        return width * (max(0, min(self.n_blocks, dim // width - 1)) + 1)
+
+    def _refine(self, matvec, r, t, first: int):
+        """Restarted block Krylov from the k + 1 best Ritz vectors of ``r`` until every
+        tracked pair's relative residual is ≤ ``tol`` or ``max_matvecs`` is spent.
+
+        Returns ``(vecs (dim, k), vals (k,), residuals (k,), matvecs used)``."""
+        k = self.k
+        dim = r.eigenvectors.shape[1]
+        dtype = r.eigenvalues.dtype
+        per = self._restart_matvecs(dim)
+        n_restarts = max(0, (int(self.max_matvecs) - first) // per) if dim > k else 0
+
+        def unconverged(vals, res):
+            scale = jnp.maximum(jnp.max(jnp.abs(vals[:k])), jnp.finfo(dtype).tiny)
+            return jnp.any(res[:k] > self.tol * scale)
+
+        def cond(c):
+            _, vals, res, i = c
+            return (i < n_restarts) & unconverged(vals, res)
+
+        def body(c):
+            basis, _, _, i = c
+            nxt = block_krylov_eigs(
+                matvec, basis, n_blocks=self.n_blocks,
+                key=jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(4), t), i),
+            )  # fmt: skip
+            return nxt.eigenvectors.T, nxt.eigenvalues, nxt.residuals, i + 1
+
+        init = (r.eigenvectors.T, r.eigenvalues, r.residuals, jnp.zeros((), jnp.int32))
+        if n_restarts:
+            init = jax.lax.while_loop(cond, body, init)
+        basis, vals, res, i = init
+        return basis[:, :k], vals[:k], res[:k], first + per * i
 
     def init(self, tmap, states, hparams, t):
         """Cold start at the first record; returns (values, tracker state (R, n_params, k))."""

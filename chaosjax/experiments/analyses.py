@@ -410,6 +410,8 @@ def curvature_tracker(cfg: ExperimentConfig):
         subset=c.subset or None,
         n_blocks=c.n_blocks,
         cold_matvecs=c.cold_matvecs,
+        tol=c.tol,
+        max_matvecs=c.max_matvecs,
     )
 
 
@@ -422,7 +424,8 @@ VERDICT_RULE = (
     "than 1 % over the last quarter) above 1 % of its initial value ('with bursts' when r "
     "still exceeded 1 in the last quarter); *edge of stability* if r reached 0.95 and the "
     "last-quarter median lies in [0.85, 1.15]; *stable* otherwise (*stable after crossing* if "
-    "r exceeded 1 at some point)."
+    "r exceeded 1 at some point). Only converged sharpness records count (relative "
+    "eigen-residual ≤ curvature.tol); the table shows how many the verdict rests on."
 )
 
 
@@ -514,10 +517,12 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
                     np.asarray(out["density"][0]),
                     np.asarray(out["density"][1]),
                 )
-    verdicts, maxr, later = [], [], []
+    verdicts, maxr, later, n_conv = [], [], [], []
     for r in refs:
+        ratio, ok = converged_ratio(results, r)
+        n_conv.append(int(ok.sum()))
         v, mx, late = verdict(
-            results.records["sharpness_ratio"][r],
+            ratio,
             int(results.diverged_step[r]),
             results.records["loss"][r] if "loss" in results.records else None,
         )
@@ -533,10 +538,45 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
             "verdict": (("group",), np.asarray(verdicts, dtype=str)),
             "max_ratio": (("group",), np.asarray(maxr)),
             "late_ratio": (("group",), np.asarray(later)),
+            "converged_records": (("group",), np.asarray(n_conv, np.int64)),
+            "records": (("group",), np.full(len(refs), results.steps.size, np.int64)),
         },
         coords={**group_coords(batch, refs), "when": np.asarray(when, dtype=str)},
         attrs={"k": c.k, "operator": c.operator, "mode": c.mode, "rule": VERDICT_RULE},
     )
+
+
+def ftle_regime(lyapunov: xr.Dataset | None, g: int) -> str:
+    """The FTLE regime of group g ('' without a lyapunov group)."""
+    return "" if lyapunov is None else str(lyapunov["regime"].values[g])
+
+
+def _trace_cell(ds: xr.Dataset, g: int) -> str:
+    """Trace at the start → end with its standard errors (n/a where not measured)."""
+    tr, se = ds["trace"].values[g], ds["trace_stderr"].values[g]
+
+    def one(v, s):
+        return "n/a" if not np.isfinite(v) else f"{fmt(v)} ± {fmt(s, '.2g')}"
+
+    return f"{one(tr[0], se[0])} → {one(tr[1], se[1])}"
+
+
+def _converged_cell(ds: xr.Dataset, g: int) -> str:
+    """``n/N`` converged sharpness records of group g (n/a for a run stored without them)."""
+    if "converged_records" not in ds:
+        return "n/a"
+    return f"{int(ds['converged_records'].values[g])}/{int(ds['records'].values[g])}"
+
+
+def converged_ratio(results, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sharpness ratio of row ``r`` with unconverged records (``sharpness_converged`` of λ1
+    = 0) set to NaN, and the mask of converged records (all records count in a run stored
+    before the flag existed)."""
+    ratio = np.asarray(results.records["sharpness_ratio"][r], np.float64)
+    conv = results.records.get("sharpness_converged")
+    ok = np.ones(ratio.shape, bool) if conv is None else np.asarray(conv[r, :, 0]) > 0.5
+    ok &= np.isfinite(ratio)
+    return np.where(ok, ratio, np.nan), ok
 
 
 def _range(x) -> str:
@@ -550,7 +590,11 @@ def _range(x) -> str:
     return f"{fmt(float(x[0]))} → {fmt(float(x[-1]))}"
 
 
-def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
+def curvature_markdown(ds: xr.Dataset, results, lyapunov: xr.Dataset | None = None) -> list[str]:
+    """The curvature section; with the run's ``lyapunov`` group its verdicts use the words of
+    :func:`chaosjax.experiments.regimes.curvature_words` (no "stable" beside chaos)."""
+    from chaosjax.experiments.regimes import curvature_words
+
     lines = [
         "## Curvature and the edge of stability",
         "",
@@ -573,6 +617,7 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
             "late λ1/thr",
             "rotation",
             "trace start → end",
+            "converged",
             "verdict",
         ),
     ]
@@ -582,14 +627,14 @@ def curvature_markdown(ds: xr.Dataset, results) -> list[str]:
         thr = results.records["threshold"][r]
         rot = results.records["rotation"][r]
         fin = sh[np.isfinite(sh)]
-        tr = ds["trace"].values[g]
         lines.append(
             f"| {float(ds['learning_rate'].values[g]):.4g} | {int(ds['seed'].values[g])} | "
             f"{_range(thr)} | {fmt(float(sh[0]))} | "
             f"{fmt(float(fin[-1]) if fin.size else np.nan)} | {fmt(float(ds['max_ratio'].values[g]), '.2f')} | "
             f"{fmt(float(ds['late_ratio'].values[g]), '.2f')} | "
             f"{fmt(finite_median(rot), '.2e')} | "
-            f"{fmt(tr[0])} → {fmt(tr[1])} | {ds['verdict'].values[g]} |"
+            f"{_trace_cell(ds, g)} | {_converged_cell(ds, g)} | "
+            f"{curvature_words(str(ds['verdict'].values[g]), ftle_regime(lyapunov, g))} |"
         )
     lines += [
         "",

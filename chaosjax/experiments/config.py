@@ -200,7 +200,9 @@ class LyapunovConfig:
 @dataclasses.dataclass(frozen=True)
 class SeriesConfig:
     enabled: bool = fld(False, "loss-series diagnostics of each reference run (per seed)")
-    start: int = fld(0, "first step of the series used for the ACF and laminar statistics", lo=0)
+    start: int = fld(
+        0, "first step of the window every loss-series diagnostic is computed on", lo=0
+    )
     max_lag: int = fld(50, "largest ACF lag (records)", lo=1)
     n_surrogates: int = fld(
         1000, "shuffled surrogates of the ACF band (3rd–97th percentile)", lo=10
@@ -320,6 +322,15 @@ class CurvatureConfig:
     )
     n_blocks: int = fld(2, "warm-start Krylov blocks per record", lo=1)
     cold_matvecs: int = fld(64, "Lanczos steps of the first record", lo=2)
+    tol: float = fld(
+        1e-3,
+        "relative eigen-residual a sharpness record must reach to count as converged",
+        positive=True,
+        hi=0.5,
+    )
+    max_matvecs: int = fld(
+        512, "cap on Hessian-vector products per record and replica (restarts until tol)", lo=1
+    )
     trace_probes: int = fld(
         30, "Hutchinson probes of the trace at the start and end; 0 = off", lo=0
     )
@@ -564,11 +575,18 @@ class ExperimentConfig:
             )
         rest = self.steps - c.align - c.backward_transient
         n = c.steps or rest
+        if rest < re:
+            raise ConfigError(
+                f"clv.align: the CLV window starts at clv.align={c.align} and needs "
+                f"clv.backward_transient={c.backward_transient} steps after it, which leaves "
+                f"no step of the run of {self.steps} steps; lower clv.align and "
+                "clv.backward_transient, raise steps, or set clv.enabled=false"
+            )
         if n < re or c.steps > rest:
             raise ConfigError(
-                f"clv.steps: the CLV window (align {c.align} + steps {n} + backward_transient "
-                f"{c.backward_transient}) must fit in the run of {self.steps} steps; shorten "
-                "it or set clv.enabled=false"
+                f"clv.steps: the CLV window (align {c.align} + steps {c.steps} + "
+                f"backward_transient {c.backward_transient}) must fit in the run of "
+                f"{self.steps} steps; at most {rest}, or 0 for the rest of the run"
             )
         if n % re or c.backward_transient % re:
             raise ConfigError(
