@@ -78,7 +78,7 @@ def _locate_params(state, params_fn) -> tuple[list[int], Any]:
     real = params_fn(state)
     real_leaves, ptreedef = jax.tree_util.tree_flatten(real)
     if picked is not None and picked[1] == ptreedef:
-        if all(jnp.shape(leaves[i]) == jnp.shape(v) for i, v in zip(picked[0], real_leaves)):
+        if all(np.shape(leaves[i]) == np.shape(v) for i, v in zip(picked[0], real_leaves)):
             return picked[0], ptreedef
     ids = {id(v): i for i, v in enumerate(leaves)}
     idx = [ids.get(id(v), -1) for v in real_leaves]
@@ -90,14 +90,58 @@ def _locate_params(state, params_fn) -> tuple[list[int], Any]:
     )
 
 
+def _is_array_leaf(v) -> bool:
+    """An array-like leaf (it travels through jit); anything else — the activation function of
+    an Equinox module, a string — is static structure of the state (``eqx.partition`` style)."""
+    return isinstance(v, jax.Array | np.ndarray | np.generic | int | float | complex | bool)
+
+
+def _static_key(v):
+    try:
+        hash(v)
+    except TypeError:
+        return id(v)
+    return v
+
+
+def _eval_shape_with_static(fn, state, *args):
+    """``jax.eval_shape(fn, state, *args)`` for a state whose non-array leaves (functions in an
+    Equinox module) are static: they are closed over, and come back as they were."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    dyn = [i for i, v in enumerate(leaves) if _is_array_leaf(v)]
+    out_def = {}
+
+    def arrays_only(dyn_leaves, *args):
+        full = list(leaves)
+        for i, v in zip(dyn, dyn_leaves):
+            full[i] = v
+        out = fn(jax.tree_util.tree_unflatten(treedef, full), *args)
+        out_leaves, out_def["treedef"] = jax.tree_util.tree_flatten(out)
+        out_def["static"] = {i: v for i, v in enumerate(out_leaves) if not _is_array_leaf(v)}
+        return [v for v in out_leaves if _is_array_leaf(v)]
+
+    structs = iter(jax.eval_shape(arrays_only, [leaves[i] for i in dyn], *args))
+    static = out_def["static"]
+    n = out_def["treedef"].num_leaves
+    return jax.tree_util.tree_unflatten(
+        out_def["treedef"], [static[i] if i in static else next(structs) for i in range(n)]
+    )
+
+
 class _StateSplit:
-    """How a user's state maps to ``(x, carried leaves)``: parameters first (static, hashable)."""
+    """How a user's state maps to ``(x, carried leaves)``: parameters first (static, hashable).
+
+    Array leaves are dynamical (float, not carried) or carried (integers, keys, running
+    statistics); any other leaf (a function or string inside an Equinox module) is static: kept
+    here and put back unchanged, never traced."""
 
     def __init__(self, state, params_fn, carried, dtype):
         flat, treedef = jax.tree_util.tree_flatten_with_path(state)
         names = [path_name(p) for p, _ in flat]
         leaves = [v for _, v in flat]
-        p_idx, ptreedef = _locate_params(state, params_fn)
+        self.static = {i: v for i, v in enumerate(leaves) if not _is_array_leaf(v)}
+        p_all, ptreedef = _locate_params(state, params_fn)
+        p_idx = [i for i in p_all if i not in self.static]
         for i in p_idx:
             if not is_float(leaves[i]):
                 raise TypeError(
@@ -110,18 +154,28 @@ class _StateSplit:
         others = [
             i
             for i in range(len(leaves))
-            if i not in p_set and is_float(leaves[i]) and not carried(names[i], leaves[i])
+            if i not in p_set
+            and i not in self.static
+            and is_float(leaves[i])
+            and not carried(names[i], leaves[i])
         ]
         order = list(p_idx) + others
         self.treedef = treedef
         self.ptreedef = ptreedef
         self.names = tuple(names)
-        self.shapes = tuple(tuple(jnp.shape(v)) for v in leaves)
-        self.dtypes = tuple(str(jnp.result_type(v)) for v in leaves)
+        self.shapes = tuple(
+            () if i in self.static else tuple(jnp.shape(v)) for i, v in enumerate(leaves)
+        )
+        self.dtypes = tuple(
+            "static" if i in self.static else str(jnp.result_type(v)) for i, v in enumerate(leaves)
+        )
         self.order = tuple(order)  # dynamical leaves, in x order
         self.p_idx = tuple(p_idx)
+        self.p_all = tuple(p_all)  # every leaf of params(state), static ones included
         dyn = set(order)
-        self.carried_idx = tuple(i for i in range(len(leaves)) if i not in dyn)
+        self.carried_idx = tuple(
+            i for i in range(len(leaves)) if i not in dyn and i not in self.static
+        )
         sizes = [int(np.prod(self.shapes[i], dtype=np.int64)) for i in order]
         self.offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(sizes)])[:-1])
         self.sizes = tuple(sizes)
@@ -132,8 +186,9 @@ class _StateSplit:
         self.dtype = jnp.dtype(dtype).name
 
     def _key(self):
+        static = tuple((i, _static_key(v)) for i, v in self.static.items())
         return (self.treedef, self.ptreedef, self.names, self.shapes, self.dtypes, self.order,
-                self.p_idx, self.dtype)  # fmt: skip
+                self.p_idx, self.dtype, static)  # fmt: skip
 
     def __hash__(self):
         return hash(self._key())
@@ -146,7 +201,8 @@ class _StateSplit:
         # for every state built, yet describe the same step
         leaves = jax.tree_util.tree_leaves(state)
         if len(leaves) != len(self.shapes) or any(
-            jnp.shape(v) != s for v, s in zip(leaves, self.shapes)
+            i not in self.static and jnp.shape(v) != s
+            for i, (v, s) in enumerate(zip(leaves, self.shapes))
         ):
             raise ValueError(
                 "state: its leaves differ in number or shape from the state the map was built with"
@@ -160,12 +216,18 @@ class _StateSplit:
             leaves[i] = x[off : off + size].reshape(self.shapes[i]).astype(self.dtypes[i])
         for i, c in zip(self.carried_idx, carried):
             leaves[i] = c
+        for i, v in self.static.items():
+            leaves[i] = v
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def unravel_params(self, p) -> Any:
+        slot = {i: j for j, i in enumerate(self.p_idx)}
         out = []
-        for j, i in enumerate(self.p_idx):
-            off, size = self.offsets[j], self.sizes[j]
+        for i in self.p_all:
+            if i in self.static:
+                out.append(self.static[i])
+                continue
+            off, size = self.offsets[slot[i]], self.sizes[slot[i]]
             out.append(p[off : off + size].reshape(self.shapes[i]).astype(self.dtypes[i]))
         return jax.tree_util.tree_unflatten(self.ptreedef, out)
 
@@ -199,8 +261,11 @@ class StepMap(TrainingMap):
         params: ``params(state)`` picks the trained parameters (default ``state.params``); it
             must return a part of the state.
         init_fn: optional ``init_fn(key) -> state``: independent initialisations.
-        eval_batch: the batch of ``loss(state, "train")`` records and of full-set curvature
-            (default ``batch_fn(0, data)``).
+        eval_batch: the batch of the ``loss`` records and of ``"full"``-mode curvature, e.g.
+            the whole training set. Default: none, and then the loss record and curvature at
+            record step t are of the batch of step t, L(θ_t; B_t) = ``loss_fn(params,
+            batch_fn(t, data))`` — the parameters after t steps on the batch the next step
+            uses.
         test_batch: optional batch of ``loss(state, "test")``.
         carried: ``carried(name, leaf) -> bool`` marking float leaves that are carried rather
             than dynamical (default :func:`default_carried`). Integer leaves and keys are always
@@ -263,14 +328,14 @@ class StepMap(TrainingMap):
                 f"batch_fn: must be jittable in t (t is a traced int32 inside the run): "
                 f"{one_line(e)}"
             ) from e
-        if eval_batch is None:
-            eval_batch = jax.jit(batch_fn)(jnp.asarray(0, jnp.int32), data)
-        self.eval_batch = jax.tree_util.tree_map(jnp.asarray, eval_batch)
+        self.eval_batch = (
+            None if eval_batch is None else jax.tree_util.tree_map(jnp.asarray, eval_batch)
+        )
         self.test_batch = (
             None if test_batch is None else jax.tree_util.tree_map(jnp.asarray, test_batch)
         )
         try:
-            out = jax.eval_shape(train_step, state, batch_struct)
+            out = _eval_shape_with_static(train_step, state, batch_struct)
         except Exception as e:
             raise ValueError(
                 f"train_step: could not be traced on the state and batch_fn(t, data): {one_line(e)}"
@@ -327,6 +392,7 @@ class StepMap(TrainingMap):
             self._lr_source = "hparam"
         else:
             self._lr_source = "unknown"
+        _training.warn_unknown_threshold(self)
         self.init_fn = init_fn
         self.features_fn = None
         self.matmul_precision = matmul_precision
@@ -340,7 +406,7 @@ class StepMap(TrainingMap):
         self.rng_seed = 0
         if loss_fn is not None:  # loss_fn must run on the parameters and a batch
             try:
-                jax.eval_shape(loss_fn, params_fn(state), batch_struct)
+                _eval_shape_with_static(loss_fn, params_fn(state), batch_struct)
             except Exception as e:
                 raise ValueError(
                     f"loss_fn: could not be traced as loss_fn(params, batch): {one_line(e)}"
@@ -495,29 +561,49 @@ class StepMap(TrainingMap):
         self._need_loss("the loss of a parameter vector (curvature)")
         return self._loss_fn(params, batch)
 
-    def loss_of_params(self, params, x=None, y=None) -> jax.Array:
+    @property
+    def loss_data(self) -> str:
+        """What the loss records and full-mode curvature are of, in words."""
+        if self.eval_batch is not None:
+            return "eval_batch (the batch given to from_step)"
+        return "the batch of each record step t, batch_fn(t, data): L(θ_t; B_t)"
+
+    def record_batch(self, t=None):
+        """The batch of the loss record and full-mode curvature at step t: ``eval_batch`` when
+        given, else ``batch_fn(t, data)``."""
+        if self.eval_batch is not None:
+            return self.eval_batch
+        if t is None:
+            raise ValueError(
+                "t: this map's loss is of the batch of step t (no eval_batch was given to "
+                "from_step); pass t, or give eval_batch= (e.g. the whole training set)"
+            )
+        return self.batch(jnp.asarray(t, jnp.int32))
+
+    def loss_of_params(self, params, x=None, y=None, t=None) -> jax.Array:
         if x is not None or y is not None:
             raise ValueError("loss_of_params: a step map's loss takes a batch: use batch_loss")
-        return self.batch_loss(params, self.eval_batch)
+        return self.batch_loss(params, self.record_batch(t))
 
     def curvature_batch(self, t=0, mode: str = "full", subset: int | None = None):
         if mode == "full":
-            return self.eval_batch, {"mode": mode}
+            return self.record_batch(t), {"mode": mode, "data": self.loss_data}
         if mode == "batch":
             return self.batch(t), {"mode": mode, "t": t}
         raise ValueError(
             f"mode: {mode!r} is not available for a step map; allowed: full (eval_batch), batch"
         )
 
-    def loss(self, state, split: str = "train") -> jax.Array:
-        """``loss_fn`` of the state's parameters on ``eval_batch`` (``"train"``) or
-        ``test_batch`` (``"test"``; NaN without one)."""
+    def loss(self, state, split: str = "train", t=None) -> jax.Array:
+        """``loss_fn`` of the state's parameters on :meth:`record_batch` at step ``t``
+        (``"train"``: ``eval_batch``, else the batch of step t) or on ``test_batch``
+        (``"test"``; NaN without one)."""
         self._need_loss("the loss record")
         if split not in ("train", "test"):
             raise ValueError(f"split: must be 'train' or 'test', got {split!r}")
         if split == "test" and self.test_batch is None:
             return jnp.full((), jnp.nan, self.state_dtype)
-        batch = self.eval_batch if split == "train" else self.test_batch
+        batch = self.record_batch(t) if split == "train" else self.test_batch
         return self._loss_fn(self.params(state), batch)
 
     def accuracy(self, state, split: str = "train"):
@@ -576,7 +662,8 @@ class StepMap(TrainingMap):
         return (
             f"StepMap({self.name}, n_params={self.n_params}, dim={self.dim}, "
             f"carried leaves={len(self._state_carry0)}, metrics={list(self._metric_names)}, "
-            f"loss={'yes' if self._loss_fn else 'no'}, dtype={self.state_dtype})"
+            f"loss={'yes' if self._loss_fn else 'no'}, dtype={self.state_dtype}"
+            + (f"; loss records of {self.loss_data})" if self._loss_fn else ")")
         )
 
 

@@ -35,7 +35,7 @@ import optax
 from jax.interpreters import partial_eval as pe
 
 from chaosjax._layout import Layout, MapState, layout_of
-from chaosjax._util import FieldsPytree, x64_enabled
+from chaosjax._util import FieldsPytree, warn_at_caller, x64_enabled
 from chaosjax.datasets import Dataset
 from chaosjax.losses import LOSSES, cross_entropy_loss, loss_function, mse_loss
 from chaosjax.optimizers import (
@@ -246,6 +246,7 @@ class TrainingMap(FieldsPytree):
             self._lr_source = "state"
         else:
             self._lr_source = "hparam" if "learning_rate" in self.hparams else "unknown"
+        warn_unknown_threshold(self)
 
     # -- construction helpers --------------------------------------------------------------
 
@@ -765,9 +766,15 @@ class TrainingMap(FieldsPytree):
         """Network outputs (eval mode) for inputs x (batch, ...) → (batch, outputs)."""
         return self._eval(state, x)
 
-    def loss(self, state, split: str = "train") -> jax.Array:
+    @property
+    def loss_data(self) -> str:
+        """What the loss records are of, in words (``from_step`` maps: see there)."""
+        return "the whole training set (eval mode)"
+
+    def loss(self, state, split: str = "train", t=None) -> jax.Array:
         """Full-batch loss of the state on ``split`` ('train' or 'test'), in eval mode (NaN
-        without a test split)."""
+        without a test split); ``t`` is unused (the records of a ``from_step`` map are of the
+        batch of step t)."""
         x, y = self._split(split)
         return self._loss(self._eval(state, x), y)
 
@@ -799,7 +806,8 @@ class TrainingMap(FieldsPytree):
         return (
             f"{type(self).__name__}({self.name}, data={self.dataset_name}, loss={self.loss_name}, "
             f"optimizer={self.optimizer_name}({hp}), batch={self.batch_size or 'full'}, "
-            f"n_params={self.n_params}, dim={self.dim}, dtype={self.state_dtype}{carry})"
+            f"n_params={self.n_params}, dim={self.dim}, dtype={self.state_dtype}{carry}; "
+            f"loss records of {self.loss_data})"
         )
 
 
@@ -810,6 +818,21 @@ _STEP_MAP: dict[str, type] = {}
 
 
 @jax.jit
+def warn_unknown_threshold(tmap) -> None:
+    """One warning when a map names its optimizer's kind (so a stability threshold is asked
+    for) but cannot know η_t: its thresholds and ηt units are NaN."""
+    if tmap.learning_rate_source != "unknown" or tmap.optimizer_name in ("custom", None):
+        return
+    if tmap.optimizer_name not in OPTIMIZERS:
+        return
+    warn_at_caller(
+        f"learning_rate: the map cannot know η_t of its {tmap.optimizer_name!r} optimizer (a ready "
+        "GradientTransformation hides it), so thresholds 2/η and ηt units are NaN; wrap the "
+        "optimizer in optax.inject_hyperparams (e.g. optax.inject_hyperparams(optax.sgd)"
+        "(learning_rate=0.3)), pass a factory with learning_rate=, or a named optimizer",
+    )
+
+
 def _step_and_loss(tmap, state, t, hparams):
     x, carry = split_state(state)
     new_x, new_carry, loss = tmap.flow(x, () if carry is None else carry, t, hparams)
