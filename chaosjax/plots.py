@@ -110,13 +110,38 @@ def replica_distance(
         ax.plot([], [], ls="--", color="gray", label="best-window fit (accepted)")
         if accepted is not None and not accepted.all():
             ax.plot([], [], ls=":", color="gray", label="best-window fit (rejected)")
+        _fit_inset(ax, fits, t)
     ax.set_yscale("log")
     ax.set_xlabel("step t")
     unit = {"distance_l1": "L1 Σ|θ−θ′|", "distance_l2": "L2 ‖θ−θ′‖"}.get(name, name)
     ax.set_ylabel(f"replica distance d(t), {unit}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # clear of the inset
     ax.grid(alpha=0.3, which="both")
     return ax
+
+
+def _fit_inset(ax, fits, t) -> None:
+    """A zoom on the fit windows when they span a small part of the run (they are drawn over
+    their windows only, invisible at the run's scale otherwise)."""
+    stop = fits["fit_stop"].values[np.isfinite(fits["fit_slope"].values)]
+    if stop.size == 0 or t.size < 2:
+        return
+    hi = float(stop.max())
+    if hi > 0.25 * float(t[-1] - t[0]):
+        return
+    inset = ax.inset_axes([0.55, 0.08, 0.42, 0.38])
+    for line in ax.get_lines():
+        x, y = line.get_data()
+        if len(x) == 0:
+            continue
+        keep = np.asarray(x) <= 1.5 * hi
+        inset.plot(np.asarray(x)[keep], np.asarray(y)[keep], ls=line.get_linestyle(),
+                   color=line.get_color(), lw=line.get_linewidth(), alpha=line.get_alpha())  # fmt: skip
+    inset.set_yscale("log")
+    inset.set_xlim(float(t[0]), 1.5 * hi)
+    inset.set_title("fit windows (zoom)", fontsize=7)
+    inset.tick_params(labelsize=6)
+    inset.grid(alpha=0.3, which="both")
 
 
 def spectrum_by(ds, *, ax=None):

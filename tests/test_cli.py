@@ -10,6 +10,9 @@ import pytest
 from chaosjax.cli import main
 from chaosjax.results import ReplicaResults
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+from referee import check_summary
+
 TINY = [
     "--set",
     "steps=40",
@@ -85,6 +88,10 @@ def test_run_default_preset_writes_every_file(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert (out / "summary.md").read_text() == text
     assert (out / "figures" / "loss.png").exists()
+    # the referee: every number of the summary's tables is the stored arrays' (and the
+    # regime line joins the stages' words without contradiction)
+    assert check_summary(out) > 20
+    assert "## Regime of each run" in text
 
 
 def test_presets_listed(capsys):
@@ -134,6 +141,8 @@ def test_config_prints_resolved_toml(capsys):
         (["run", "--devices", "9", *TINY], "devices: must be between 1 and 4"),
         (["run", "--memory-limit", "lots"], "scale.memory_limit: expected a positive number"),
         (["run", "--num-processes", "2"], "--coordinator: required with --num-processes > 1"),
+        (["run", "--set", "steps=20"], "clv.align: the CLV window starts at clv.align=100"),
+        (["run", "--resume"], "--resume: "),
     ],
 )
 def test_bad_input_one_line_exit_2(args, msg, capsys, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def load_plan(
             + (", ".join(sizes) if sizes else "none (this config has no [sizes] tables)")
         )
     sized = sizes.get(size, {}) if size else {}
+    overrides = overrides + _restated_description(data, overrides)
     if not variants:
         merged = _merge(data, sized)
         return [(None, from_dict(ExperimentConfig, apply_overrides(merged, overrides)))]
@@ -103,6 +105,24 @@ def load_plan(
         except ConfigError as e:
             raise ConfigError(f"variant {name}: {e}") from None
     return plan
+
+
+def _restated_description(data: dict, overrides: list[str]) -> list[str]:
+    """A preset's prose describes its own values: after overrides of what it runs (anything
+    but ``scale.*``, ``size`` and ``description``) it is replaced by a description that names
+    the overrides, and the summary's "What was run" lines state the resolved values."""
+    changed = [
+        o
+        for o in overrides
+        if not o.split("=", 1)[0].strip().startswith(("scale.", "size", "description"))
+    ]
+    if not changed or any(o.split("=", 1)[0].strip() == "description" for o in overrides):
+        return []
+    text = (
+        f"{data.get('name', 'config')} with --set {', '.join(changed)} (the preset's own "
+        "description no longer applies; the resolved values are below)"
+    )
+    return [f"description={json.dumps(text)}"]
 
 
 def load_config(target: str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:

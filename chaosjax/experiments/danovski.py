@@ -52,16 +52,18 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     k01_reason = [""] * len(refs)
     exp_reason = [""] * len(refs)
     for g, r in enumerate(refs):
-        x = finite_prefix(results.records["loss"][r])
+        # every column on one window: the records from series.start on
+        x = finite_prefix(results.records["loss"][r])[start_idx:]
         if x.size < 30:
+            k01_reason[g] = exp_reason[g] = f"the window holds {x.size} records (fewer than 30)"
             continue
         vals["frac_increasing"][g] = series.fraction_increasing(x)
         ep = series.spikes(x, factor=c.spike_factor)
         vals["n_spikes"][g] = len(ep)
         vals["max_spike"][g] = float(ep.height.max()) if len(ep) else np.nan
-        vals["k01"][g] = series.zero_one_test(x, rtol=rtol)
-        k01_reason[g] = series.negligible_variation(x, rtol)
-        tail = x[start_idx:]
+        k01_reason[g] = series.negligible_variation(x, rtol) or _stalled_reason(x)
+        vals["k01"][g] = np.nan if k01_reason[g] else series.zero_one_test(x, rtol=rtol)
+        tail = x
         if tail.size >= 10:
             a = series.autocorrelation(tail, max_lag, n_surrogates=c.n_surrogates, seed=int(r))
             n = a.acf.size
@@ -105,20 +107,40 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
     )
 
 
+#: the loss-series table's rule for a stalled loss (the 0–1 test does not apply)
+STALLED_RTOL = 1e-4
+
+
+def _stalled_reason(x: np.ndarray) -> str:
+    """Why the 0–1 test does not apply to a stalled loss ('' when it does): over the window the
+    loss moves by less than :data:`STALLED_RTOL` of its level — a plateau whose tiny round-off-
+    scale wandering the test reads as chaos (K ≈ 1)."""
+    level = max(abs(float(np.median(x))), np.finfo(np.float64).tiny)
+    spread = float(np.ptp(x))
+    if spread < STALLED_RTOL * level:
+        return (
+            f"the loss has stalled: it moves by {spread / level:.1e} of its level over the window "
+            f"(below {STALLED_RTOL:g}), where the test reads round-off-scale wandering as chaos"
+        )
+    return ""
+
+
 def series_markdown(ds: xr.Dataset) -> list[str]:
     a = ds.attrs
     lines = [
         "## Loss-series diagnostics (per seed)",
         "",
-        f"On each reference run's loss recorded every {a['record_every']} step(s): share of "
+        f"On each reference run's loss recorded every {a['record_every']} step(s), every column "
+        f"on one window (the records from step {a['start']} on): share of "
         f"increasing records; spikes above {a['spike_factor']:g}× the running minimum (largest "
-        "ratio); the 0–1 test K (≈ 0 regular, ≈ 1 chaotic); lag-1 autocorrelation from step "
-        f"{a['start']} with the 3rd–97th percentile band of shuffled surrogates; laminar phases "
+        "ratio); the 0–1 test K (≈ 0 regular, ≈ 1 chaotic); lag-1 autocorrelation "
+        "with the 3rd–97th percentile band of shuffled surrogates; laminar phases "
         f"(|Δloss| ≤ 1% of its std for ≥ {a['laminar_min_length']} records) as count, mean and max "
         f"length and share of time; expansion rate by the method of analogues (e = {a['analogue_e']:g}; "
         "detrended, Theiler window of the largest horizon, analogues moving the same way) per "
         "step with its p-value. The 0–1 test is not applied (n/a) to a series whose variation is "
-        f"below {a.get('k01_rtol', 1e-8):.1g} of its level (frozen, or round-off).",
+        f"below {a.get('k01_rtol', 1e-8):.1g} of its level (frozen, or round-off), nor to a "
+        f"stalled loss (range over the window below {STALLED_RTOL:g} of its level).",
         "",
         *table_head(
             "η",

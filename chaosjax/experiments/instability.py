@@ -114,8 +114,7 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
         *table_head(
             "η",
             *(f"{n}: separation (re-converged)" for n in layers),
-            "exploration ends",
-            "refining starts",
+            "phases per seed: exploration ends / refining starts",
         ),
     ]
     lrs = ds["learning_rate"].values
@@ -128,10 +127,10 @@ def instability_markdown(ds: xr.Dataset) -> list[str]:
             cells.append(
                 f"{fmt(med, '.0f')} ({int(ds['reconverged'].values[sel, j].sum())}/{sel.sum()})"
             )
-        e = ds["exploration_end"].values[sel]
-        rf = ds["refining_start"].values[sel]
-        em, rm = finite_median(e), finite_median(rf)
-        lines.append(
-            f"| {lr:.4g} | " + " | ".join(cells) + f" | {fmt(em, '.0f')} | {fmt(rm, '.0f')} |"
+        # per seed, so that each pair is ordered (medians over seeds need not be)
+        pairs = ", ".join(
+            f"{fmt(e, '.0f')} / {fmt(rf, '.0f')}"
+            for e, rf in zip(ds["exploration_end"].values[sel], ds["refining_start"].values[sel])
         )
+        lines.append(f"| {lr:.4g} | " + " | ".join(cells) + f" | {pairs} |")
     return [*lines, ""]

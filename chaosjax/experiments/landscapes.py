@@ -155,6 +155,16 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
     return [*lines, ""]
 
 
+def _plain_axes(ax) -> None:
+    """Tick labels without an offset (``1e-9+4.99e-1``) and few enough not to overlap."""
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=4))
+    ax.ticklabel_format(axis="both", style="sci", scilimits=(-3, 3), useOffset=False)
+    ax.tick_params(labelsize=7)
+
+
 def landscape_figures(ds: xr.Dataset, folder: Path) -> None:
     """``landscape_1d.png`` (slice along u, quadratic model, threshold curvature, last
     iterates) and ``landscape_2d.png`` (the trajectory plane with the path)."""
@@ -176,19 +186,23 @@ def landscape_figures(ds: xr.Dataset, folder: Path) -> None:
         if not np.isfinite(sl).any():
             ax.text(0.5, 0.5, "diverged", ha="center", transform=ax.transAxes)
             continue
+        # heights relative to L(θ_T): a plateau's tiny slice needs no offset label
         c0 = float(ds["center"].values[g])
-        ax.plot(a, sl, lw=1.2, label="loss along u")
-        ax.plot(a, ds["quadratic"].values[g], ls="--", lw=1, label="½λ1α²")
+        rel = sl - c0
+        ax.plot(a, rel, lw=1.2, label="loss along u")
+        ax.plot(a, ds["quadratic"].values[g] - c0, ls="--", lw=1, label="½λ1α²")
         thr = float(ds["threshold"].values[g])
         if np.isfinite(thr):
-            ax.plot(a, c0 + 0.5 * thr * a**2, ls=":", lw=1, label="½(2/η)α²")
+            ax.plot(a, 0.5 * thr * a**2, ls=":", lw=1, label="½(2/η)α²")
         ax.plot(
-            ds["iterate_alpha"].values[g], ds["iterate_loss"].values[g], "o", ms=3,
+            ds["iterate_alpha"].values[g], ds["iterate_loss"].values[g] - c0, "o", ms=3,
             label="last iterates",
         )  # fmt: skip
-        lo, hi = np.nanmin(sl), np.nanmax(sl)
+        lo, hi = np.nanmin(rel), np.nanmax(rel)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-12), hi + 0.2 * (hi - lo + 1e-12))
+        _plain_axes(ax)
         ax.set_xlabel("α along the top eigenvector")
+        ax.set_ylabel("L(θ_T + αu) − L(θ_T)", fontsize=7)
     axes[0][0].legend(fontsize=6)
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")

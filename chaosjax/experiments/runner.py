@@ -19,6 +19,7 @@ import numpy as np
 from chaosjax._util import atomic_write_text, fmt
 from chaosjax.experiments.builders import build_dataset, build_training_map, set_precision
 from chaosjax.experiments.config import ConfigError, ExperimentConfig, to_toml
+from chaosjax.experiments.regimes import regime_markdown
 from chaosjax.experiments.stages import (
     STAGES,
     ReportInputs,
@@ -81,6 +82,11 @@ def _prepare_folder(folder: Path, cfg_text: str, resume: bool, force: bool) -> b
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out: {folder} exists and is not a folder")
     busy = folder.exists() and any(folder.iterdir())
+    if resume and not busy:
+        raise RunFolderError(
+            f"--resume: {folder} {'is empty' if folder.exists() else 'does not exist'}: there is "
+            "no run to continue; leave out --resume to start one there"
+        )
     if not busy:
         folder.mkdir(parents=True, exist_ok=True)
         return False
@@ -265,7 +271,9 @@ def summary_rows(results) -> list[dict]:
     return rows
 
 
-def render_summary(results, cfg_text: str) -> str:
+def render_summary(results, cfg_text: str, conclusion: list[str] | None = None) -> str:
+    """The head of ``summary.md``: what was run (from the resolved config), the results per
+    learning rate, ``conclusion`` (the regime of each run), and the standard figures."""
     attrs = results.attrs
     env = attrs.get("environment", {}) if isinstance(attrs.get("environment"), dict) else {}
     import tomllib
@@ -316,8 +324,8 @@ def render_summary(results, cfg_text: str) -> str:
         cells += [f"{r['diverged_seeds']}/{r['seeds']}", f"{r['diverged']}/{r['replicas']}"]
         body.append(cells)
     lines += table(head, body)
+    lines += ["", *(conclusion or [])]
     lines += [
-        "",
         "## Figures",
         "",
         "![loss](figures/loss.png)",
@@ -429,7 +437,7 @@ def report(folder: str | Path) -> Path:
     groups = {name: open_group(store, name) for name in STAGES}
     groups = {name: ds for name, ds in groups.items() if ds is not None}
     plots.standard_figures(results, folder / "figures", fits=groups.get("lyapunov"))
-    text = render_summary(results, cfg_text)
+    text = render_summary(results, cfg_text, regime_markdown(groups, results))
     parts = render_stages(ReportInputs(results, groups, folder / "figures"))
     if parts:
         text += "\n" + "\n".join(parts)

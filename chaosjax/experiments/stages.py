@@ -210,7 +210,7 @@ def _register_builtin() -> None:
     def curvature_markdown(ds, rep):
         if "sharpness" not in rep.results.records:
             return []
-        return an.curvature_markdown(ds, rep.results)
+        return an.curvature_markdown(ds, rep.results, rep.groups.get("lyapunov"))
 
     def curvature_figures(ds, rep):
         if "sharpness" in rep.results.records:
