@@ -133,9 +133,7 @@ def test_a_sign_step_gets_nan_exponents_with_the_reason_and_one_warning():
     forced = cj.lyapunov_spectrum(step, jnp.ones(2), k=2, steps=40, allow_nonsmooth=True)
     assert np.isfinite(forced.exponents).all() and forced.reason == ""
     with pytest.warns(NonSmoothWarning):
-        clv = cj.covariant_lyapunov_vectors(
-            step, jnp.ones(2), k=2, steps=20, backward_transient=10
-        )
+        clv = cj.covariant_lyapunov_vectors(step, jnp.ones(2), k=2, steps=20, backward_transient=10)
     assert "sign" in clv.reason and np.isnan(clv.exponents).all()
 
 
