@@ -174,6 +174,7 @@ def sharpness_margin(
     min_learning_rate=0.0,
     max_learning_rate=math.inf,
     seed: int = 0,
+    tol: float = 1e-3,
     **hparams,
 ) -> optax.GradientTransformationExtraArgs:
     """Hold η·λmax at ``margin`` × the optimizer's stability constant.
@@ -185,8 +186,9 @@ def sharpness_margin(
     random vector with ``cold_blocks``; every solve adds a fresh random vector of that step to
     the block, so an eigenvalue that overtakes the tracked one is found). η then moves geometrically towards the target
     η* = margin·c/λmax: η ← clip(η·(η*/η)^smoothing, η/max_change, η·max_change), clipped to
-    [min_learning_rate, max_learning_rate]. A non-positive or non-finite estimate leaves η
-    unchanged. The updates are −η·direction, where the direction is the base optimizer's
+    [min_learning_rate, max_learning_rate]. A non-positive or non-finite estimate, or one whose
+    relative residual ‖Hv − λv‖/λ exceeds ``tol`` (not converged), leaves η unchanged (the
+    eigenvector is still kept as the next warm start). The updates are −η·direction, where the direction is the base optimizer's
     (identity for GD, the momentum trace, Adam's m̂/P).
 
     With ``smoothing=1`` the controller has no memory once the target is inside the change
@@ -207,6 +209,7 @@ def sharpness_margin(
         max_change: largest factor by which η may change per estimate (>= 1).
         min_learning_rate, max_learning_rate: bounds on η.
         seed: seed of the initial eigenvector.
+        tol: relative eigen-residual an estimate must reach to move η (default 1e-3).
         **hparams: the base optimizer's hyper-parameters (``momentum``; ``b1``, ``b2``,
             ``eps``, ``eps_root``; ``decay``, ``eps``).
 
@@ -224,6 +227,7 @@ def sharpness_margin(
     _check("max_change", max_change, lo=1.0)
     _check("min_learning_rate", min_learning_rate, lo=0.0)
     _check("max_learning_rate", max_learning_rate, lo=0.0, lo_open=True, hi=math.inf)
+    _check("tol", tol, lo=0.0, lo_open=True, hi=1.0)
     every, n_blocks, cold_blocks = int(every), int(n_blocks), int(cold_blocks)
 
     def init_fn(params):
@@ -273,6 +277,7 @@ def sharpness_margin(
                 lam, vec = r.eigenvalues[0].astype(dt), r.eigenvectors[0].astype(dt)
                 vec = vec * jnp.where(vec @ w0 < 0, -1.0, 1.0).astype(dt)
                 ok = jnp.isfinite(lam) & (lam > 0)
+                conv = r.residuals[0].astype(dt) <= tol * jnp.abs(lam)
                 safe = jnp.where(ok, lam, 1.0)
                 target = margin * c / safe
                 new = _ratio_step(
@@ -283,7 +288,7 @@ def sharpness_margin(
                     max_learning_rate,
                 )
                 good = ok & jnp.all(jnp.isfinite(vec))
-                return jnp.where(ok, new, eta0), lam, jnp.where(good, vec, v0)
+                return jnp.where(ok & conv, new, eta0), lam, jnp.where(good, vec, v0)
 
             return run
 

@@ -52,6 +52,7 @@ def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
         "slice": np.full((n_g, c.num), np.nan),
         "quadratic": np.full((n_g, c.num), np.nan),
         "sharpness": np.full(n_g, np.nan),
+        "sharpness_residual": np.full(n_g, np.nan),
         "threshold": np.full(n_g, np.nan),
         "center": np.full(n_g, np.nan),
         "iterate_alpha": np.full((n_g, LAST), np.nan),
@@ -70,6 +71,7 @@ def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
         p_end = jnp.asarray(traj[-1], tmap.state_dtype)
         eig = hessian_eigs(f, p_end, 1, n_matvecs=min(c.n_matvecs, n_p))
         lam, u = float(eig.eigenvalues[0]), np.asarray(eig.eigenvectors[0], np.float64)
+        out["sharpness_residual"][g] = float(eig.residuals[0]) / max(abs(lam), 1e-300)
         proj = (traj[-LAST:] - traj[-1]) @ u
         span = max(3.0 * float(np.max(np.abs(proj))), 1e-3 * float(np.linalg.norm(traj[-1])), 1e-6)
         s1 = landscape.slice(f, p_end, u, span=span, num=c.num)
@@ -96,6 +98,7 @@ def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
             "slice": (("group", "a"), out["slice"]),
             "quadratic": (("group", "a"), out["quadratic"]),
             "sharpness": (("group",), out["sharpness"]),
+            "sharpness_residual": (("group",), out["sharpness_residual"]),
             "threshold": (("group",), out["threshold"]),
             "center": (("group",), out["center"]),
             "iterate_alpha": (("group", "last"), out["iterate_alpha"]),
@@ -106,8 +109,12 @@ def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
             "explained": (("group", "pc"), out["explained"]),
         },
         coords={**group_coords(batch, refs), "snapshot_step": ("snapshot", snap_steps)},
-        attrs={"last": LAST, "num": c.num, "num_2d": c.num_2d},
+        attrs={"last": LAST, "num": c.num, "num_2d": c.num_2d, "tol": TOL},
     )
+
+
+#: relative eigen-residual the top eigenvector must reach to direct a slice (DESIGN.md)
+TOL = 1e-3
 
 
 def landscape_markdown(ds: xr.Dataset) -> list[str]:
@@ -121,7 +128,9 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
         "cancels), over the quadratic model's ½λ1s² (< 1: the valley is flatter away from θ_T "
         "than its curvature there says; > 1: steeper). The plane "
         "is spanned by the two principal directions of θ_t − θ_T over the run (explained "
-        "variance). Figures: `landscape_1d.png`, `landscape_2d.png`.",
+        "variance). λ1 is marked *(unconverged)* when the Lanczos pair's relative residual "
+        f"exceeds {ds.attrs.get('tol', TOL):g}: the direction u is then only approximately "
+        "the top eigenvector. Figures: `landscape_1d.png`, `landscape_2d.png`.",
         "",
         *table_head(
             "η",
@@ -147,8 +156,10 @@ def landscape_markdown(ds: xr.Dataset) -> list[str]:
         with np.errstate(all="ignore"):  # the even part: the gradient term cancels
             even = float((0.5 * (sl[0] + sl[-1]) - c0) / (q[-1] - c0))
         ex = ds["explained"].values[g]
+        res = float(ds["sharpness_residual"].values[g]) if "sharpness_residual" in ds else 0.0
+        mark = " (unconverged)" if res > ds.attrs.get("tol", TOL) else ""
         lines.append(
-            f"| {lr:.4g} | {seed} | {lam:.4g} | {fmt(float(ds['threshold'].values[g]), '.4g')} | "
+            f"| {lr:.4g} | {seed} | {lam:.4g}{mark} | {fmt(float(ds['threshold'].values[g]), '.4g')} | "
             f"{it.min():.3g} … {it.max():.3g} | {fmt(even, '.3g')} | "
             f"{fmt(float(np.nansum(ex)), '.3f')} |"
         )
