@@ -224,7 +224,12 @@ def run_experiment(
         checkpoint=folder / CHECKPOINT,
         store=store,
         resume=continuing,
-        attrs={"config": cfg_text, "n_params": tmap.n_params, "dim": tmap.dim},
+        attrs={
+            "config": cfg_text,
+            "n_params": tmap.n_params,
+            "dim": tmap.dim,
+            "loss_data": tmap.loss_data,
+        },
         on_chunk=on_chunk,
         devices=cfg.scale.devices or None,
         memory_limit=cfg.scale.memory_limit or None,
@@ -290,6 +295,7 @@ def render_summary(results, cfg_text: str, conclusion: list[str] | None = None) 
         f" ({cfg['model']['activation']}), {attrs.get('n_params', '?')} parameters, state dim {attrs.get('dim', '?')}",
         f"- loss `{cfg['training']['loss']}`, optimizer `{cfg['training']['optimizer']}`, batch "
         f"{cfg['training']['batch_size'] or 'full'}, {cfg['steps']} steps, records every {cfg['record_every']}",
+        f"- loss records are of {attrs.get('loss_data', 'the whole training set')}",
         f"- replicas: {results.n_replicas} = seeds {cfg['replicas']['seeds']} × η {cfg['training']['learning_rates']}"
         f" × (1 reference + {cfg['replicas']['n_perturbed']} perturbed per ε {cfg['replicas']['eps']},"
         f" {cfg['replicas']['distribution']} on {cfg['replicas']['target']})",
