@@ -39,6 +39,7 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+import jax.flatten_util  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import best_time, table, write_json  # noqa: E402
@@ -264,14 +265,22 @@ def _import_matfree():
 
 
 def mlp_hessian(widths, batch=256, seed=0):
-    """The Hessian of an MSE-trained tanh MLP on random data: ``(matvec, dim)``."""
+    """The Hessian of an MSE-trained tanh MLP on random data: ``(hvp(p, v), p)``. The
+    parameters are an argument of the jitted functions (closed over, XLA would fold the
+    products of constants at compile time)."""
     net = cj.models.PureMLP(tuple(widths), activation="tanh")
-    p = net.init_params(jax.random.PRNGKey(seed), jnp.float64)
+    p0 = net.init_params(jax.random.PRNGKey(seed), jnp.float64)
+    flat, unravel = jax.flatten_util.ravel_pytree(p0)
     kx, ky = jax.random.split(jax.random.PRNGKey(seed + 1))
     x = jax.random.normal(kx, (batch, widths[0]))
     y = jax.random.normal(ky, (batch, widths[-1]))
-    mv, flat = cv.hessian_operator(lambda q: cj.training.mse_loss(net.apply(q, x), y), p)
-    return mv, int(flat.shape[0])
+
+    def hvp(p, v):
+        return cv.hessian_operator(lambda q: cj.training.mse_loss(net.apply(unravel(q), x), y), p)[
+            0
+        ](v)
+
+    return hvp, flat
 
 
 def interleaved(fns: dict, args, repeats: int) -> tuple[dict, dict, dict]:
@@ -288,16 +297,16 @@ def interleaved(fns: dict, args, repeats: int) -> tuple[dict, dict, dict]:
     return med, {k: float(np.min(v)) for k, v in times.items()}, out
 
 
-def _topk_pair(mf, mv, dim, m, k=5):
+def _topk_pair(mf, hvp, dim, m, k=5):
     decomp, eig = mf[0], mf[1]
     solve = eig.eigh_partial(decomp.tridiag_sym(m))
 
-    def ours(v0):
-        r = cv.lanczos_eigs(mv, dim, k, n_matvecs=m, v0=v0)
+    def ours(p, v0):
+        r = cv.lanczos_eigs(lambda v: hvp(p, v), dim, k, n_matvecs=m, v0=v0)
         return r.eigenvalues, r.eigenvectors
 
-    def theirs(v0):
-        vals, vecs = solve(mv, v0)
+    def theirs(p, v0):
+        vals, vecs = solve(lambda v: hvp(p, v), v0)
         return vals[::-1][:k], vecs[::-1][:k]
 
     return ours, theirs
@@ -307,18 +316,21 @@ def _diag(n, scale=1.0):
     return scale * (0.01 + 100.0 * jnp.linspace(0.0, 1.0, n) ** 12)
 
 
-def _slq_pair(mf, mv, dim, m, runs):
-    decomp = mf[0]
-    tri = decomp.tridiag_sym(m, materialize=False)
+def _scale(d, v):
+    return d * v
 
-    def ours(key):
-        d = cv.density_estimate(mv, dim, n_matvecs=m, n_runs=runs, key=key)
+
+def _slq_pair(mf, hvp, dim, m, runs):
+    tri = mf[0].tridiag_sym(m, materialize=False)
+
+    def ours(p, key):
+        d = cv.density_estimate(lambda v: hvp(p, v), dim, n_matvecs=m, n_runs=runs, key=key)
         return d.nodes, d.weights
 
-    def theirs(key):  # the same Rademacher starts as density_estimate draws
+    def theirs(p, key):  # the same Rademacher starts as density_estimate draws
         def one(k):
             v0 = jax.random.rademacher(jax.random.split(k)[0], (dim,), jnp.float64)
-            _, (diag, off), *_ = tri(mv, v0)
+            _, (diag, off), *_ = tri(lambda v: hvp(p, v), v0)
             t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
             theta, s = jnp.linalg.eigh(t)
             return theta, s[0, :] ** 2
@@ -329,19 +341,19 @@ def _slq_pair(mf, mv, dim, m, runs):
     return ours, theirs
 
 
-def _trace_pair(mf, mv, dim, probes):
+def _trace_pair(mf, hvp, dim, probes):
     stochtrace = mf[2]
     est = stochtrace.estimator_monte_carlo_mean_and_sem(
         stochtrace.monte_carlo_trace(),
         stochtrace.sampler_signs(jnp.zeros((dim,), jnp.float64), num=probes),
     )
 
-    def ours(key):
-        r = cv.trace_estimate(mv, dim, n_probes=probes, key=key)
+    def ours(p, key):
+        r = cv.trace_estimate(lambda v: hvp(p, v), dim, n_probes=probes, key=key)
         return r.estimate, r.stderr
 
-    def theirs(key):
-        return est(mv, key)
+    def theirs(p, key):
+        return est(lambda v: hvp(p, v), key)
 
     return ours, theirs
 
@@ -364,51 +376,28 @@ def against_matfree(tiny: bool, repeats: int):
         (300, 100, 12, 8, 10) if tiny else (269_322, 50_000, 64, 40, 100)
     )
     cases = []
-    mv_s, dim_s = mlp_hessian(small)
-    mv_l, dim_l = mlp_hessian(large)
+    hvp_s, p_s = mlp_hessian(small)
+    hvp_l, p_l = mlp_hessian(large)
+    dim_s, dim_l = p_s.shape[0], p_l.shape[0]
     key = jax.random.PRNGKey(11)
-    for name, mv, dim in ((f"MLP {dim_s}", mv_s, dim_s), (f"MLP {dim_l}", mv_l, dim_l)):
-        v0 = jax.random.normal(key, (dim,))
-        cases.append((f"top-5 {name}", m, _topk_pair(mf, mv, dim, min(m, dim)), (v0,), False))
+    for name, hvp, p in ((f"MLP {dim_s}", hvp_s, p_s), (f"MLP {dim_l}", hvp_l, p_l)):
+        v0 = jax.random.normal(key, p.shape)
+        pair = _topk_pair(mf, hvp, p.shape[0], min(m, p.shape[0]))
+        cases.append((f"top-5 {name}", m, pair, (p, v0), False))
+    d, v0 = _diag(n_diag), jax.random.normal(key, (n_diag,))
     for mm in (m, m + 16):
-        d = _diag(n_diag)
-        v0 = jax.random.normal(key, (n_diag,))
-        pair = _topk_pair(mf, lambda v, d=d: d * v, n_diag, mm)
-        cases.append((f"top-5 diagonal n={n_diag}", mm, pair, (v0,), False))
+        pair = _topk_pair(mf, _scale, n_diag, mm)
+        cases.append((f"top-5 diagonal n={n_diag}", mm, pair, (d, v0), False))
     ds = jnp.stack([_diag(n_rep, 1.0 + 0.1 * r) for r in range(4)])
-    v0s = jax.random.normal(key, (4, n_rep))
-
-    def vm(f):
-        return jax.vmap(lambda d, v: f(v, d))
-
-    def rep(which):
-        def f(v, d):
-            return _topk_pair(mf, lambda x: d * x, n_rep, m)[which](v)
-
-        return vm(f)
-
-    cases.append((f"top-5 diagonal vmap 4×n={n_rep}", m, (rep(0), rep(1)), (ds, v0s), False))
-    cases.append(
-        (
-            f"trace Hutchinson {probes} probes, MLP {dim_s}",
-            probes,
-            _trace_pair(mf, mv_s, dim_s, probes),
-            (key,),
-            False,
-        )
-    )
-    cases.append(
-        (
-            f"trace Hutchinson {probes} probes, MLP {dim_l}",
-            probes,
-            _trace_pair(mf, mv_l, dim_l, probes),
-            (key,),
-            False,
-        )
-    )
-    cases.append(
-        (f"SLQ 3 runs, MLP {dim_l}", m_slq, _slq_pair(mf, mv_l, dim_l, m_slq, 3), (key,), True)
-    )
+    pair = tuple(jax.vmap(f) for f in _topk_pair(mf, _scale, n_rep, m))
+    vs = jax.random.normal(key, (4, n_rep))
+    cases.append((f"top-5 diagonal vmap 4×n={n_rep}", m, pair, (ds, vs), False))
+    for hvp, p in ((hvp_s, p_s), (hvp_l, p_l)):
+        pair = _trace_pair(mf, hvp, p.shape[0], probes)
+        name = f"trace Hutchinson, MLP {p.shape[0]}"
+        cases.append((name, probes, pair, (p, key), False))
+    pair = _slq_pair(mf, hvp_l, dim_l, m_slq, 3)
+    cases.append((f"SLQ 3 runs, MLP {dim_l}", m_slq, pair, (p_l, key), True))
     rows = []
     for name, mm, (ours, theirs), args, sort in cases:
         fns = {"chaosjax": jax.jit(ours), "matfree": jax.jit(theirs)}
