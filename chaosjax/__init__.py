@@ -29,12 +29,12 @@ from chaosjax import series as series
 from chaosjax import sharding as sharding
 from chaosjax import smoothness as smoothness
 from chaosjax import systems as systems
+from chaosjax._curvature_tracker import CurvatureTracker as CurvatureTracker
 from chaosjax.clv import CLVResult as CLVResult
 from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
 from chaosjax.clv import clv_subspace_overlap as clv_subspace_overlap
 from chaosjax.clv import covariant_lyapunov_vectors as covariant_lyapunov_vectors
-from chaosjax.curvature import CurvatureTracker as CurvatureTracker
 from chaosjax.curvature import DensityResult as DensityResult
 from chaosjax.curvature import EigResult as EigResult
 from chaosjax.curvature import TraceResult as TraceResult

@@ -33,7 +33,7 @@ LAYERS = {
     1: ["systems", "training", "nnx_adapter", "stepmap", "models", "datasets"],
     2: ["engine", "observers", "replicas", "sharding", "results", "smoothness"],
     3: ["lyapunov", "clv", "curvature", "landscape", "response", "series", "episodes",
-        "control", "plots", "orbits", "_orbit_newton", "_orbit_plots",
+        "control", "plots", "orbits", "_curvature_tracker", "_orbit_newton", "_orbit_plots",
         "_orbit_observer"],
     4: ["experiments", "cli"],
 }  # fmt: skip

@@ -399,7 +399,7 @@ def clv_figures(ds: xr.Dataset, folder: Path) -> None:
 
 
 def curvature_tracker(cfg: ExperimentConfig):
-    from chaosjax.curvature import CurvatureTracker
+    from chaosjax._curvature_tracker import CurvatureTracker
 
     c = cfg.curvature
     return CurvatureTracker(
