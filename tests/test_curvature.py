@@ -195,7 +195,7 @@ def test_tracker_in_replica_run_and_gd_quadratic_regime():
         steps=20,
         record_every=5,
         observables=("loss",),
-        trackers=[cv.CurvatureTracker(k=2, cold_matvecs=6)],
+        trackers=[cj.CurvatureTracker(k=2, cold_matvecs=6)],
         progress=False,
     )
     np.testing.assert_allclose(res.records["sharpness"][:, :, 0], lam[0], rtol=1e-8)
@@ -221,7 +221,7 @@ def test_tracker_resume(tmp_path):
         record_every=5,
         chunk_steps=10,
         observables=("loss",),
-        trackers=[cv.CurvatureTracker(k=1)],
+        trackers=[cj.CurvatureTracker(k=1)],
         progress=False,
     )
     whole = cj.run_replicas(tm, rb, **kw)
@@ -245,9 +245,9 @@ def test_tracker_validation():
     )
     rb = cj.make_replicas(tm)
     for tr, msg in [
-        (cv.CurvatureTracker(operator="preconditioned"), "preconditioned"),
-        (cv.CurvatureTracker(mode="half"), "mode"),
-        (cv.CurvatureTracker(k=0), "k:"),
+        (cj.CurvatureTracker(operator="preconditioned"), "preconditioned"),
+        (cj.CurvatureTracker(mode="half"), "mode"),
+        (cj.CurvatureTracker(k=0), "k:"),
     ]:
         with pytest.raises(ValueError, match=msg):
             cj.run_replicas(tm, rb, steps=5, trackers=[tr], progress=False)
@@ -284,7 +284,7 @@ def test_edge_of_stability_cohen_toy():
         steps=20_000,
         record_every=20,
         observables=("loss",),
-        trackers=[cv.CurvatureTracker(k=1)],
+        trackers=[cj.CurvatureTracker(k=1)],
         progress=False,
     )
     lr = res.coords["learning_rate"]
@@ -337,7 +337,7 @@ def test_adam_preconditioner_undefined_before_first_update():
         cj.make_replicas(tm),
         steps=30,
         record_every=5,
-        trackers=[cv.CurvatureTracker(k=1, n_blocks=3)],
+        trackers=[cj.CurvatureTracker(k=1, n_blocks=3)],
         progress=False,
     )
     sh = res.records["sharpness"][0, :, 0]
