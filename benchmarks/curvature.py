@@ -229,7 +229,7 @@ def tracking(tmap, s, replicas, steps):
             if R > 1
             else cj.make_replicas(tmap, base=s)
         )
-        tr = cv.CurvatureTracker(k=1)
+        tr = cj.CurvatureTracker(k=1)
 
         def go(rb=rb, tr=tr):
             return cj.run_replicas(

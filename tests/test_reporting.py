@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import chaosjax as cj
 from chaosjax import control, series
 from chaosjax import curvature as cv
 from chaosjax.lyapunov import best_window_fit
@@ -106,7 +107,7 @@ def test_tracker_finds_an_eigenvalue_that_overtakes_the_tracked_one():
 
     early = quadratic_map(np.r_[5.0, 4.0, np.full(dim - 2, 0.1)])
     late = quadratic_map(np.r_[1.0, 6.0, np.full(dim - 2, 0.1)])
-    tr = cv.CurvatureTracker(k=1, cold_matvecs=dim)
+    tr = cj.CurvatureTracker(k=1, cold_matvecs=dim)
     hp = {k: v[None] for k, v in early.hparams.items()}
     vals0, vecs = tr.init(early, early.init()[None], hp, 0)
     assert abs(float(vals0["sharpness"][0, 0]) - 5.0) < 1e-8
@@ -185,7 +186,7 @@ def test_threshold_and_eta_t_follow_a_learning_rate_schedule():
     eta, why = tm.learning_rates(np.arange(60))
     np.testing.assert_allclose(eta, np.r_[np.full(30, 0.5), np.full(30, 0.05)])
     res = run_replicas(tm, make_replicas(tm), steps=60, record_every=10, progress=False,
-                       trackers=[cv.CurvatureTracker(k=1, cold_matvecs=8)])  # fmt: skip
+                       trackers=[cj.CurvatureTracker(k=1, cold_matvecs=8)])  # fmt: skip
     np.testing.assert_allclose(res.records["threshold"][0], [4, 4, 4, 40, 40, 40, 40])
     # a ready GradientTransformation does not expose η: NaN with the reason, not a guess
     import optax
