@@ -22,6 +22,28 @@ def cross_entropy_loss(logits, targets):
     return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
+def constant_loss(loss: str, targets) -> float:
+    """The loss of the best constant output on ``targets``: a network that has died to it
+    ("dead plateau") predicts the class prior. Cross-entropy: the entropy of the class
+    frequencies (integer labels or probability rows); MSE: ½·mean‖y − ȳ‖²; NaN for another
+    loss."""
+    import numpy as np
+
+    y = np.asarray(targets)
+    if loss == "mse":
+        y = y.reshape(y.shape[0], -1).astype(np.float64)
+        return float(0.5 * np.mean(np.sum((y - y.mean(axis=0)) ** 2, axis=-1)))
+    if loss == "cross_entropy":
+        p = (
+            np.bincount(y.astype(np.int64).ravel()) / y.size
+            if np.issubdtype(y.dtype, np.integer)
+            else y.reshape(y.shape[0], -1).mean(axis=0)
+        )
+        p = p[p > 0]
+        return float(-np.sum(p * np.log(p)))
+    return float("nan")
+
+
 def loss_function(loss) -> Callable:
     """A loss by name (:data:`LOSSES`) or the callable itself."""
     if callable(loss):
@@ -33,4 +55,4 @@ def loss_function(loss) -> Callable:
     raise ValueError(f"loss: unknown {loss!r}; allowed: {', '.join(LOSSES)} or a callable")
 
 
-__all__ = ["LOSSES", "cross_entropy_loss", "loss_function", "mse_loss"]
+__all__ = ["LOSSES", "constant_loss", "cross_entropy_loss", "loss_function", "mse_loss"]

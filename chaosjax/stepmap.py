@@ -562,6 +562,11 @@ class StepMap(TrainingMap):
         return self._loss_fn(params, batch)
 
     @property
+    def constant_loss(self) -> float:
+        """NaN: a step map has no labels of its own (no dead-plateau level)."""
+        return float("nan")
+
+    @property
     def loss_data(self) -> str:
         """What the loss records and full-mode curvature are of, in words."""
         if self.eval_batch is not None:

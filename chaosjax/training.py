@@ -37,7 +37,7 @@ from jax.interpreters import partial_eval as pe
 from chaosjax._layout import Layout, MapState, layout_of
 from chaosjax._util import FieldsPytree, warn_at_caller, x64_enabled
 from chaosjax.datasets import Dataset
-from chaosjax.losses import LOSSES, cross_entropy_loss, loss_function, mse_loss
+from chaosjax.losses import LOSSES, constant_loss, cross_entropy_loss, loss_function, mse_loss
 from chaosjax.optimizers import (
     OPTIMIZERS,
     SCHEDULES,
@@ -765,6 +765,12 @@ class TrainingMap(FieldsPytree):
     def output(self, state, x) -> jax.Array:
         """Network outputs (eval mode) for inputs x (batch, ...) → (batch, outputs)."""
         return self._eval(state, x)
+
+    @property
+    def constant_loss(self) -> float:
+        """The training loss of the best constant output (:func:`chaosjax.losses.constant_loss`:
+        the class-prior entropy for cross-entropy): the level of a dead plateau."""
+        return constant_loss(self.loss_name, self.data["y_train"])
 
     @property
     def loss_data(self) -> str:

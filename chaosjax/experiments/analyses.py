@@ -137,6 +137,42 @@ def sign_of(values, steps: int) -> str:
     return "not resolved (within 3 SE over seeds)"
 
 
+#: the rule of the orbit labels (summaries repeat it)
+ORBIT_RULE = (
+    "From the last lyapunov.period_window states of each reference run (orbits.PeriodTracker: "
+    "the smallest k with ‖x_{t+k} − x_t‖ ≤ 1e-7·max‖x‖ over the window, two cycles at least): "
+    "*dead plateau* = a fixed point whose final training loss lies within 0.1 % of the loss of "
+    "the best constant output (the class-prior entropy for cross-entropy); *frozen (fixed "
+    "point)* = any other fixed point; *periodic (period k)* = a k-cycle, k ≥ 2. Precedence "
+    "across the summary: dead plateau > frozen > periodic > the FTLE regimes."
+)
+
+
+def period_tracker(cfg: ExperimentConfig) -> list:
+    """The period observer of the lyapunov stage (none with ``lyapunov.period_window = 0``)."""
+    from chaosjax.orbits import PeriodTracker
+
+    w = min(int(cfg.lyapunov.period_window), int(cfg.steps))
+    return [PeriodTracker(window=w, rows="references", max_period=w // 2)] if w >= 2 else []
+
+
+def orbit_labels(tmap, results, refs) -> dict:
+    """``period`` (group,): the last recorded period of each reference run (NaN unrecorded),
+    and ``dead`` (group,): 1 for a fixed point at the constant-output loss, by
+    :data:`ORBIT_RULE`."""
+    rec = results.records.get("period")
+    period = np.full(len(refs), np.nan) if rec is None else np.asarray(rec)[refs, -1]
+    level = float(getattr(tmap, "constant_loss", float("nan")))
+    loss = results.records.get("loss")
+    dead = np.zeros(len(refs), np.int8)
+    if loss is not None and np.isfinite(level):
+        end = np.asarray(loss)[refs, -1]
+        dead = ((period == 1) & (np.abs(end - level) <= 1e-3 * max(abs(level), 1e-300))).astype(
+            np.int8
+        )
+    return {"period": (("group",), period), "dead": (("group",), dead)}
+
+
 def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
     """Top-k spectrum, FTLEs, regimes and the replica-distance fit of every reference run, from
     the tangents the run carried along its recorded trajectory."""
@@ -220,6 +256,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
     }
     if "tangent_loss" in results.records:  # the loss of the trajectory the tangents followed
         data["loss"] = (("group", "step"), results.records["tangent_loss"][refs])
+    data.update(orbit_labels(tmap, results, refs))
     return xr.Dataset(
         data,
         coords={
@@ -238,6 +275,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
             "t_start": t_start,
             "per_eta_t_reason": eta_reason,
             "regime_rule": REGIME_RULE,
+            "orbit_rule": ORBIT_RULE,
             "sign_rule": SIGN_RULE,
             "min_r2": dv.min_r2,
             "min_slope": dv.min_slope,
@@ -546,6 +584,14 @@ def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
     )
 
 
+def _verdict_words(ds: xr.Dataset, lyapunov: xr.Dataset | None, g: int) -> str:
+    """Group g's verdict in the words of :func:`chaosjax.experiments.regimes.curvature_words`."""
+    from chaosjax.experiments.regimes import curvature_words, end_state_of
+
+    verdict = str(ds["verdict"].values[g])
+    return curvature_words(verdict, ftle_regime(lyapunov, g), end_state_of(lyapunov, g))
+
+
 def ftle_regime(lyapunov: xr.Dataset | None, g: int) -> str:
     """The FTLE regime of group g ('' without a lyapunov group)."""
     return "" if lyapunov is None else str(lyapunov["regime"].values[g])
@@ -593,7 +639,6 @@ def _range(x) -> str:
 def curvature_markdown(ds: xr.Dataset, results, lyapunov: xr.Dataset | None = None) -> list[str]:
     """The curvature section; with the run's ``lyapunov`` group its verdicts use the words of
     :func:`chaosjax.experiments.regimes.curvature_words` (no "stable" beside chaos)."""
-    from chaosjax.experiments.regimes import curvature_words
 
     lines = [
         "## Curvature and the edge of stability",
@@ -634,7 +679,7 @@ def curvature_markdown(ds: xr.Dataset, results, lyapunov: xr.Dataset | None = No
             f"{fmt(float(ds['late_ratio'].values[g]), '.2f')} | "
             f"{fmt(finite_median(rot), '.2e')} | "
             f"{_trace_cell(ds, g)} | {_converged_cell(ds, g)} | "
-            f"{curvature_words(str(ds['verdict'].values[g]), ftle_regime(lyapunov, g))} |"
+            f"{_verdict_words(ds, lyapunov, g)} |"
         )
     lines += [
         "",
@@ -733,9 +778,10 @@ def lyapunov_markdown(ds: xr.Dataset) -> list[str]:
     lines += [
         "",
         f"Finite-time λ1 over windows of {w} steps, per seed: the first (early) and the last "
-        f"(late) window, and the regime. {a['regime_rule']}",
+        f"(late) window, and the FTLE regime. {a['regime_rule']}"
+        + (f" End states (the regime table): {a['orbit_rule']}" if "orbit_rule" in a else ""),
         "",
-        *table_head("η", "seed", "early FTLE", "late FTLE", "regime"),
+        *table_head("η", "seed", "early FTLE", "late FTLE", "FTLE regime"),
     ]
     for r in rows:
         for seed, e, lt, reg in zip(r["seeds"], r["early"], r["late"], r["regimes"]):

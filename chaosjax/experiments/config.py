@@ -189,6 +189,12 @@ class LyapunovConfig:
     warmup: int = fld(0, "steps of the run before its tangents start", lo=0)
     renorm_every: int = fld(1, "steps between QR renormalisations", lo=1)
     ftle_window: int = fld(100, "window of the finite-time exponents (steps)", lo=1)
+    period_window: int = fld(
+        128,
+        "last states of each reference run the period detector examines (regime labels "
+        "periodic / frozen / dead plateau; at most the run's steps); 0 = off",
+        lo=0,
+    )
     fit_starts: tuple[int, ...] = fld(
         [0, 100, 5], "replica-distance fit: window starts range [first, last, stride]"
     )
@@ -469,6 +475,8 @@ class ExperimentConfig:
             raise ConfigError(
                 f"lyapunov.ftle_window: must be a multiple of renorm_every={ly.renorm_every}"
             )
+        if ly.period_window == 1:
+            raise ConfigError("lyapunov.period_window: must be 0 (off) or >= 2, got 1")
         if self.marginal.enabled and self.marginal.before_end >= self.steps:
             raise ConfigError(
                 f"marginal.before_end: must be < steps={self.steps}, got {self.marginal.before_end}"

@@ -22,20 +22,34 @@ CHAOTIC_REGIMES = ("chaotic throughout", "intermittent", "late onset")
 
 #: the documented reconciliation rule (summary.md repeats it)
 REGIME_LINE_RULE = (
-    "One line per run. *Regime*: a curvature verdict of *flat plateau* (the loss stalled and "
-    "the sharpness ≈ 0 at the end) takes precedence — the run ends there whatever its FTLE "
-    "regime before (shown in brackets); otherwise the FTLE regime. *Curvature*: the verdict of "
-    "the curvature table, where a *stable* verdict next to a chaotic FTLE regime (chaotic "
-    "throughout, intermittent, late onset) reads *below threshold*: the sharpness sits below "
-    "2/η while nearby runs separate. *Tangents vs replicas*: the tangent FTLE averaged over the "
+    "One line per run. *Regime*, by precedence: *dead plateau* > *frozen (fixed point)* > "
+    "*periodic (period k)* (the end state, by the orbit rule of the Lyapunov section) > a "
+    "curvature verdict of *flat plateau* (the loss stalled and the sharpness ≈ 0 at the end) > "
+    "the FTLE regime; a chaotic FTLE regime before the end state is shown after it. "
+    "*Curvature*: the verdict of the curvature table, where a *flat plateau* reads as the end "
+    "state's word when there is one, and a *stable* verdict next to a chaotic FTLE regime "
+    "(chaotic throughout, intermittent, late onset) reads *below threshold*: the sharpness sits "
+    "below 2/η while nearby runs separate. *Tangents vs replicas*: the tangent FTLE averaged over the "
     "window of the accepted replica fit against the fit's slope; they *disagree* when the ratio "
     "lies outside [½, 2] and the difference times the window is ≥ 5 (growth by e⁵), else "
     "*agree*; n/a without an accepted fit or without tangent exponents."
 )
 
 
-def curvature_words(verdict: str, ftle_regime: str) -> str:
-    """The curvature verdict in words that agree with the FTLE regime of the same run."""
+def end_state(period: float, dead: bool) -> str:
+    """The orbit label of a run's end state ('' for none or unrecorded)."""
+    if not np.isfinite(period) or period < 1:
+        return ""
+    if period == 1:
+        return "dead plateau" if dead else "frozen (fixed point)"
+    return f"periodic (period {int(period)})"
+
+
+def curvature_words(verdict: str, ftle_regime: str, end: str = "") -> str:
+    """The curvature verdict in words that agree with the FTLE regime and the end state of the
+    same run."""
+    if verdict.startswith("flat plateau") and end in ("dead plateau", "frozen (fixed point)"):
+        return verdict.replace("flat plateau", end, 1)
     if verdict.startswith("stable") and ftle_regime in CHAOTIC_REGIMES:
         return verdict.replace("stable", "below threshold", 1)
     return verdict
@@ -71,12 +85,21 @@ def tangent_vs_replica(lya: xr.Dataset, g: int, tangent_reason: str = "") -> str
     return f"agree (tangent {fmt(lam)} vs replicas {fmt(slope)} per step)"
 
 
-def regime_of(verdict: str, ftle_regime: str) -> str:
+def regime_of(verdict: str, ftle_regime: str, end: str = "") -> str:
     """The run's reconciled regime by :data:`REGIME_LINE_RULE`."""
+    before = f" (after: {ftle_regime})" if ftle_regime in CHAOTIC_REGIMES else ""
+    if end:
+        return f"{end}{before}"
     if verdict.startswith("flat plateau"):
-        before = f" (after: {ftle_regime})" if ftle_regime in CHAOTIC_REGIMES else ""
         return f"flat plateau{before}"
     return ftle_regime or verdict or "n/a"
+
+
+def end_state_of(lya: xr.Dataset | None, g: int) -> str:
+    """:func:`end_state` of group g from a stored lyapunov group ('' without one)."""
+    if lya is None or "period" not in lya:
+        return ""
+    return end_state(float(lya["period"].values[g]), bool(lya["dead"].values[g]))
 
 
 def regime_markdown(groups: dict[str, xr.Dataset], results) -> list[str]:
@@ -92,7 +115,14 @@ def regime_markdown(groups: dict[str, xr.Dataset], results) -> list[str]:
         REGIME_LINE_RULE,
         "",
         *table_head(
-            "η", "seed", "regime", "curvature", "FTLE regime", "0–1 K", "tangents vs replicas"
+            "η",
+            "seed",
+            "regime",
+            "curvature",
+            "FTLE regime",
+            "end state",
+            "0–1 K",
+            "tangents vs replicas",
         ),
     ]
     for g in range(base.sizes["group"]):
@@ -103,10 +133,11 @@ def regime_markdown(groups: dict[str, xr.Dataset], results) -> list[str]:
             k = float(ser["k01"].values[g])
             k01 = fmt(k, ".2f") if np.isfinite(k) else "n/a"
         agree = tangent_vs_replica(lya, g, reason) if lya is not None else "n/a"
+        end = end_state_of(lya, g)
         lines.append(
             f"| {float(base['learning_rate'].values[g]):.4g} | {int(base['seed'].values[g])} | "
-            f"{regime_of(verdict, ftle)} | {curvature_words(verdict, ftle) or 'n/a'} | "
-            f"{ftle or 'n/a'} | {k01} | {agree} |"
+            f"{regime_of(verdict, ftle, end)} | {curvature_words(verdict, ftle, end) or 'n/a'} | "
+            f"{ftle or 'n/a'} | {end or 'none'} | {k01} | {agree} |"
         )
     if reason:
         lines += [
@@ -121,6 +152,8 @@ __all__ = [
     "CHAOTIC_REGIMES",
     "REGIME_LINE_RULE",
     "curvature_words",
+    "end_state",
+    "end_state_of",
     "regime_markdown",
     "regime_of",
     "tangent_vs_replica",

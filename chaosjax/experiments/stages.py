@@ -223,7 +223,7 @@ def _register_builtin() -> None:
             run=lambda i: an.lyapunov_stage(i.cfg, i.tmap, i.batch, i.results),
             markdown=lambda ds, rep: an.lyapunov_markdown(ds),
             figures=lambda ds, rep: an.lyapunov_figures(ds, rep.figures),
-            observers=tangents,
+            observers=lambda cfg, tmap: [*tangents(cfg, tmap), *an.period_tracker(cfg)],
             validate=k_fits("lyapunov"),
         ),
         Stage(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from chaosjax._util import fmt
-from chaosjax.experiments.regimes import curvature_words, regime_of
+from chaosjax.experiments.regimes import curvature_words, end_state_of, regime_of
 from chaosjax.experiments.stats import seeds_cell
 from chaosjax.results import ReplicaResults, open_group
 
@@ -63,7 +63,7 @@ def check_summary(folder: Path) -> int:
                 f = lya["ftle"].values[g][:, 0]
                 assert row["early FTLE"] == fmt(float(f[0]), ".3g")
                 assert row["late FTLE"] == fmt(float(f[-1]), ".3g")
-                assert row["regime"] == str(lya["regime"].values[g])
+                assert row["FTLE regime"] == str(lya["regime"].values[g])
                 n += 3
     if curv is not None:
         for g, row in enumerate(tab["Curvature and the edge of stability"]):
@@ -75,12 +75,18 @@ def check_summary(folder: Path) -> int:
             )
             assert row["max λ1/thr"] == fmt(float(curv["max_ratio"].values[g]), ".2f")
             ftle = "" if lya is None else str(lya["regime"].values[g])
-            assert row["verdict"] == curvature_words(str(curv["verdict"].values[g]), ftle)
+            end = end_state_of(lya, g)
+            assert row["verdict"] == curvature_words(str(curv["verdict"].values[g]), ftle, end)
             n += 4
     for g, row in enumerate(tab.get("Regime of each run", [])):
         verdict = "" if curv is None else str(curv["verdict"].values[g])
         ftle = "" if lya is None else str(lya["regime"].values[g])
-        assert row["regime"] == regime_of(verdict, ftle)
+        end = end_state_of(lya, g)
+        assert row["regime"] == regime_of(verdict, ftle, end)
         assert row["FTLE regime"] == (ftle or "n/a")
-        n += 2
+        assert row["end state"] == (end or "none")
+        if lya is not None and "period" in lya:  # the end state is the stored period's
+            p = float(lya["period"].values[g])
+            assert (end == "") == (not np.isfinite(p) or p < 1)
+        n += 3
     return n
