@@ -450,6 +450,7 @@ def curvature_tracker(cfg: ExperimentConfig):
         cold_matvecs=c.cold_matvecs,
         tol=c.tol,
         max_matvecs=c.max_matvecs,
+        restart_blocks=c.restart_blocks,
     )
 
 

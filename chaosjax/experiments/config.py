@@ -337,6 +337,7 @@ class CurvatureConfig:
     max_matvecs: int = fld(
         512, "cap on Hessian-vector products per record and replica (restarts until tol)", lo=1
     )
+    restart_blocks: int = fld(8, "Krylov blocks of each restart of an unconverged record", lo=1)
     trace_probes: int = fld(
         30, "Hutchinson probes of the trace at the start and end; 0 = off", lo=0
     )
