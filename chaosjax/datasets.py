@@ -15,6 +15,7 @@ name                   train / test   features    targets                 source
 ``blobs``              n·(1−f) / n·f  dim         ``centers`` classes     generated
 ``teacher_student``    n·(1−f) / n·f  d_in        (n, d_out) regression   generated
 ``chebyshev``          n / n_test     1           (n, 1) regression T_k   generated
+``one_point``          1 / 1          1           (1, 1) regression       x = 1, y = 1 (uv model)
 =====================  =============  ==========  ======================  =================
 """
 
@@ -426,6 +427,14 @@ def chebyshev(k: int = 3, n: int = 20, *, n_test: int = 200) -> Dataset:
     )
 
 
+def one_point(x: float = 1.0, y: float = 1.0) -> Dataset:
+    """A single example (x, y): the data of the uv model (a two-layer linear network of width
+    one, f = u·v·x) whose gradient descent doubles its period on the way to chaos as η grows
+    (Kalra, He, Barkeshli 2023). The test split is the same point."""
+    a, b = np.asarray([[float(x)]]), np.asarray([[float(y)]])
+    return Dataset("one_point", a, b, a.copy(), b.copy(), "regression", 0)
+
+
 def modular_addition(p: int = 23, *, train_fraction: float = 0.4, seed: int = 0) -> Dataset:
     """Power et al.'s algorithmic task: every pair (a, b) of residues mod p as the token
     sequence [a, b, p] (p is the "=" token; vocabulary p + 1) with label (a + b) mod p.
@@ -456,6 +465,7 @@ LOADERS = {
     "teacher_student": teacher_student,
     "chebyshev": chebyshev,
     "modular_addition": modular_addition,
+    "one_point": one_point,
 }
 
 
@@ -482,6 +492,7 @@ __all__ = [
     "iris",
     "load",
     "modular_addition",
+    "one_point",
     "teacher_student",
     "two_moons",
 ]

@@ -5,12 +5,15 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 02 · Learning-rate regimes (Danovski, Soriano & Lacasa 2024)
@@ -114,3 +117,38 @@ ax.axhline(0, c="k", lw=0.5)
 ax.set(xscale="log", xlabel="η", ylabel="λ1 per step", title="onset of chaos (seed 0)")
 plt.show()
 print("first η with λ1 > 0:", grid[np.argmax(lam > 0)] if (lam > 0).any() else "none")
+
+# %% [markdown]
+# ## What the runs turn into: periods, orbits and a route to chaos
+#
+# `cj.orbits.detect_period` reads the period off recorded states; `find_periodic_orbit`
+# converges onto the orbit by Newton–Krylov on F^k(x) − x (matrix-free) and returns its
+# Floquet multipliers; `cj.bifurcation` runs a whole η grid as one batched run and refines the
+# points where the period changes. The uv model — GD on ½(u·v·x − y)² at one example — doubles
+# its period as η grows (Kalra, He & Barkeshli 2023): the preset `routes-to-chaos` runs it on a
+# dense grid (its cascade and Feigenbaum ratios are in `benchmarks/RESULTS.md`).
+
+# %%
+uv = build_training_map(load_plan("routes-to-chaos", variants=["uv"])[0][1])
+etas = np.linspace(0.9, 1.32, 22 if TINY else 106)
+diagram = cj.bifurcation(
+    uv, uv.init_from_key(0), etas, steps=1500 if TINY else 6000, n_samples=32, max_period=32,
+    refine_tol=1e-3 if TINY else 1e-5,
+)  # fmt: skip
+cj.orbits.plot_bifurcation(diagram, label="learning rate η")
+plt.show()
+print(
+    "period-change points:", np.round(diagram.points, 4), "periods:", diagram.transitions.tolist()
+)
+# the fixed point (period 1) gives way to a 2-cycle near η = 1 = 2/λ (λ = u² + v² = 2 at u = v = 1)
+assert diagram.transitions[0].tolist() == [1, 2] and abs(diagram.points[0] - 1.0) < 0.02
+
+# %%
+# the 2-cycle at η = 1.1: the orbit, its residual and its multipliers (stable: |μ| < 1)
+two = uv.replace(learning_rate=1.1)
+state = uv.init_from_key(0)
+for t in range(2000):
+    state = two.step(state, t)
+orbit = cj.orbits.find_periodic_orbit(two.step, state, 2)
+print("residual", orbit.residual, "multipliers", np.round(orbit.multipliers, 4))
+assert orbit.converged and orbit.stable and orbit.residual < 1e-10

@@ -57,6 +57,14 @@ EXTRA = {
         "curvature.enabled": "false",
         "instability.enabled": "false",
     },
+    # the uv variant's diagram on a coarse grid (full size: 211 values, RESULTS.md)
+    "routes-to-chaos": {
+        "bifurcation.values": "[0.9, 1.3, 21]",
+        "bifurcation.steps": 1000,
+        "bifurcation.n_samples": 16,
+        "bifurcation.max_period": 16,
+        "bifurcation.refine_tol": 1e-3,
+    },
     "controlled-instability": {
         "model.hidden": "[8]",
         "replicas.seeds": "[0]",

@@ -64,6 +64,23 @@ def test_end_states_take_precedence_in_the_regime_and_the_curvature_words():
         "below threshold after crossing"
     )
     assert curvature_words("edge of stability", "chaotic throughout") == "edge of stability"
+    assert curvature_words("unstable", "regular", "periodic (period 2)") == (
+        "above threshold (on the period 2 orbit)"
+    )
+    assert curvature_words("unstable (diverged at step 3)", "regular", "") == (
+        "unstable (diverged at step 3)"
+    )
+
+
+def test_the_cascade_table_keeps_the_doubling_points_in_order():
+    from chaosjax.experiments.routes import doubling_points, feigenbaum_ratios
+
+    pts = np.array([1.0, 2.0, 2.5, 2.6, 2.7])
+    trans = np.array([[1, 2], [2, 4], [4, 8], [8, 0], [0, 3]])
+    np.testing.assert_array_equal(doubling_points(pts, trans), [1.0, 2.0, 2.5])
+    np.testing.assert_allclose(feigenbaum_ratios([1.0, 2.0, 2.5, 2.625]), [2.0, 4.0])
+    assert doubling_points(pts[1:], trans[1:]).size == 0  # no 1→2 first: no cascade
+    assert feigenbaum_ratios([1.0, 2.0]).size == 0
 
 
 def test_the_dead_plateau_level_is_the_loss_of_the_best_constant_output():

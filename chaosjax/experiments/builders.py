@@ -39,6 +39,8 @@ def build_dataset(cfg: ExperimentConfig):
         ds = datasets.digits(standardize=d.standardize, test_fraction=d.test_fraction, **common)
     elif d.name == "chebyshev":
         ds = datasets.chebyshev(d.chebyshev_k, d.n_points)
+    elif d.name == "one_point":
+        ds = datasets.one_point()
     elif d.name == "modular_addition":
         if not 0.0 < d.test_fraction < 1.0:
             raise ConfigError(

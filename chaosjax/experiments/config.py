@@ -50,6 +50,7 @@ class DataConfig:
             "teacher_student",
             "chebyshev",
             "modular_addition",
+            "one_point",
         ),
     )
     path: str = fld(
@@ -201,6 +202,20 @@ class LyapunovConfig:
     fit_widths: tuple[int, ...] = fld(
         [30, 100, 5], "replica-distance fit: window widths range [first, last, stride]"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BifurcationConfig:
+    enabled: bool = fld(
+        False, "a bifurcation diagram over η from the first seed's initial state (one batched run)"
+    )
+    values: tuple[float, ...] = fld(
+        [0.5, 1.5, 101], "the η grid: [first, last, count], evenly spaced", positive=True
+    )
+    steps: int = fld(2000, "steps of the diagram's run per η", lo=2)
+    n_samples: int = fld(64, "attractor samples kept per η (the loss)", lo=2)
+    max_period: int = fld(16, "largest period detected", lo=1)
+    refine_tol: float = fld(1e-4, "width to which period changes are bisected", positive=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,6 +458,7 @@ class ExperimentConfig:
     replicas: ReplicaConfig = section(ReplicaConfig, "replica batch")
     lyapunov: LyapunovConfig = section(LyapunovConfig, "Lyapunov exponents")
     series: SeriesConfig = section(SeriesConfig, "loss-series diagnostics")
+    bifurcation: BifurcationConfig = section(BifurcationConfig, "bifurcation diagram over η")
     divergence: DivergenceConfig = section(DivergenceConfig, "replica-divergence fits per ε")
     marginal: MarginalConfig = section(MarginalConfig, "marginal-stability test")
     target: TargetConfig = section(TargetConfig, "time to a target accuracy")
@@ -475,6 +491,18 @@ class ExperimentConfig:
         if ly.ftle_window % ly.renorm_every:
             raise ConfigError(
                 f"lyapunov.ftle_window: must be a multiple of renorm_every={ly.renorm_every}"
+            )
+        bf = self.bifurcation
+        if bf.enabled and (len(bf.values) != 3 or int(bf.values[2]) != bf.values[2]
+                           or bf.values[2] < 2 or not bf.values[0] < bf.values[1]):  # fmt: skip
+            raise ConfigError(
+                f"bifurcation.values: expected [first, last, count] with first < last and an "
+                f"integer count >= 2, got {list(bf.values)}"
+            )
+        if bf.enabled and bf.n_samples * bf.max_period > bf.steps:
+            raise ConfigError(
+                f"bifurcation.steps: must hold n_samples·max_period = "
+                f"{bf.n_samples * bf.max_period} steps (the sampled window), got {bf.steps}"
             )
         if ly.period_window == 1:
             raise ConfigError("lyapunov.period_window: must be 0 (off) or >= 2, got 1")

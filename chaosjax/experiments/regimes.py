@@ -29,7 +29,8 @@ REGIME_LINE_RULE = (
     "*Curvature*: the verdict of the curvature table, where a *flat plateau* reads as the end "
     "state's word when there is one, and a *stable* verdict next to a chaotic FTLE regime "
     "(chaotic throughout, intermittent, late onset) reads *below threshold*: the sharpness sits "
-    "below 2/η while nearby runs separate. *Tangents vs replicas*: the tangent FTLE averaged over the "
+    "below 2/η while nearby runs separate; an *unstable* verdict (not diverged) of a run locked "
+    "on a periodic orbit reads *above threshold*: the sharpness exceeds 2/η on the orbit. *Tangents vs replicas*: the tangent FTLE averaged over the "
     "window of the accepted replica fit against the fit's slope; they *disagree* when the ratio "
     "lies outside [½, 2] and the difference times the window is ≥ 5 (growth by e⁵), else "
     "*agree*; n/a without an accepted fit or without tangent exponents."
@@ -50,6 +51,8 @@ def curvature_words(verdict: str, ftle_regime: str, end: str = "") -> str:
     same run."""
     if verdict.startswith("flat plateau") and end in ("dead plateau", "frozen (fixed point)"):
         return verdict.replace("flat plateau", end, 1)
+    if verdict == "unstable" and end.startswith("periodic"):  # above 2/η, yet on a stable orbit
+        return f"above threshold (on the {end.split('(')[1].rstrip(')')} orbit)"
     if verdict.startswith("stable") and ftle_regime in CHAOTIC_REGIMES:
         return verdict.replace("stable", "below threshold", 1)
     return verdict

@@ -166,6 +166,7 @@ def _register_builtin() -> None:
     from chaosjax.experiments import controlled as ct
     from chaosjax.experiments import landscapes as ls
     from chaosjax.experiments import protocols as pr
+    from chaosjax.experiments import routes
 
     def k_fits(section: str):
         def check(cfg, tmap):
@@ -288,6 +289,13 @@ def _register_builtin() -> None:
             markdown=lambda ds, rep: pr.response_markdown(ds),
             figures=lambda ds, rep: pr.response_figures(rep.results, rep.figures),
             observers=response_tracker,
+        ),
+        Stage(
+            "bifurcation",
+            enabled=lambda cfg: cfg.bifurcation.enabled,
+            run=lambda i: routes.bifurcation_stage(i.cfg, i.tmap, i.batch),
+            markdown=lambda ds, rep: routes.bifurcation_markdown(ds),
+            figures=lambda ds, rep: routes.bifurcation_figures(ds, rep.figures),
         ),
         Stage(
             "instability",
