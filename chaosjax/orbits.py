@@ -165,6 +165,8 @@ def find_periodic_orbit(
         raise ValueError(f"period: must be an integer >= 1, got {period!r}")
     tol = _check_tol("tol", tol)
     max_iter = _check_int("max_iter", max_iter, 1)
+    if _as_training(step) is None:
+        step, x0 = _scalar_as_vector(step, x0)
     mp = _adapt(step, x0, args)
     if not bool(jnp.all(jnp.isfinite(mp.x))):
         raise ValueError("x0: must be finite (got NaN or inf in the state)")
@@ -210,6 +212,24 @@ class Bifurcation(NamedTuple):
     transitions: np.ndarray
     certified: np.ndarray
     info: dict
+
+
+def _scalar_as_vector(step, x0):
+    """A map on a scalar state (the logistic map) as a map on a (1,) vector: the engine's
+    batched runs need a state axis. Other states pass unchanged."""
+    if isinstance(x0, TrainingMap) or not (np.ndim(x0) == 0 and _is_number(x0)):
+        return step, x0
+
+    def vector_step(x, t, *args):
+        return jnp.reshape(step(x[0], t, *args), (1,))
+
+    return vector_step, jnp.reshape(jnp.asarray(x0, jnp.result_type(float)), (1,))
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, float | int | np.number | jax.Array | np.ndarray) and not isinstance(
+        x, bool
+    )
 
 
 def _as_training(step_or_map):
@@ -430,6 +450,8 @@ def bifurcation(
         transient = max(0, steps - n_samples * max_period)
     transient = _check_int("transient", transient, 0, steps - max(2, n_samples))
     model = _as_training(step_or_map)
+    if model is None:
+        step_or_map, x0 = _scalar_as_vector(step_or_map, x0)
     if model is not None:
         if param not in model.hparams:
             raise ValueError(f"param: unknown {param!r}; allowed: {sorted(model.hparams)}")

@@ -298,3 +298,15 @@ def test_bad_inputs_raise_one_line_value_errors():
             orbits.detect_period(np.ones((10, 2)), window=11)
         except e as err:
             assert "\n" not in str(err)
+
+
+def test_a_scalar_state_is_a_map_of_one_coordinate():
+    r = 3.2
+    orbit = orbits.find_periodic_orbit(lambda x, t: r * x * (1 - x), 0.5, 2)
+    root = np.sqrt((r + 1) * (r - 3))
+    want = np.sort([(r + 1 - root) / (2 * r), (r + 1 + root) / (2 * r)])
+    np.testing.assert_allclose(np.sort(np.asarray(orbit.points).ravel()), want, atol=1e-10)
+    np.testing.assert_allclose(orbit.multipliers[0].real, 4 + 2 * r - r**2, atol=1e-9)
+    diagram = cj.bifurcation(lambda x, t, p: p * x * (1 - x), 0.3, [2.8, 3.2], steps=3000,
+                             refine_tol=1e-3)  # fmt: skip
+    assert diagram.periods.tolist() == [1, 2] and abs(diagram.points[0] - 3.0) < 1e-2
