@@ -310,3 +310,27 @@ def test_a_scalar_state_is_a_map_of_one_coordinate():
     diagram = cj.bifurcation(lambda x, t, p: p * x * (1 - x), 0.3, [2.8, 3.2], steps=3000,
                              refine_tol=1e-3)  # fmt: skip
     assert diagram.periods.tolist() == [1, 2] and abs(diagram.points[0] - 3.0) < 1e-2
+
+
+def test_detect_period_finds_period_3_on_a_training_orbit_and_none_on_a_chaotic_one():
+    # GD with η = 1 on L(w) = (1 − r)w²/2 + r w³/3 is the logistic map w ↦ r w (1 − w)
+    def run(r):
+        ds = cj.Dataset.from_arrays(np.zeros((1, 1)), np.zeros((1, 1)), name="none")
+
+        def loss(out, y):
+            w = out[0, 0]
+            return (1.0 - r) * w**2 / 2 + r * w**3 / 3
+
+        tmap = cj.TrainingMap(lambda p, x: p["w"] * jnp.ones((1, 1)), {"w": jnp.asarray(0.3)}, ds,
+                              loss=loss, optimizer="sgd", learning_rate=1.0)  # fmt: skip
+        res = cj.run_replicas(tmap, cj.make_replicas(tmap), steps=600, progress=False,
+                              observables=(), trackers=[orbits.PeriodTracker(window=128)])  # fmt: skip
+        def one(s, t):
+            s = tmap.step(s, t)
+            return s, tmap.flat_params(s)
+
+        traj = jax.lax.scan(one, tmap.init(), jnp.arange(600))[1]
+        return orbits.detect_period(np.asarray(traj)), res.records["period"][0, -1]
+
+    assert run(3.83) == (3, 3.0)  # the period-3 window of the logistic map
+    assert run(4.0) == (0, 0.0)  # chaos
