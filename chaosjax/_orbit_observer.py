@@ -2,7 +2,7 @@
 :func:`chaosjax.run_replicas` (exported as :class:`chaosjax.orbits.PeriodTracker`).
 
 It keeps, for every tracked replica, a ring buffer of the last ``window`` states (projected
-on at most 16 coordinates, see :func:`probe_index`) advanced after every step inside the
+on at most 16 coordinates or 8 projections, see :func:`probe`) advanced after every step inside the
 engine's chunk, and records at the run's record cadence the period of that window with the
 rule of :func:`chaosjax.orbits.detect_period` — on the one recorded trajectory.
 """
@@ -19,10 +19,27 @@ from chaosjax.observers import Record, dynamic_rows
 
 
 def probe_index(dim: int) -> np.ndarray:
-    """The coordinates a period is detected on: all of them up to 16, else 8 evenly spaced
-    ones (a periodic state has periodic coordinates; 8 coordinates of a non-periodic
-    trajectory all repeating within the tolerance is not expected)."""
-    return np.arange(dim) if dim <= 16 else np.unique(np.linspace(0, dim - 1, 8).astype(int))
+    """The probe columns: all coordinates up to 16, else 8 projections (see :func:`probe`)."""
+    return np.arange(dim) if dim <= 16 else np.arange(8)
+
+
+def _projections(dim: int) -> np.ndarray:
+    """8 fixed random unit directions (dim, 8) of the whole state (seeded, the same for every
+    run of that dimension)."""
+    p = np.random.default_rng(20261203).standard_normal((dim, 8))
+    return p / np.linalg.norm(p, axis=0, keepdims=True)
+
+
+def probe(x):
+    """What a period is detected on, (..., p): every coordinate up to 16, else 8 fixed random
+    projections of the whole state. A periodic state has periodic projections; projections of
+    a non-periodic trajectory all repeating within the tolerance happens with probability 0
+    (a subset of coordinates would not do: in a network whose saturated units are frozen,
+    those coordinates repeat while the rest of the state moves)."""
+    dim = x.shape[-1]
+    if dim <= 16:
+        return x
+    return x @ jnp.asarray(_projections(dim), x.dtype)
 
 
 def window_periods(buf, tol: float, max_period: int):
@@ -44,7 +61,7 @@ class PeriodTracker(NamedTuple):
     (replica, step) at the run's record cadence.
 
     After every step the tracked rows' dynamical coordinates (up to 16 of them, see
-    :func:`probe_index`) enter a ring buffer of ``window`` states; at each record the period
+    :func:`probe`) enter a ring buffer of ``window`` states; at each record the period
     is that of :func:`chaosjax.orbits.detect_period` on the buffer with ``tol`` and
     ``max_period`` (≤ window // 2): k ≥ 1, 0 for none, NaN until ``window`` states have been
     seen and for rows it does not track.
@@ -79,7 +96,7 @@ class PeriodTracker(NamedTuple):
             raise ValueError(f"tol: must be a positive finite number, got {self.tol!r}")
 
     def _probe(self, x):
-        return x[:, probe_index(x.shape[-1])]
+        return probe(x)
 
     def _values(self, buf, seen):
         k = window_periods(buf, float(self.tol), int(self.max_period)).astype(buf.dtype)
@@ -105,4 +122,4 @@ class PeriodTracker(NamedTuple):
         return {type(self).__name__: 2 * int(self.window) * p * np.dtype(x1.dtype).itemsize}
 
 
-__all__ = ["PeriodTracker", "probe_index", "window_periods"]
+__all__ = ["PeriodTracker", "probe", "probe_index", "window_periods"]

@@ -44,7 +44,7 @@ from chaosjax._orbit_newton import (
     _Map,
     _solve,
 )
-from chaosjax._orbit_observer import PeriodTracker, probe_index
+from chaosjax._orbit_observer import PeriodTracker, probe
 from chaosjax._orbit_plots import plot_bifurcation
 from chaosjax._util import as_traceable
 from chaosjax.training import TrainingMap, split_state
@@ -456,20 +456,18 @@ def bifurcation(
         if param not in model.hparams:
             raise ValueError(f"param: unknown {param!r}; allowed: {sorted(model.hparams)}")
         xf = split_state(x0)[0]
-        idx = probe_index(int(model.dim))
 
-        def probe(s):
-            return split_state(s)[0][idx]
+        def probe_state(s):
+            return probe(split_state(s)[0])
 
-        custom = {"orbit_probe": probe}
+        custom = {"orbit_probe": probe_state}
     else:
         lay = layout_of(x0, what="x0")
         if lay.dim == 0:
             raise ValueError("x0: the state has no floating-point leaves")
         xf = lay.split(x0)[0]
-        idx = probe_index(lay.dim)
         proj = project or (lambda x: x[0])
-        custom = {"orbit_probe": lambda x: x[idx], "orbit_sample": lambda x: proj(x)}
+        custom = {"orbit_probe": probe, "orbit_sample": lambda x: proj(x)}
     if not bool(jnp.all(jnp.isfinite(jnp.asarray(xf)))):
         raise ValueError("x0: must be finite (got NaN or inf in the state)")
     window = steps - transient

@@ -325,6 +325,7 @@ def test_detect_period_finds_period_3_on_a_training_orbit_and_none_on_a_chaotic_
                               loss=loss, optimizer="sgd", learning_rate=1.0)  # fmt: skip
         res = cj.run_replicas(tmap, cj.make_replicas(tmap), steps=600, progress=False,
                               observables=(), trackers=[orbits.PeriodTracker(window=128)])  # fmt: skip
+
         def one(s, t):
             s = tmap.step(s, t)
             return s, tmap.flat_params(s)

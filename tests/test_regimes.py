@@ -49,7 +49,8 @@ def test_end_states_take_precedence_in_the_regime_and_the_curvature_words():
     assert end_state(1, True) == "dead plateau"
     assert end_state(1, False) == "frozen (fixed point)"
     assert end_state(3, False) == "periodic (period 3)"
-    assert end_state(0, False) == "" and end_state(float("nan"), True) == ""
+    assert end_state(0, False) == "" and end_state(float("nan"), False) == ""
+    assert end_state(0, True) == "dead plateau"  # stalled at the prior: the weights may creep
     # dead plateau > frozen > periodic > flat plateau > FTLE regime
     assert regime_of("flat plateau", "intermittent", "dead plateau") == (
         "dead plateau (after: intermittent)"

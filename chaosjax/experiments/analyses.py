@@ -140,11 +140,13 @@ def sign_of(values, steps: int) -> str:
 #: the rule of the orbit labels (summaries repeat it)
 ORBIT_RULE = (
     "From the last lyapunov.period_window states of each reference run (orbits.PeriodTracker: "
-    "the smallest k with ‖x_{t+k} − x_t‖ ≤ 1e-7·max‖x‖ over the window, two cycles at least): "
-    "*dead plateau* = a fixed point whose final training loss lies within 0.1 % of the loss of "
-    "the best constant output (the class-prior entropy for cross-entropy); *frozen (fixed "
-    "point)* = any other fixed point; *periodic (period k)* = a k-cycle, k ≥ 2. Precedence "
-    "across the summary: dead plateau > frozen > periodic > the FTLE regimes."
+    "the smallest k with ‖x_{t+k} − x_t‖ ≤ 1e-7·max‖x‖ over the window, two cycles at least, "
+    "on 8 random projections of the state): *dead plateau* = a final training loss within "
+    "0.1 % of the loss of the best constant output (the class-prior entropy for "
+    "cross-entropy) that has stalled (its range over the last quarter of records below 1e-4 "
+    "of its level: a vanishing gradient, the weights may still creep); *frozen (fixed point)* "
+    "= any other fixed point; *periodic (period k)* = a k-cycle, k ≥ 2. Precedence across the "
+    "summary: dead plateau > frozen > periodic > the FTLE regimes."
 )
 
 
@@ -166,10 +168,12 @@ def orbit_labels(tmap, results, refs) -> dict:
     loss = results.records.get("loss")
     dead = np.zeros(len(refs), np.int8)
     if loss is not None and np.isfinite(level):
-        end = np.asarray(loss)[refs, -1]
-        dead = ((period == 1) & (np.abs(end - level) <= 1e-3 * max(abs(level), 1e-300))).astype(
-            np.int8
-        )
+        tail = np.asarray(loss)[refs][:, -max(2, np.shape(loss)[1] // 4) :]
+        end = tail[:, -1]
+        at_level = np.abs(end - level) <= 1e-3 * max(abs(level), 1e-300)
+        with np.errstate(invalid="ignore"):
+            stalled = np.ptp(tail, axis=1) <= 1e-4 * np.abs(end)
+        dead = (at_level & stalled).astype(np.int8)
     return {"period": (("group",), period), "dead": (("group",), dead)}
 
 

@@ -38,11 +38,14 @@ REGIME_LINE_RULE = (
 
 
 def end_state(period: float, dead: bool) -> str:
-    """The orbit label of a run's end state ('' for none or unrecorded)."""
+    """The orbit label of a run's end state ('' for none or unrecorded): a dead plateau (the
+    loss stalled at the constant-output level) whatever the period, else the period's."""
+    if dead:
+        return "dead plateau"
     if not np.isfinite(period) or period < 1:
         return ""
     if period == 1:
-        return "dead plateau" if dead else "frozen (fixed point)"
+        return "frozen (fixed point)"
     return f"periodic (period {int(period)})"
 
 

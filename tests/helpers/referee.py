@@ -87,6 +87,7 @@ def check_summary(folder: Path) -> int:
         assert row["end state"] == (end or "none")
         if lya is not None and "period" in lya:  # the end state is the stored period's
             p = float(lya["period"].values[g])
-            assert (end == "") == (not np.isfinite(p) or p < 1)
+            dead = bool(lya["dead"].values[g])
+            assert (end == "") == (not dead and (not np.isfinite(p) or p < 1))
         n += 3
     return n
