@@ -234,7 +234,7 @@ class _CurvatureTracker(NamedTuple):
         def body(c):
             basis, _, _, i = c
             nxt = block_krylov_eigs(
-                matvec, basis, n_blocks=self.restart_blocks,
+                matvec, basis, n_blocks=self.restart_blocks, unroll=False,
                 key=jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(4), t), i),
             )  # fmt: skip
             return nxt.eigenvectors.T, nxt.eigenvalues, nxt.residuals, i + 1

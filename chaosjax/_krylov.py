@@ -185,6 +185,7 @@ def block_krylov_eigs(
     tol: float | None = None,
     k: int | None = None,
     key=None,
+    unroll: bool = True,
 ) -> EigResult:
     """Top-k eigenpairs by Rayleigh–Ritz on the block Krylov space span{V, AV, …, A^p V}.
 
@@ -206,6 +207,10 @@ def block_krylov_eigs(
     Args:
         k: eigenpairs returned (default b, the block width).
         key: PRNG key of the replacement vectors (default ``PRNGKey(0)``).
+        unroll: build the blocks in Python (True: each block is its own code, the fastest
+            at a few blocks) or in a ``lax.fori_loop`` over a fixed (dim, b·(p + 1)) basis
+            buffer (False: one copy of the operator in the program, so many blocks compile
+            as fast as one; the same space, equal to round-off).
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which: must be 'largest' or 'smallest', got {which!r}")
@@ -222,6 +227,9 @@ def block_krylov_eigs(
     mv = jax.vmap(matvec, in_axes=1, out_axes=1)
 
     spare = jax.random.normal(key, v.shape, dt)
+    if not unroll:
+        b, ab = _scanned_blocks(mv, v, spare, int(n_blocks))
+        return _rayleigh_ritz(b, ab, k, which, tol, b_width * (int(n_blocks) + 1))
     blocks = [_sl.qr_q(v)]
     images = []
     for j in range(int(n_blocks)):
@@ -236,6 +244,38 @@ def block_krylov_eigs(
     images.append(mv(blocks[-1]))
     b = jnp.concatenate(blocks, axis=1)
     ab = jnp.concatenate(images, axis=1)
+    return _rayleigh_ritz(b, ab, k, which, tol, b_width * (int(n_blocks) + 1))
+
+
+def _scanned_blocks(mv, v, spare, p: int):
+    """The block Krylov basis and its image, (dim, b·(p + 1)) each, built in a fori_loop
+    over a zero-initialised buffer (zero columns do not change a projection)."""
+    n, w = v.shape
+    dt = v.dtype
+    eps = jnp.finfo(dt).eps
+    m = w * (p + 1)
+    basis = jnp.zeros((n, m), dt).at[:, :w].set(_sl.qr_q(v))
+
+    def body(j, c):
+        basis, image = c
+        q = jax.lax.dynamic_slice_in_dim(basis, j * w, w, axis=1)
+        a = mv(q)
+        image = jax.lax.dynamic_update_slice_in_dim(image, a, j * w, axis=1)
+        size = jnp.linalg.norm(a, axis=0)
+        r = a - basis @ (basis.T @ a)
+        spent = jnp.linalg.norm(r, axis=0) <= 1e3 * eps * jnp.maximum(size, jnp.finfo(dt).tiny)
+        nxt = _sl.qr_q(jnp.where(spent[None, :], jnp.roll(spare, j, axis=0), r))
+        nxt = _sl.qr_q(nxt - basis @ (basis.T @ nxt))
+        at = jnp.minimum((j + 1) * w, m - w)  # the last round writes nothing new
+        grown = jax.lax.dynamic_update_slice_in_dim(basis, nxt, at, axis=1)
+        return jnp.where(j < p, grown, basis), image
+
+    return jax.lax.fori_loop(0, p + 1, body, (basis, jnp.zeros((n, m), dt)))
+
+
+def _rayleigh_ritz(b, ab, k: int, which: str, tol, n_matvecs: int) -> EigResult:
+    """Ritz pairs of the basis ``b`` (orthonormal columns) from its image ``ab`` = A b."""
+    dt = b.dtype
     h = b.T @ ab
     theta, s = _sl.eigh(0.5 * (h + h.T))
     if which == "largest":
@@ -248,7 +288,7 @@ def block_krylov_eigs(
     res = jnp.linalg.norm(ay - y * theta, axis=0)
     tol = _default_tol(dt) if tol is None else tol
     scale = jnp.maximum(jnp.max(jnp.abs(theta)), jnp.finfo(dt).tiny)
-    return EigResult(theta, y.T, res, res <= tol * scale, b_width * (int(n_blocks) + 1))
+    return EigResult(theta, y.T, res, res <= tol * scale, n_matvecs)
 
 
 # ---------------------------------------------------------------------------------------------

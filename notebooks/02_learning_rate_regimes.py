@@ -130,9 +130,9 @@ print("first η with λ1 > 0:", grid[np.argmax(lam > 0)] if (lam > 0).any() else
 
 # %%
 uv = build_training_map(load_plan("routes-to-chaos", variants=["uv"])[0][1])
-etas = np.linspace(0.9, 1.32, 22 if TINY else 106)
+etas = np.linspace(0.9, 1.32, 12 if TINY else 106)
 diagram = cj.bifurcation(
-    uv, uv.init_from_key(0), etas, steps=1500 if TINY else 6000, n_samples=32, max_period=32,
+    uv, uv.init_from_key(0), etas, steps=1000 if TINY else 6000, n_samples=16, max_period=32,
     refine_tol=1e-3 if TINY else 1e-5,
 )  # fmt: skip
 cj.orbits.plot_bifurcation(diagram, label="learning rate η")
@@ -147,7 +147,7 @@ assert diagram.transitions[0].tolist() == [1, 2] and abs(diagram.points[0] - 1.0
 # the 2-cycle at η = 1.1: the orbit, its residual and its multipliers (stable: |μ| < 1)
 two = uv.replace(learning_rate=1.1)
 state = uv.init_from_key(0)
-for t in range(2000):
+for t in range(300 if TINY else 2000):
     state = two.step(state, t)
 orbit = cj.orbits.find_periodic_orbit(two.step, state, 2)
 print("residual", orbit.residual, "multipliers", np.round(orbit.multipliers, 4))

@@ -24,6 +24,9 @@ TINY = {
     "clv.align": 4,
     "clv.backward_transient": 10,
     "curvature.cold_matvecs": 8,
+    # no restarts at tiny size (the restarted, converged path is tested in test_trust and run
+    # end to end by the default preset in test_cli)
+    "curvature.max_matvecs": 8,
     "curvature.density_matvecs": 8,
     "curvature.trace_probes": 4,
     "series.start": 0,
@@ -59,6 +62,8 @@ EXTRA = {
     },
     # the uv variant's diagram on a coarse grid (full size: 211 values, RESULTS.md)
     "routes-to-chaos": {
+        "lyapunov.enabled": "false",  # the stages of this preset's run are covered elsewhere
+        "curvature.enabled": "false",
         "bifurcation.values": "[0.9, 1.3, 21]",
         "bifurcation.steps": 1000,
         "bifurcation.n_samples": 16,

@@ -24,7 +24,7 @@ def _mlp_map(lr=0.2, widths=(2, 32, 32, 2)):
 
 def test_default_curvature_tracker_is_converged_against_a_dense_hessian_or_flagged():
     tmap = _mlp_map()
-    every, steps = 50, 150
+    every, steps = 50, 100
     res = cj.run_replicas(
         tmap, cj.make_replicas(tmap), steps=steps, record_every=every,
         trackers=[cj.CurvatureTracker(k=1)], progress=False, observables=("loss",),
