@@ -224,4 +224,15 @@ def layout_of(
     return Layout(treedef, tuple(out), jnp.dtype(dtype).name)
 
 
-__all__ = ["Layout", "LeafSpec", "MapState", "is_float", "layout_of", "path_name"]
+def plain_flow(step, x, carry, t, args, *, layout: Layout, has_args: bool):
+    """A plain ``step(x, t)`` (``step(x, t, args)``) on a pytree state in the engine's form
+    ``(x, carry, t, args) -> (x′, carry′, 0)``: the state merged from its float coordinates and
+    carried leaves, stepped, and split again (the one adapter of the engine, the orbit solver
+    and the smoothness check)."""
+    s = layout.merge(x, carry)
+    y = step(s, t, args) if has_args else step(s, t)
+    x2, c2 = layout.split(y)
+    return x2.astype(x.dtype), tuple(c2), jnp.zeros((), x.dtype)
+
+
+__all__ = ["Layout", "LeafSpec", "MapState", "is_float", "layout_of", "path_name", "plain_flow"]

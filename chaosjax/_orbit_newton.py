@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from chaosjax._layout import layout_of
+from chaosjax._layout import layout_of, plain_flow
 from chaosjax._util import as_traceable
-from chaosjax.engine import _plain_flow
 from chaosjax.training import TrainingMap, split_state
 
 DENSE_MAX = 256  # up to this dimension the k-step Jacobian is built densely (jacfwd + eig)
@@ -96,7 +95,7 @@ def _adapt(step, x0, args=None) -> _Map:
 def _flow_of(program, kind, layout, has_args):
     if kind == "training":
         return program
-    return functools.partial(_plain_flow, program, layout=layout, has_args=has_args)
+    return functools.partial(plain_flow, program, layout=layout, has_args=has_args)
 
 
 def _iterate(flow, x, carry, t0, args, k):

@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from chaosjax._layout import Layout
+from chaosjax._layout import Layout, plain_flow
 from chaosjax._smalllinalg import pure_linalg
 from chaosjax._util import atomic_write_bytes, dumps, environment_info, warn_at_caller
 from chaosjax.observers import (
@@ -111,18 +111,11 @@ class _Spec(NamedTuple):
     strategy: str | int = "vmap"  # how the rows run: vmap, lax.map, or lax.map of vmap blocks
 
 
-def _plain_flow(step, x, carry, t, args, *, layout: Layout, has_args: bool):
-    s = layout.merge(x, carry)
-    y = step(s, t, args) if has_args else step(s, t)
-    x2, c2 = layout.split(y)
-    return x2.astype(x.dtype), tuple(c2), jnp.zeros((), x.dtype)
-
-
 def _flow(spec: _Spec, program):
     """``flow(x, carry, t, args) -> (x_next, carry_next, loss)`` of one replica."""
     if spec.kind == "training":
         return program
-    return functools.partial(_plain_flow, program, layout=spec.layout, has_args=spec.has_args)
+    return functools.partial(plain_flow, program, layout=spec.layout, has_args=spec.has_args)
 
 
 def _states(model, spec: _Spec, x, cr):

@@ -10,7 +10,7 @@
   by bisection;
 * :func:`plot_bifurcation` — the diagram above λ1(value).
 
-Maps are adapted exactly as the engine adapts them (:func:`chaosjax.engine._plain_flow` for
+Maps are adapted exactly as the engine adapts them (:func:`chaosjax._layout.plain_flow` for
 ``step(x, t)`` on any pytree state, ``TrainingMap.flow`` for training maps): the dynamical
 coordinates are the flat float vector, the carried part (integer counters, keys, running
 statistics) rides along and is held at its starting value during a Newton solve.

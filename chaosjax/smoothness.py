@@ -38,6 +38,7 @@ regime table compares the two estimates wherever both exist and says when they d
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -271,7 +272,7 @@ def step_smoothness(step, x0, *, t=0, args=None) -> Smoothness:
     Returns:
         :class:`Smoothness` ``(smooth, primitives, reason)``.
     """
-    from chaosjax._layout import layout_of
+    from chaosjax._layout import layout_of, plain_flow
     from chaosjax._util import as_traceable
     from chaosjax.training import TrainingMap, split_state
 
@@ -283,12 +284,7 @@ def step_smoothness(step, x0, *, t=0, args=None) -> Smoothness:
     lay = layout_of(x0, what="x0")
     x, carry = lay.split(x0)
 
-    def flow(x, carry, t, args):
-        s = lay.merge(x, carry)
-        y = fn(s, t, args) if args is not None else fn(s, t)
-        x2, c2 = lay.split(y)
-        return x2, tuple(c2), jnp.zeros((), x2.dtype)
-
+    flow = functools.partial(plain_flow, fn, layout=lay, has_args=args is not None)
     return flow_smoothness(flow, x, tuple(carry), jnp.asarray(t, jnp.int32), args)
 
 
