@@ -14,7 +14,7 @@ import xarray as xr
 
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.config import ExperimentConfig
-from chaosjax.experiments.stats import over_seeds, seeds_cell
+from chaosjax.experiments.stats import STALLED_RTOL, over_seeds, seeds_cell
 from chaosjax.experiments.tables import table_head
 
 
@@ -143,7 +143,7 @@ ORBIT_RULE = (
     "the smallest k with ‖x_{t+k} − x_t‖ ≤ 1e-7·max‖x‖ over the window, two cycles at least, "
     "on 8 random projections of the state): *dead plateau* = a final training loss within "
     "0.1 % of the loss of the best constant output (the class-prior entropy for "
-    "cross-entropy) that has stalled (its range over the last quarter of records below 1e-4 "
+    f"cross-entropy) that has stalled (its range over the last quarter of records below {STALLED_RTOL:g} "
     "of its level: a vanishing gradient, the weights may still creep); *frozen (fixed point)* "
     "= any other fixed point; *periodic (period k)* = a k-cycle, k ≥ 2. Precedence across the "
     "summary: dead plateau > frozen > periodic > the FTLE regimes."
@@ -172,7 +172,7 @@ def orbit_labels(tmap, results, refs) -> dict:
         end = tail[:, -1]
         at_level = np.abs(end - level) <= 1e-3 * max(abs(level), 1e-300)
         with np.errstate(invalid="ignore"):
-            stalled = np.ptp(tail, axis=1) <= 1e-4 * np.abs(end)
+            stalled = np.ptp(tail, axis=1) <= STALLED_RTOL * np.abs(end)
         dead = (at_level & stalled).astype(np.int8)
     return {"period": (("group",), period), "dead": (("group",), dead)}
 

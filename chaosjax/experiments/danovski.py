@@ -12,7 +12,7 @@ import xarray as xr
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments.analyses import group_coords, reference_groups
 from chaosjax.experiments.config import ExperimentConfig
-from chaosjax.experiments.stats import finite_prefix, over_seeds
+from chaosjax.experiments.stats import STALLED_RTOL, finite_prefix, over_seeds
 from chaosjax.experiments.tables import table_head
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +105,6 @@ def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
             "k01_rtol": rtol,
         },
     )
-
-
-#: the loss-series table's rule for a stalled loss (the 0–1 test does not apply)
-STALLED_RTOL = 1e-4
 
 
 def _stalled_reason(x: np.ndarray) -> str:

@@ -10,6 +10,10 @@ import numpy as np
 
 from chaosjax._util import fmt
 
+#: a loss has stalled when its range over a window is below this share of its level (the 0–1
+#: test does not apply there, and a stalled loss at the constant-output level is a dead plateau)
+STALLED_RTOL = 1e-4
+
 #: seeds listed one by one in a table cell (more: their range)
 MAX_LISTED = 10
 
@@ -60,4 +64,12 @@ def last_finite(x: np.ndarray) -> float:
     return float(p[-1]) if p.size else float("nan")
 
 
-__all__ = ["MAX_LISTED", "OverSeeds", "finite_prefix", "last_finite", "over_seeds", "seeds_cell"]
+__all__ = [
+    "MAX_LISTED",
+    "STALLED_RTOL",
+    "OverSeeds",
+    "finite_prefix",
+    "last_finite",
+    "over_seeds",
+    "seeds_cell",
+]
