@@ -24,12 +24,15 @@ from chaosjax import models as models
 from chaosjax import observers as observers
 from chaosjax import optimizers as optimizers
 from chaosjax import orbits as orbits
+from chaosjax import probes as probes
 from chaosjax import response as response
 from chaosjax import series as series
 from chaosjax import sharding as sharding
 from chaosjax import smoothness as smoothness
 from chaosjax import systems as systems
+from chaosjax import writers as writers
 from chaosjax._curvature_tracker import CurvatureTracker as CurvatureTracker
+from chaosjax._monitor import Monitor as Monitor
 from chaosjax.clv import CLVResult as CLVResult
 from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
@@ -131,6 +134,7 @@ __all__ = [
     "LyapunovResult",
     "LyapunovTracker",
     "MapState",
+    "Monitor",
     "Orbit",
     "ReplicaBatch",
     "ReplicaResults",
@@ -170,6 +174,7 @@ __all__ = [
     "optimizers",
     "orbits",
     "perturbation",
+    "probes",
     "qr_renormalize",
     "random_basis",
     "response",
@@ -184,4 +189,5 @@ __all__ = [
     "systems",
     "tangent_step",
     "twin_lyapunov",
+    "writers",
 ]
