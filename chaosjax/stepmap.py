@@ -27,12 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax import training as _training
+from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import MapState, is_float, path_name
 from chaosjax._util import one_line
 from chaosjax.optimizers import (
     OPTIMIZERS,
     carried_leaf,
-    differentiable_updates,
     held_learning_rate,
     with_defaults,
 )
@@ -529,8 +529,7 @@ class StepMap(TrainingMap):
         with ctx:
             state = self._state_split.merge(x, carried)
             batch = self._batch_fn(t, self.data)
-            with differentiable_updates():
-                out = self._train_step(state, batch)
+            out = self._step_with_finite_sqrt(state, batch)
             new_state, metrics = out if self._returns_metrics else (out, None)
             if metrics is not None and not isinstance(metrics, Mapping):
                 metrics = {"metric": metrics}
@@ -547,6 +546,36 @@ class StepMap(TrainingMap):
         else:
             new_carry = carry
         return new_x.astype(x.dtype), new_carry, jnp.asarray(loss, x.dtype)
+
+    def _step_with_finite_sqrt(self, state, batch):
+        """``train_step(state, batch)`` with √ of the optimizer's moments differentiable at 0:
+        the rewrite follows the state's array leaves that are not parameters, so a ``sqrt`` of
+        the user's loss (a function of the parameters and the batch) keeps its derivative."""
+        split = self._state_split
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        dyn = [i for i in range(len(leaves)) if i not in split.static]
+        params = set(split.p_idx)
+        select = [i not in params for i in dyn]
+        static_out = {}
+
+        def arrays_in_out(arrays, batch):
+            full = list(leaves)
+            for i, v in zip(dyn, arrays):
+                full[i] = v
+            out = self._train_step(jax.tree_util.tree_unflatten(treedef, full), batch)
+            out_leaves, static_out["treedef"] = jax.tree_util.tree_flatten(out)
+            static_out["leaves"] = {
+                i: v for i, v in enumerate(out_leaves) if not _is_array_leaf(v)
+            }
+            return [v for v in out_leaves if _is_array_leaf(v)]
+
+        step = finite_sqrt_derivative(arrays_in_out, lambda a, b: (select, False))
+        arrays = iter(step([leaves[i] for i in dyn], batch))
+        fixed = static_out["leaves"]
+        n = static_out["treedef"].num_leaves
+        return jax.tree_util.tree_unflatten(
+            static_out["treedef"], [fixed[i] if i in fixed else next(arrays) for i in range(n)]
+        )
 
     # -- losses -----------------------------------------------------------------------------
 

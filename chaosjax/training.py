@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from jax.interpreters import partial_eval as pe
 
+from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import Layout, MapState, layout_of
 from chaosjax._util import FieldsPytree, warn_at_caller, x64_enabled
 from chaosjax.datasets import Dataset
@@ -42,7 +43,6 @@ from chaosjax.optimizers import (
     OPTIMIZERS,
     SCHEDULES,
     carried_leaf,
-    differentiable_updates,
     held_learning_rate,
     is_step_counter,
     make_schedule,
@@ -317,10 +317,9 @@ class TrainingMap(FieldsPytree):
             def counters_after_one_update(params, opt_state, x, y):
                 # only the integer leaves are returned: the jaxpr keeps what they need (a
                 # controller's Krylov solve is dead code here and is neither run nor compiled)
-                with differentiable_updates():
-                    _, new_state = optax.with_extra_args_support(tx).update(
-                        zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
-                    )
+                _, new_state = optax.with_extra_args_support(tx).update(
+                    zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
+                )
                 return self._opt_layout.split(new_state)[1]
 
             closed = jax.make_jaxpr(counters_after_one_update)(params, opt_state, x, y)
@@ -726,8 +725,11 @@ class TrainingMap(FieldsPytree):
             (loss, new_mc), grads = jax.value_and_grad(batch_loss, has_aux=True)(params)
             tx = optax.with_extra_args_support(self._factory(**hparams))
             extra = {"value": loss, "grad": grads, "value_fn": lambda p: batch_loss(p)[0]}
-            with differentiable_updates():
-                updates, new_opt = tx.update(grads, opt_state, params, **extra)
+            # √ of the update's moments differentiable at 0 (never the loss in value_fn)
+            update = finite_sqrt_derivative(
+                lambda g, s, p: tx.update(g, s, p, **extra), lambda g, s, p: (True, True, False)
+            )
+            updates, new_opt = update(grads, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             new_x, new_opt_carry = self._flat(new_params, new_opt)
         new_carry = (new_mc, new_opt_carry) if self.has_carry else carry
