@@ -64,7 +64,7 @@ class _Eigen(Probe):
     k: int = 1
     tol: float = 1e-6
     n_blocks: int = 4
-    max_matvecs: int = 400
+    max_matvecs: int = 1000
 
     def _validate(self):
         _check_int(self.k, "k")
@@ -114,7 +114,7 @@ class Sharpness(_Eigen):
     batch: Any = None
     every: int | None = None
     n_blocks: int = 4
-    max_matvecs: int = 400
+    max_matvecs: int = 1000
     name: ClassVar[str] = "sharpness"
 
     def __post_init__(self):
@@ -151,7 +151,7 @@ class PreconditionedSharpness(_Eigen):
     tol: float = 1e-6
     every: int | None = None
     n_blocks: int = 4
-    max_matvecs: int = 400
+    max_matvecs: int = 1000
     name: ClassVar[str] = "preconditioned_sharpness"
     needs: ClassVar[frozenset[str]] = frozenset({"optimizer"})
 
@@ -428,7 +428,7 @@ class SelfStabilization(_Eigen):
     tol: float = 1e-6
     every: int | None = None
     n_blocks: int = 4
-    max_matvecs: int = 400
+    max_matvecs: int = 1000
     name: ClassVar[str] = "self_stabilization"
 
     def __post_init__(self):
