@@ -90,39 +90,6 @@ try:
 except Exception:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-# names that moved: importable from here for one release, with a DeprecationWarning
-_MOVED = {
-    "as_traceable": ("chaosjax._util", "as_traceable", "a private helper"),
-    "ftle_target": ("chaosjax.control", "ftle_target", "chaosjax.control.ftle_target"),
-    "gradient_noise": ("chaosjax.control", "gradient_noise", "chaosjax.control.gradient_noise"),
-    "sharpness_margin": (
-        "chaosjax.control",
-        "sharpness_margin",
-        "chaosjax.control.sharpness_margin",
-    ),
-    "instability_episodes": (
-        "chaosjax.episodes",
-        "instability_episodes",
-        "chaosjax.episodes.instability_episodes",
-    ),
-}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        module, attr, use = _MOVED[name]
-        warnings.warn(
-            f"chaosjax.{name} is deprecated and will be removed in the next release; use {use}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'chaosjax' has no attribute {name!r}")
-
-
 __all__ = [
     "Bifurcation",
     "CLVResult",

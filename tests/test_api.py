@@ -90,24 +90,15 @@ def test_every_public_name_is_documented_and_no_private_helper_is_exported():
 
 
 @pytest.mark.parametrize(
-    "name,where",
-    [
-        ("ftle_target", "chaosjax.control"),
-        ("sharpness_margin", "chaosjax.control"),
-        ("gradient_noise", "chaosjax.control"),
-        ("instability_episodes", "chaosjax.episodes"),
-    ],
+    "name",
+    ["as_traceable", "ftle_target", "sharpness_margin", "gradient_noise", "instability_episodes"],
 )
-def test_moved_names_warn_for_one_release(name, where):
-    import importlib
-
+def test_names_that_were_never_released_at_the_top_level_are_not_there(name):
+    """0.2.0 drops the one-release aliases of names that moved before any release."""
     import chaosjax
 
-    with pytest.warns(DeprecationWarning, match=f"use {where}.{name}"):
-        old = getattr(chaosjax, name)
-    assert old is getattr(importlib.import_module(where), name)
-    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
-        chaosjax.nonexistent  # noqa: B018
+    with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+        getattr(chaosjax, name)
 
 
 def test_api_reference_builds_from_the_docstrings(tmp_path):
@@ -192,8 +183,8 @@ def test_krylov_counts_are_n_star_with_old_names_for_one_release():
         cj.CurvatureTracker(num_blocks=3, n_blocks=2)
     with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
         control.sharpness_margin(num_blocks=3)
-    with pytest.warns(
-        DeprecationWarning, match="curvature.num_blocks: renamed 'curvature.n_blocks'"
-    ):
-        cfg = load_plan("quickstart", ["curvature.num_blocks=3"])[0][1]
-    assert cfg.curvature.n_blocks == 3
+    from chaosjax.experiments import ConfigError
+
+    with pytest.raises(ConfigError, match=r"curvature\.num_blocks: unknown key"):
+        load_plan("quickstart", ["curvature.num_blocks=3"])
+    assert load_plan("quickstart", ["curvature.n_blocks=3"])[0][1].curvature.n_blocks == 3
