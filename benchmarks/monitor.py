@@ -138,7 +138,7 @@ def overhead(tiny: bool) -> list[dict]:
 
 
 def warm_start(tiny: bool) -> dict:
-    eta, steps = 0.5, (400 if tiny else 2000)
+    eta, steps = 0.5, (200 if tiny else 2000)
     tx = optax.sgd(eta)
     p = mlp((64, 64, 64, 10), jax.random.PRNGKey(0), jnp.float64)
     batch = data(1024, 64, 10, jax.random.PRNGKey(1), jnp.float64)
@@ -165,7 +165,7 @@ def warm_start(tiny: bool) -> dict:
 
 
 def large(tiny: bool) -> dict:
-    sizes = (784, 256, 256, 10) if tiny else (784, 2048, 2048, 10)
+    sizes = (784, 64, 64, 10) if tiny else (784, 2048, 2048, 10)
     p = mlp(sizes, jax.random.PRNGKey(0))
     n = sum(v.size for v in jax.tree_util.tree_leaves(p))
     batch = data(128, 784, 10, jax.random.PRNGKey(1))
@@ -236,6 +236,7 @@ def main(argv=None):
         write_json(
             args.json, "monitor", rows, {"train_step_s": t_step, "warm_start": ws, "large": big}
         )
+    return {"overhead": rows, "warm_start": ws, "large": big}
 
 
 if __name__ == "__main__":
