@@ -164,6 +164,32 @@ def _solve_upper(r: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+def _kept_intervals(steps, re: int, backward_transient, keep_every):
+    """Validated CLV window in renormalisation intervals: (n_keep, n_bt, keep_per, kept), the
+    intervals of the kept range and of the backward transient, the intervals between kept
+    times and the (n_kept,) kept interval indices."""
+    if (
+        int(backward_transient) != backward_transient
+        or backward_transient < 0
+        or backward_transient % re
+    ):
+        raise ValueError(
+            f"backward_transient: must be a non-negative multiple of renorm_every={re}, "
+            f"got {backward_transient!r}"
+        )
+    n_keep = steps // re
+    n_bt = int(backward_transient) // re
+    if keep_every is None:
+        keep_per = max(1, n_keep // 10)
+    else:
+        if int(keep_every) != keep_every or keep_every < re or keep_every % re:
+            raise ValueError(
+                f"keep_every: must be a positive multiple of renorm_every={re}, got {keep_every!r}"
+            )
+        keep_per = int(keep_every) // re
+    return n_keep, n_bt, keep_per, np.arange(0, n_keep, keep_per)
+
+
 @renamed(memory_budget="host_memory_limit")
 def covariant_lyapunov_vectors(
     step: Callable,
@@ -241,26 +267,7 @@ def covariant_lyapunov_vectors(
     _check_run(steps, renorm_every, k, dim)
     _check_windows(warmup=warmup, align=align)
     re = int(renorm_every)
-    if (
-        int(backward_transient) != backward_transient
-        or backward_transient < 0
-        or backward_transient % re
-    ):
-        raise ValueError(
-            f"backward_transient: must be a non-negative multiple of renorm_every={re}, "
-            f"got {backward_transient!r}"
-        )
-    n_keep = steps // re
-    n_bt = int(backward_transient) // re
-    if keep_every is None:
-        keep_per = max(1, n_keep // 10)
-    else:
-        if int(keep_every) != keep_every or keep_every < re or keep_every % re:
-            raise ValueError(
-                f"keep_every: must be a positive multiple of renorm_every={re}, got {keep_every!r}"
-            )
-        keep_per = int(keep_every) // re
-    kept = np.arange(0, n_keep, keep_per)
+    n_keep, n_bt, keep_per, kept = _kept_intervals(steps, re, backward_transient, keep_every)
     n_batch = len(batch)
     need = clv_memory_bytes(dim, k, n_keep + n_bt, len(kept), n_batch)
     if need > host_memory_limit:

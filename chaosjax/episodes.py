@@ -159,6 +159,30 @@ def _merge(intervals, n):
     return merged
 
 
+def _recovered_label(numbers: dict, recovered: int, tolerance: float) -> tuple[str, str]:
+    """(label, reason) of an episode that recovered in time: helpful when it ends flatter than
+    the reference (or its own start) or with a better held-out loss than a matched run, else
+    neutral."""
+    ref_sharp = numbers["reference_sharpness"]
+    if not np.isfinite(ref_sharp):
+        ref_sharp = numbers["sharpness_before"]
+    ref_test = numbers["reference_test_loss"]  # only against a matched run
+    flatter = np.isfinite(ref_sharp) and numbers["sharpness_after"] < (1 - tolerance) * ref_sharp
+    better = np.isfinite(ref_test) and numbers["test_loss_after"] < (1 - tolerance) * ref_test
+    if flatter or better:
+        label = "helpful"
+        why = []
+        if flatter:
+            why.append(f"sharpness {numbers['sharpness_after']:.3g} < {ref_sharp:.3g}")
+        if better:
+            why.append(f"held-out loss {numbers['test_loss_after']:.3g} < {ref_test:.3g}")
+        reason = f"recovered at step {recovered}; " + ", ".join(why)
+    else:
+        label = "neutral"
+        reason = f"recovered at step {recovered}; neither flatter nor a better held-out loss"
+    return label, reason
+
+
 def instability_episodes(
     loss,
     *,
@@ -282,29 +306,7 @@ def instability_episodes(
                 + ("" if recovered < 0 else f" until step {recovered}")
             )
         else:
-            ref_sharp = numbers["reference_sharpness"]
-            if not np.isfinite(ref_sharp):
-                ref_sharp = numbers["sharpness_before"]
-            ref_test = numbers["reference_test_loss"]  # only against a matched run
-            flatter = (
-                np.isfinite(ref_sharp) and numbers["sharpness_after"] < (1 - tolerance) * ref_sharp
-            )
-            better = (
-                np.isfinite(ref_test) and numbers["test_loss_after"] < (1 - tolerance) * ref_test
-            )
-            if flatter or better:
-                label = "helpful"
-                why = []
-                if flatter:
-                    why.append(f"sharpness {numbers['sharpness_after']:.3g} < {ref_sharp:.3g}")
-                if better:
-                    why.append(f"held-out loss {numbers['test_loss_after']:.3g} < {ref_test:.3g}")
-                reason = f"recovered at step {recovered}; " + ", ".join(why)
-            else:
-                label = "neutral"
-                reason = (
-                    f"recovered at step {recovered}; neither flatter nor a better held-out loss"
-                )
+            label, reason = _recovered_label(numbers, recovered, tolerance)
         episodes.append(
             Episode(
                 start=int(steps[s]),

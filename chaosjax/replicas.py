@@ -131,6 +131,47 @@ def _as_list(name, value, kind=float) -> list:
         raise ValueError(f"{name}: expected {kind.__name__} values, got {value!r}") from None
 
 
+def _checked_grid(model, grid, is_tm: bool) -> tuple[dict, dict]:
+    """(grid, per_seed): the grid as {name: [values]} or {name: {seed: [values]}}, every name a
+    hyper-parameter of the map, and its per-seed entries."""
+    grid = dict(grid or {})
+    if grid and not is_tm:
+        raise ValueError("grid: hyper-parameter grids need a TrainingMap")
+    for k in grid:
+        if k not in model.hparams:
+            raise ValueError(
+                f"grid: unknown hyper-parameter {k!r}; allowed: {sorted(model.hparams)}"
+            )
+    per_seed = {k: v for k, v in grid.items() if isinstance(v, Mapping)}
+    grid = {
+        k: (
+            {int(s): _as_list(f"grid.{k}[{s}]", vs) for s, vs in v.items()}
+            if isinstance(v, Mapping)
+            else _as_list(f"grid.{k}", v)
+        )
+        for k, v in grid.items()
+    }
+    return grid, per_seed
+
+
+def _grid_points(grid: dict, seed_list: list) -> list[tuple]:
+    """Index tuples of every grid point (one index per hyper-parameter); [()] without a grid."""
+    sizes = []
+    for k, v in grid.items():
+        if isinstance(v, dict):
+            if set(v) != set(seed_list):
+                raise ValueError(
+                    f"grid.{k}: per-seed values need exactly the seeds {seed_list}, got {sorted(v)}"
+                )
+            lengths = {len(vs) for vs in v.values()}
+            if len(lengths) != 1:
+                raise ValueError(f"grid.{k}: every seed needs the same number of values")
+            sizes.append(lengths.pop())
+        else:
+            sizes.append(len(v))
+    return list(itertools.product(*[range(n) for n in sizes])) if grid else [()]
+
+
 def make_replicas(
     model,
     *,
@@ -179,23 +220,7 @@ def make_replicas(
         raise ValueError(f"eps: must be > 0, got {eps!r}")
     if seeds is not None and base is not None:
         raise ValueError("seeds: give either seeds (independent inits) or base, not both")
-    grid = dict(grid or {})
-    if grid and not is_tm:
-        raise ValueError("grid: hyper-parameter grids need a TrainingMap")
-    for k in grid:
-        if k not in model.hparams:
-            raise ValueError(
-                f"grid: unknown hyper-parameter {k!r}; allowed: {sorted(model.hparams)}"
-            )
-    per_seed = {k: v for k, v in grid.items() if isinstance(v, Mapping)}
-    grid = {
-        k: (
-            {int(s): _as_list(f"grid.{k}[{s}]", vs) for s, vs in v.items()}
-            if isinstance(v, Mapping)
-            else _as_list(f"grid.{k}", v)
-        )
-        for k, v in grid.items()
-    }
+    grid, per_seed = _checked_grid(model, grid, is_tm)
 
     layout, carry = None, ()
     if seeds is not None:
@@ -238,20 +263,7 @@ def make_replicas(
             warn_if_below_resolution(e, dtype, max(scale, 1e-12), what="eps")
 
     members = [(0.0, 0)] + [(e, m) for e in eps_list for m in range(1, n_perturbed + 1)]
-    sizes = []
-    for k, v in grid.items():
-        if isinstance(v, dict):
-            if set(v) != set(seed_list):
-                raise ValueError(
-                    f"grid.{k}: per-seed values need exactly the seeds {seed_list}, got {sorted(v)}"
-                )
-            lengths = {len(vs) for vs in v.values()}
-            if len(lengths) != 1:
-                raise ValueError(f"grid.{k}: every seed needs the same number of values")
-            sizes.append(lengths.pop())
-        else:
-            sizes.append(len(v))
-    combos = list(itertools.product(*[range(n) for n in sizes])) if grid else [()]
+    combos = _grid_points(grid, seed_list)
     states, refs, coords = [], [], {"seed": [], "eps": [], "member": []}
     for k in grid:
         coords[k] = []

@@ -161,52 +161,55 @@ def render_stages(report: ReportInputs) -> list[str]:
 # the built-in stages
 
 
-def _register_builtin() -> None:
+def _k_fits(section: str):
+    def check(cfg, tmap):
+        k = getattr(cfg, section).k
+        if k > tmap.dim:
+            raise ConfigError(f"{section}.k: must be <= the state dimension {tmap.dim}, got {k}")
+
+    return check
+
+
+def _needs_loss_fn(section: str):
+    def check(cfg, tmap):
+        if not getattr(tmap, "_loss_fn", True):
+            raise ConfigError(
+                f"{section}.enabled: the Hessian needs loss_fn(params, batch) from "
+                f"step.factory; return it or set {section}.enabled = false"
+            )
+
+    return check
+
+
+def _grokking_check(cfg, tmap):
+    if tmap.task != "classification" or int(tmap.data["x_test"].shape[0]) == 0:
+        raise ConfigError(
+            "grokking.enabled: needs a classification dataset with a test split (the jump "
+            "in test accuracy)"
+        )
+    if cfg.grokking.layer and cfg.grokking.layer not in tmap.layers:
+        raise ConfigError(
+            f"grokking.layer: unknown {cfg.grokking.layer!r}; allowed: {', '.join(tmap.layers)}"
+        )
+
+
+def _response_tracker(cfg, tmap):
+    from chaosjax.response import ResponseTracker
+
+    n_probes = min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0]))
+    return [ResponseTracker(n_probes=n_probes, rows="references")]
+
+
+def _tangents(cfg, tmap):
     from chaosjax.experiments import analyses as an
-    from chaosjax.experiments import controlled as ct
-    from chaosjax.experiments import landscapes as ls
-    from chaosjax.experiments import protocols as pr
-    from chaosjax.experiments import routes
 
-    def k_fits(section: str):
-        def check(cfg, tmap):
-            k = getattr(cfg, section).k
-            if k > tmap.dim:
-                raise ConfigError(
-                    f"{section}.k: must be <= the state dimension {tmap.dim}, got {k}"
-                )
+    return [an.tangent_tracker(cfg)]
 
-        return check
 
-    def needs_loss_fn(section: str):
-        def check(cfg, tmap):
-            if not getattr(tmap, "_loss_fn", True):
-                raise ConfigError(
-                    f"{section}.enabled: the Hessian needs loss_fn(params, batch) from "
-                    f"step.factory; return it or set {section}.enabled = false"
-                )
-
-        return check
-
-    def grokking_check(cfg, tmap):
-        if tmap.task != "classification" or int(tmap.data["x_test"].shape[0]) == 0:
-            raise ConfigError(
-                "grokking.enabled: needs a classification dataset with a test split (the jump "
-                "in test accuracy)"
-            )
-        if cfg.grokking.layer and cfg.grokking.layer not in tmap.layers:
-            raise ConfigError(
-                f"grokking.layer: unknown {cfg.grokking.layer!r}; allowed: {', '.join(tmap.layers)}"
-            )
-
-    def response_tracker(cfg, tmap):
-        from chaosjax.response import ResponseTracker
-
-        n_probes = min(cfg.response.n_probes, int(tmap.data["x_train"].shape[0]))
-        return [ResponseTracker(n_probes=n_probes, rows="references")]
-
-    def tangents(cfg, tmap):
-        return [an.tangent_tracker(cfg)]
+def _core_stages() -> list[Stage]:
+    """The three core stages of :mod:`chaosjax.experiments.analyses`: Lyapunov, curvature,
+    CLVs."""
+    from chaosjax.experiments import analyses as an
 
     def curvature_markdown(ds, rep):
         if "sharpness" not in rep.results.records:
@@ -217,15 +220,15 @@ def _register_builtin() -> None:
         if "sharpness" in rep.results.records:
             an.curvature_figures(ds, rep.results, rep.figures)
 
-    builtin = [
+    return [
         Stage(
             "lyapunov",
             enabled=lambda cfg: cfg.lyapunov.enabled,
             run=lambda i: an.lyapunov_stage(i.cfg, i.tmap, i.batch, i.results),
             markdown=lambda ds, rep: an.lyapunov_markdown(ds),
             figures=lambda ds, rep: an.lyapunov_figures(ds, rep.figures),
-            observers=lambda cfg, tmap: [*tangents(cfg, tmap), *an.period_tracker(cfg)],
-            validate=k_fits("lyapunov"),
+            observers=lambda cfg, tmap: [*_tangents(cfg, tmap), *an.period_tracker(cfg)],
+            validate=_k_fits("lyapunov"),
         ),
         Stage(
             "curvature",
@@ -234,7 +237,7 @@ def _register_builtin() -> None:
             markdown=curvature_markdown,
             figures=curvature_figures,
             observers=lambda cfg, tmap: [an.curvature_tracker(cfg)],
-            validate=needs_loss_fn("curvature"),
+            validate=_needs_loss_fn("curvature"),
         ),
         Stage(
             "clv",
@@ -242,9 +245,20 @@ def _register_builtin() -> None:
             run=lambda i: an.clv_stage(i.cfg, i.tmap, i.batch, i.results),
             markdown=lambda ds, rep: an.clv_markdown(ds),
             figures=lambda ds, rep: an.clv_figures(ds, rep.figures),
-            observers=tangents,
-            validate=k_fits("clv"),
+            observers=_tangents,
+            validate=_k_fits("clv"),
         ),
+    ]
+
+
+def _protocol_stages() -> list[Stage]:
+    """The protocol stages (one module per study), in the order their sections are reported."""
+    from chaosjax.experiments import controlled as ct
+    from chaosjax.experiments import landscapes as ls
+    from chaosjax.experiments import protocols as pr
+    from chaosjax.experiments import routes
+
+    return [
         Stage(
             "series",
             enabled=lambda cfg: cfg.series.enabled,
@@ -288,7 +302,7 @@ def _register_builtin() -> None:
             run=lambda i: pr.response_stage(i.cfg, i.tmap, i.batch, i.results),
             markdown=lambda ds, rep: pr.response_markdown(ds),
             figures=lambda ds, rep: pr.response_figures(rep.results, rep.figures),
-            observers=response_tracker,
+            observers=_response_tracker,
         ),
         Stage(
             "bifurcation",
@@ -310,7 +324,7 @@ def _register_builtin() -> None:
             run=lambda i: pr.grokking_stage(i.cfg, i.batch, i.results, i.groups.get("lyapunov")),
             markdown=lambda ds, rep: pr.grokking_markdown(ds),
             figures=lambda ds, rep: pr.grokking_figures(ds, rep.results, rep.figures),
-            validate=grokking_check,
+            validate=_grokking_check,
         ),
         Stage(
             "landscape",
@@ -319,7 +333,7 @@ def _register_builtin() -> None:
             markdown=lambda ds, rep: ls.landscape_markdown(ds),
             figures=lambda ds, rep: ls.landscape_figures(ds, rep.figures),
             observers=lambda cfg, tmap: [ls.landscape_snapshots(cfg)],
-            validate=needs_loss_fn("landscape"),
+            validate=_needs_loss_fn("landscape"),
         ),
         Stage(
             "control",
@@ -328,11 +342,14 @@ def _register_builtin() -> None:
             markdown=lambda ds, rep: ct.control_markdown(ds),
             figures=lambda ds, rep: ct.control_figures(ds, rep.figures),
             requires=("curvature",),
-            observers=tangents,
+            observers=_tangents,
             validate=lambda cfg, tmap: ct.validate(cfg),
         ),
     ]
-    for s in builtin:
+
+
+def _register_builtin() -> None:
+    for s in [*_core_stages(), *_protocol_stages()]:
         register_stage(s)
 
 
