@@ -29,12 +29,14 @@ def test_worked_example_adds_an_observer_and_a_stage(tmp_path, monkeypatch):
 
 #: layer of each module (docs/architecture.md): imports go to the same layer or below
 LAYERS = {
-    0: ["tangents", "_layout", "optimizers", "losses", "_smalllinalg", "_krylov", "_fit", "_util"],
+    0: ["tangents", "_layout", "optimizers", "losses", "_smalllinalg", "_krylov", "_fit", "_util",
+        "_finite_sqrt", "_map", "_observer"],
     1: ["systems", "training", "nnx_adapter", "stepmap", "models", "datasets"],
-    2: ["engine", "observers", "replicas", "sharding", "results", "smoothness"],
+    2: ["engine", "observers", "replicas", "sharding", "results", "smoothness",
+        "_monitor_tangents"],
     3: ["lyapunov", "clv", "curvature", "landscape", "response", "series", "episodes",
         "control", "plots", "orbits", "_curvature_tracker", "_orbit_newton", "_orbit_plots",
-        "_orbit_observer"],
+        "_orbit_observer", "_divergence", "writers", "_probe_base", "probes", "_monitor"],
     4: ["experiments", "cli"],
 }  # fmt: skip
 
@@ -122,11 +124,52 @@ def test_no_import_cycle_anywhere_in_the_package():
         visit(n, [])
 
 
-def test_a_module_over_about_500_lines_says_why():
-    import ast as _ast
+#: the house rule (split, don't explain): no module and no function over these many lines
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 650, 150
 
-    for p in sorted((ROOT / "chaosjax").rglob("*.py")):
-        n = len(p.read_text().splitlines())
-        if n > 520:
-            doc = _ast.get_docstring(_ast.parse(p.read_text())) or ""
-            assert "Length:" in doc, f"{p.relative_to(ROOT)}: {n} lines and no 'Length:' reason"
+#: modules still over the rule, and why. ONLY these four, being split in issue 25 by the engine
+#: work (run_replicas and its nested one_pass in engine.py, TrainingMap in training.py, StepMap
+#: in stepmap.py, the observer protocol in observers.py); the engine work empties this list.
+#: Any other module or function over the rule fails the test.
+BEING_SPLIT = frozenset(
+    {"chaosjax/engine.py", "chaosjax/training.py", "chaosjax/stepmap.py", "chaosjax/observers.py"}
+)
+
+
+def _over_the_length_rule(root: Path) -> list[str]:
+    """'path: N lines' for every module over MAX_MODULE_LINES and 'path:line name: N lines' for
+    every function (methods and nested functions included) over MAX_FUNCTION_LINES."""
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        src = p.read_text()
+        rel = p.relative_to(root.parent).as_posix()
+        n = len(src.splitlines())
+        if n > MAX_MODULE_LINES:
+            out.append(f"{rel}: {n} lines")
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                m = node.end_lineno - start + 1
+                if m > MAX_FUNCTION_LINES:
+                    out.append(f"{rel}:{node.lineno} {node.name}: {m} lines")
+    return out
+
+
+def test_no_module_over_650_lines_and_no_function_over_150():
+    over = [
+        o for o in _over_the_length_rule(ROOT / "chaosjax") if o.split(":")[0] not in BEING_SPLIT
+    ]
+    assert not over, "over the length rule (split, don't explain):\n" + "\n".join(over)
+
+
+def test_the_length_rule_catches_a_long_module_and_a_long_nested_function(tmp_path):
+    pkg = tmp_path / "chaosjax"
+    pkg.mkdir()
+    (pkg / "short.py").write_text("def f():\n    return 1\n")
+    body = "".join(f"            x{i} = {i}\n" for i in range(150))
+    (pkg / "nested.py").write_text("class A:\n    def m(self):\n        def g():\n" + body)
+    (pkg / "long.py").write_text("x = 1\n" * 651)
+    over = _over_the_length_rule(pkg)
+    assert over == ["chaosjax/long.py: 651 lines", "chaosjax/nested.py:2 m: 152 lines",
+                    "chaosjax/nested.py:3 g: 151 lines"], over  # fmt: skip
+    assert not [o for o in over if o.startswith("chaosjax/short.py")]
