@@ -300,7 +300,10 @@ def _time_axis(ds: xr.Dataset, name) -> str | None:
 
 class ZarrStream:
     """Append each chunk of a running experiment to a zarr store: records along their time
-    axes, and the latest final states and divergence flags in place."""
+    axes, and the latest final states and divergence flags in place.
+
+    The store says ``complete = 0`` while chunks arrive; :meth:`finish` marks a finished run
+    ``complete = 1`` (an interrupted run's store keeps 0)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -333,6 +336,17 @@ class ZarrStream:
         if fixed:  # the latest states and divergence flags replace the earlier ones
             part = ds[fixed]
             part.drop_vars(list(part.coords)).to_zarr(self.path, mode="a", consolidated=False)
+        _consolidate(self.path)
+
+    def finish(self, **attrs) -> None:
+        """Mark the store's run finished: root attribute ``complete = 1`` (plus ``attrs``, JSON
+        values), metadata consolidated again. Call it once the last chunk is appended."""
+        import zarr
+
+        if not self.started:
+            raise RuntimeError(f"ZarrStream.finish: nothing was appended to {self.path}")
+        root = zarr.open_group(str(self.path), mode="r+", zarr_format=2)
+        root.attrs.update({**attrs, "complete": 1})
         _consolidate(self.path)
 
 

@@ -64,3 +64,30 @@ def test_select_and_diverged():
         r.select(learning_rate=1.0, member=1), [False, False, False, True]
     )
     np.testing.assert_array_equal(r.diverged, [False, False, True, False])
+
+
+def test_a_finished_stream_says_complete_and_an_unfinished_one_does_not(tmp_path):
+    import pytest
+
+    from chaosjax.results import ZarrStream
+
+    ds = make().to_xarray()
+    stream = ZarrStream(tmp_path / "s.zarr")
+    with pytest.raises(RuntimeError, match="nothing was appended"):
+        stream.finish()
+    stream.append(ds.isel(step=slice(0, 2)))
+    stream.append(ds.isel(step=slice(2, 3)))
+    partial = ReplicaResults.load(tmp_path / "s.zarr")
+    assert int(partial.attrs["complete"]) == 0
+    stream.finish(wall_time_s=2.5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated again: no fallback warning
+        with xr.open_zarr(tmp_path / "s.zarr") as z:
+            assert int(z.attrs["complete"]) == 1 and z.attrs["wall_time_s"] == 2.5
+            assert z["loss"].shape == (4, 3)
+    done = ReplicaResults.load(tmp_path / "s.zarr")
+    assert int(done.attrs["complete"]) == 1
+    np.testing.assert_array_equal(done.records["loss"], make().records["loss"])
+    np.testing.assert_array_equal(done.steps, make().steps)
