@@ -10,8 +10,6 @@ exponent λ1 over the last ``control.lyapunov_steps`` steps of each run (the tan
 run itself), and its
 instability episodes (:func:`chaosjax.control.instability_episodes`; the matched stable run of
 a seed is its fixed run with the largest η that shows no episode, else its smallest η).
-
-Length: about 500 lines, one stage (controlled runs, episodes, comparison, report).
 """
 
 from __future__ import annotations
