@@ -4,7 +4,7 @@
    softmax cross-entropy, minibatches of 128, SGD η = 0.1, float32): one probe call (after
    its compile, the median of 5) in step-equivalents (÷ the median jitted train step), and the
    overhead fraction at every = 100 (÷ 100).
-2. Warm start: along 2000 GD steps of that MLP (full batch of 1024, η = 0.5: sharpening),
+2. Warm start: along 2000 GD steps of that MLP (full batch of 1024, η = 0.5),
    every 100 steps a warm-started ``Sharpness(k=1, tol=1e-3)`` against a cold reference
    (Lanczos, 300 matvecs, float64): the matvecs per warm call and the largest relative
    difference (target ≤ 10 matvecs within 1e-3).
