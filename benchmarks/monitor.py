@@ -138,19 +138,21 @@ def overhead(tiny: bool) -> list[dict]:
 
 
 def warm_start(tiny: bool) -> dict:
-    eta, steps = 0.5, (200 if tiny else 2000)
+    eta, steps = 0.5, (100 if tiny else 2000)
     tx = optax.sgd(eta)
     p = mlp((64, 64, 64, 10), jax.random.PRNGKey(0), jnp.float64)
     batch = data(1024, 64, 10, jax.random.PRNGKey(1), jnp.float64)
     step = make_step(tx)
     mon = cj.Monitor(xent, probes=[P.Sharpness(k=1, tol=1e-3)], every=100, params=lambda s: s[0])
     state = (p, tx.init(p))
+    cold_eigs = jax.jit(
+        lambda q, b: cj.hessian_eigs(lambda v: xent(v, b), q, 1, n_matvecs=300).eigenvalues
+    )
     rows = []
     for t in range(steps + 1):
         out = mon(t, state, batch)
         if out:
-            cold = cj.hessian_eigs(lambda q: xent(q, batch), state[0], 1, n_matvecs=300)
-            lam = float(cold.eigenvalues[0])
+            lam = float(cold_eigs(state[0], batch)[0])
             rows.append(
                 {
                     "step": t,
