@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -45,6 +47,10 @@ henon = cj.systems.Henon()
 res = cj.lyapunov_spectrum(henon.step, henon.x0, k=2, steps=STEPS, warmup=100)
 print("Hénon exponents per step:", res.exponents, "±", res.stderr)
 print("λ1 + λ2 − ln 0.3 =", res.exponents.sum() - np.log(0.3))
+# the known exponents (to three decimals at full size, a few hundredths at tiny size), and
+# λ1 + λ2 = ln|det J| = ln 0.3 at every step
+assert abs(res.exponents[0] - 0.4194) < 0.05 and abs(res.exponents[1] + 1.6234) < 0.05
+assert abs(res.exponents.sum() - np.log(0.3)) < 1e-8
 
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot(res.times, res.running[:, 0], label="λ1 (running)")
@@ -83,6 +89,7 @@ rep = cj.run_replicas(
     tmap, batch, steps=STEPS // 5 if TINY else 1000, record_every=5, progress=False
 )
 d = rep.records["distance_l1"][rep.coords["member"] > 0]
+assert (d[:, -1] > 3 * d[:, 0]).all()  # every ε-replica separates from the reference
 fig, axes = plt.subplots(1, 2, figsize=(10, 3))
 axes[0].plot(rep.steps, rep.records["loss"][0])
 axes[0].set(xlabel="step", ylabel="training loss", title="reference run, η = 1")
@@ -98,6 +105,7 @@ plt.show()
 spec = cj.lyapunov_spectrum(tmap.step, x0, k=4, steps=STEPS // 2 if TINY else 2000)
 print("top-4 exponents per step:", np.round(spec.exponents, 4), "±", np.round(spec.stderr, 4))
 print("λ1 per unit ηt:", spec.per_eta_t(1.0)[0])
+assert spec.exponents[0] > 0  # training at η = 1 is chaotic
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.bar(np.arange(1, 5), spec.exponents, yerr=spec.stderr)
 ax.axhline(0, c="k", lw=0.5)

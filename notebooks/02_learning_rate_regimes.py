@@ -68,6 +68,22 @@ axes[0].set_ylabel("d(t) / ε  (blue ε=1e-8, orange 1e-6)")
 plt.tight_layout()
 plt.show()
 
+
+def peak_separation(eta, eps):
+    """(n_perturbed · n_seeds,) largest d(t)/ε of the perturbed replicas at (η, ε)."""
+    sel = (c["learning_rate"] == eta) & (c["eps"] == eps) & (c["member"] > 0)
+    return (res.records["distance_l1"][sel] / eps).max(axis=1)
+
+
+# η = 0.01: d/ε independent of ε and O(1) (no exponential separation), the loss falls
+# monotonically; η = 1: many orders of magnitude
+slow = [np.median(peak_separation(0.01, eps)) for eps in (1e-8, 1e-6)]
+assert max(slow) < 1e3 and 0.5 < slow[0] / slow[1] < 2
+for seed in SEEDS:
+    i = np.flatnonzero((c["learning_rate"] == 0.01) & (c["seed"] == seed) & (c["member"] == 0))[0]
+    assert cj.series.fraction_increasing(res.records["loss"][i]) == 0
+assert peak_separation(1.0, 1e-8).min() > 1e5
+
 # %% [markdown]
 # At η = 0.01 the curves for both ε coincide and stay O(1): no exponential separation. At
 # η = 1 they grow by many orders of magnitude before saturating. The best-window fit of
@@ -77,6 +93,7 @@ plt.show()
 sel = (c["learning_rate"] == 1.0) & (c["eps"] == 1e-8) & (c["member"] > 0)
 fit = cj.best_window_fit(res.steps, res.records["distance_l1"][sel])
 print(f"η = 1: slope {fit.slope:.3f} per step over steps {fit.start}–{fit.stop} (R² {fit.r2:.3f})")
+assert 0.1 < fit.slope < 0.4 and fit.r2 > 0.9  # an accepted fit in the reported range
 
 # %% [markdown]
 # ## Loss-series diagnostics at η = 5: each seed behaves differently
@@ -117,6 +134,7 @@ ax.axhline(0, c="k", lw=0.5)
 ax.set(xscale="log", xlabel="η", ylabel="λ1 per step", title="onset of chaos (seed 0)")
 plt.show()
 print("first η with λ1 > 0:", grid[np.argmax(lam > 0)] if (lam > 0).any() else "none")
+assert lam[0] < 0.01 and lam[np.argmin(abs(grid - 1.0))] > 0  # stable at small η, chaotic at 1
 
 # %% [markdown]
 # ## What the runs turn into: periods, orbits and a route to chaos
