@@ -32,7 +32,12 @@ from chaosjax import smoothness as smoothness
 from chaosjax import systems as systems
 from chaosjax import writers as writers
 from chaosjax._curvature_tracker import CurvatureTracker as CurvatureTracker
+from chaosjax._map import Map as Map
+from chaosjax._map import PlainMap as PlainMap
 from chaosjax._monitor import Monitor as Monitor
+from chaosjax._observer import Observer as Observer
+from chaosjax._observer import Record as Record
+from chaosjax._observer import RunInfo as RunInfo
 from chaosjax.clv import CLVResult as CLVResult
 from chaosjax.clv import clv_layer_mass as clv_layer_mass
 from chaosjax.clv import clv_memory_bytes as clv_memory_bytes
@@ -100,12 +105,17 @@ __all__ = [
     "EigResult",
     "LyapunovResult",
     "LyapunovTracker",
+    "Map",
     "MapState",
     "Monitor",
+    "Observer",
     "Orbit",
+    "PlainMap",
+    "Record",
     "ReplicaBatch",
     "ReplicaResults",
     "ResponseTracker",
+    "RunInfo",
     "StateSnapshots",
     "StepMap",
     "TraceResult",

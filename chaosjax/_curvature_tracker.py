@@ -7,14 +7,14 @@ exported as :class:`chaosjax.CurvatureTracker`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from chaosjax import _smalllinalg as _sl
 from chaosjax._krylov import block_krylov_eigs, lanczos_eigs
-from chaosjax._util import warn_renamed
+from chaosjax._observer import Observer, Record
 from chaosjax.curvature import (
     LOSS_MODES,
     hessian_operator,
@@ -34,7 +34,8 @@ def _principal_angles(a, b):
     return jnp.arccos(jnp.clip(s, 0.0, 1.0))
 
 
-class _CurvatureTracker(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class CurvatureTracker(Observer):
     """Track the top-k curvature of every replica at each record of :func:`run_replicas`.
 
     The first record runs a cold Lanczos (``cold_matvecs``); later records warm-start a block
@@ -91,7 +92,9 @@ class _CurvatureTracker(NamedTuple):
     max_matvecs: int = 512
     restart_blocks: int = 8
 
-    DIMS = (  # extra dims of the records (after replica, step)
+    requires = ("loss",)
+
+    _DIMS = (  # extra dims of the records (after replica, step)
         ("sharpness", ("eig",)),
         ("subspace_angle", ("eig",)),
         ("grad_overlap", ("eig",)),
@@ -101,7 +104,7 @@ class _CurvatureTracker(NamedTuple):
         ("sharpness_converged", ("eig",)),
         ("top_layer_mass", ("layer",)),
     )
-    NAMES = (
+    _NAMES = (
         "sharpness",
         "threshold",
         "sharpness_ratio",
@@ -116,7 +119,11 @@ class _CurvatureTracker(NamedTuple):
         "sharpness_matvecs",
     )
 
-    def validate(self, tmap) -> None:
+    def records(self, model) -> dict[str, Record]:
+        dims = dict(self._DIMS)
+        return {name: Record("step", dims.get(name, ())) for name in self._NAMES}
+
+    def validate(self, tmap, dim=None, info=None) -> None:
         if self.rows not in ("all", "references"):
             raise ValueError(f"rows: unknown {self.rows!r}; allowed: all, references")
         if self.operator not in ("auto", "hessian", "preconditioned"):
@@ -255,19 +262,6 @@ class _CurvatureTracker(NamedTuple):
 
     def matvecs(self, first: bool) -> int:
         return self.cold_matvecs if first else (self.k + 1) * (self.n_blocks + 1)
-
-
-class CurvatureTracker(_CurvatureTracker):
-    __doc__ = _CurvatureTracker.__doc__
-    __slots__ = ()
-
-    def __new__(cls, *args, num_blocks=None, **kwargs):
-        if num_blocks is not None:  # the old name, for one release
-            if "n_blocks" in kwargs:
-                raise TypeError("n_blocks: given twice (also as its old name 'num_blocks')")
-            warn_renamed("num_blocks", "n_blocks", stacklevel=2)
-            kwargs["n_blocks"] = num_blocks
-        return super().__new__(cls, *args, **kwargs)
 
 
 __all__ = ["CurvatureTracker"]

@@ -9,12 +9,13 @@ rule of :func:`chaosjax.orbits.detect_period` — on the one recorded trajectory
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax._observer import Observer
 from chaosjax.observers import Record, dynamic_rows
 
 
@@ -56,7 +57,8 @@ def window_periods(buf, tol: float, max_period: int):
     return jnp.where(finite, out, 0)
 
 
-class PeriodTracker(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class PeriodTracker(Observer):
     """The period of each tracked replica's last ``window`` states, recorded as ``period``
     (replica, step) at the run's record cadence.
 
@@ -79,6 +81,8 @@ class PeriodTracker(NamedTuple):
     max_period: int = 64
     rows: str = "all"
     name: str = "period"
+
+    advances = True
 
     def records(self, model):
         return {self.name: Record("step", (), "record")}

@@ -23,6 +23,7 @@ fingerprint. The checkpoint format and the memory plan are the next pieces to mo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -35,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
-from jax.tree_util import Partial
 from tqdm.auto import tqdm
 
-from chaosjax._layout import Layout, plain_flow
+from chaosjax._map import Map, PlainMap, require
+from chaosjax._observer import check_observer
 from chaosjax._smalllinalg import pure_linalg
 from chaosjax._util import atomic_write_bytes, dumps, environment_info, warn_at_caller
 from chaosjax.observers import (
@@ -103,25 +104,16 @@ class _Spec(NamedTuple):
     n_params: int
     trackers: tuple = ()
     info: RunInfo = RunInfo(0, 0, 1)
-    kind: str = "plain"  # "training": the program is TrainingMap.flow; "plain": a step
-    layout: Layout | None = None
-    has_args: bool = False
+    has_loss: bool = False  # the flow's aux is a loss (divergence flags watch it)
     fine_distances: bool = False  # distances after every step (axis distance_step)
     owner: int = -1  # index of the tracker that takes the step itself (-1: none)
     strategy: str | int = "vmap"  # how the rows run: vmap, lax.map, or lax.map of vmap blocks
 
 
-def _flow(spec: _Spec, program):
-    """``flow(x, carry, t, args) -> (x_next, carry_next, loss)`` of one replica."""
-    if spec.kind == "training":
-        return program
-    return functools.partial(plain_flow, program, layout=spec.layout, has_args=spec.has_args)
-
-
-def _states(model, spec: _Spec, x, cr):
-    """The rows as the model's states: a training map that carries state (BatchNorm
-    statistics, step counters) sees ``MapState(x, carry)``, every other model ``x``."""
-    if spec.kind == "training" and model is not None and model.has_carry:
+def _states(model, x, cr):
+    """The rows as the map's states (:meth:`chaosjax.Map.pack`): a map that carries state
+    (BatchNorm statistics, step counters) sees ``MapState(x, carry)``, every other map ``x``."""
+    if model is not None and model.has_carry:
         return model.pack(x, cr)
     return x
 
@@ -129,7 +121,7 @@ def _states(model, spec: _Spec, x, cr):
 def _observe(model, x, alive, ref, spec: _Spec, names, custom: bool = True, cr=(), t=None):
     """The named observables ``names`` (and the custom ones) of every row at record step t."""
     out = {}
-    s = _states(model, spec, x, cr)
+    s = _states(model, x, cr)
     p = x[:, : spec.n_params]
     diff = p - p[ref]
     for name in names:
@@ -194,15 +186,15 @@ def _take(tree, idx):
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0, mode="clip"), tree)
 
 
-def _first(program, model, hp, ref, state, t, track, spec: _Spec):
+def _first(model, hp, ref, state, t, track, spec: _Spec):
     """The first record and the observers' cold starts."""
     x, cr, alive, _ = state
     out = _observe(model, x, alive, ref, spec, spec.names, cr=cr, t=t)
-    s = _states(model, spec, x, cr)
+    s = _states(model, x, cr)
     tstates = []
     for tr, (idx, valid) in zip(spec.trackers, track):
         vals, ts = tr.init(model, _take(s, idx), _take(hp, idx), t)
-        if getattr(tr, "evaluates_all_rows", False):
+        if tr.evaluates_all_rows:
             vals = {**vals, **tr.evaluate(model, s, idx, t)}
         out.update(_mask(dict(vals), _take(alive, idx) & valid))
         tstates.append(ts)
@@ -216,13 +208,13 @@ def _update(tracker, model, x, hp, idx, ts, t):
     the engine's own batched program and keeps its rows, so its numbers equal the records
     bit for bit (a batch of a different size compiles to different round-off)."""
     vals, ts = tracker.update(model, _take(x, idx), _take(hp, idx), ts, t)
-    if getattr(tracker, "evaluates_all_rows", False):
+    if tracker.evaluates_all_rows:
         vals = {**vals, **tracker.evaluate(model, x, idx, t)}
     return vals, ts
 
 
-def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
-    flow = _flow(spec, program)
+def _chunk(model, hp, ref, state, tstates, t0, track, spec: _Spec):
+    flow = model.flow
 
     def step_b(x, cr, t, hp):
         return map_rows(lambda xi, ci, hi: flow(xi, ci, t, hi), x, cr, hp, strategy=spec.strategy)
@@ -239,7 +231,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
         else:
             new_x, new_cr, loss = step_b(x, cr, t, hp)
         ok = jnp.all(jnp.isfinite(new_x), axis=-1)
-        if spec.kind == "training" and model.has_loss:  # a plain step has no loss
+        if spec.has_loss:  # a plain step has no loss
             ok = ok & jnp.isfinite(loss) & (loss <= spec.loss_bound)
         if np.isfinite(spec.state_bound):
             ok = ok & (jnp.max(jnp.abs(new_x), axis=-1, initial=0.0) <= spec.state_bound)
@@ -250,7 +242,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
             lambda n, o: jnp.where(a2.reshape(a2.shape + (1,) * (n.ndim - 1)), n, o), new_cr, cr
         )
         for i, (tr, (idx, valid)) in enumerate(zip(spec.trackers, track)):
-            if i == spec.owner or not hasattr(tr, "advance"):
+            if i == spec.owner or not tr.advances:
                 continue
             rref = jnp.take(ref, idx, mode="clip")
             ctx = StepContext(
@@ -277,7 +269,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
         c, fine = jax.lax.scan(inner, c, tr + jnp.arange(spec.record_every, dtype=tr.dtype))
         (x, cr, a, d), ts = c
         obs = _observe(model, x, a, ref, spec, _record_names(spec), cr=cr, t=tr + spec.record_every)
-        s = _states(model, spec, x, cr)
+        s = _states(model, x, cr)
         ts = list(ts)
         for i, (tracker, (idx, valid)) in enumerate(zip(spec.trackers, track)):
             vals, ts[i] = _update(tracker, model, s, hp, idx, ts[i], tr + spec.record_every)
@@ -288,7 +280,7 @@ def _chunk(program, model, hp, ref, state, tstates, t0, track, spec: _Spec):
     return jax.lax.scan(outer, (state, tstates), times)
 
 
-_chunk_jit = donating_jit(_chunk, ("spec",), (4, 5))  # states and observer states
+_chunk_jit = donating_jit(_chunk, ("spec",), (3, 4))  # states and observer states
 _first_jit = jax.jit(_first, static_argnames=("spec",))
 
 
@@ -307,19 +299,19 @@ def _sharded_fns(mesh, spec: _Spec):
     first = jax.shard_map(
         functools.partial(_first, spec=spec),
         mesh=mesh,
-        in_specs=(rep, rep, rows, rows, rows, rep, rows),
+        in_specs=(rep, rows, rows, rows, rep, rows),
         out_specs=(rows, rows),
         check_vma=False,
     )
     chunk = jax.shard_map(
         functools.partial(_chunk, spec=spec),
         mesh=mesh,
-        in_specs=(rep, rep, rows, rows, rows, rows, rep, rows),
+        in_specs=(rep, rows, rows, rows, rows, rep, rows),
         out_specs=((rows, rows), (P(None, AXIS), P(None, None, AXIS))),
         check_vma=False,
     )
     first = jax.jit(first)
-    chunk = jax.jit(chunk, donate_argnums=() if cpu else (4, 5))
+    chunk = jax.jit(chunk, donate_argnums=() if cpu else (3, 4))
     if not cpu:
         return first, chunk
 
@@ -497,9 +489,8 @@ def replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> Me
     """Device memory one replica of a run needs, by part (see :func:`_replica_memory`);
     estimates are reused for the same shapes, model structure and observers."""
     try:
-        program = _program_of(model, replicas)[0]
         key = (
-            _shapes(program),
+            _shapes(as_map(model, replicas)),
             _shapes((replicas.states[:1], replicas.carry, replicas.hparams)),
             replicas.layout,
             tuple(trackers),
@@ -518,7 +509,7 @@ def _tracked_share(trackers, reference) -> list[float]:
     """The share of rows each observer tracks."""
     out = []
     for tr in trackers:
-        rows = tracked_rows(getattr(tr, "rows", "all"), reference)
+        rows = tracked_rows(tr.rows, reference)
         out.append(1.0 if rows is None else len(rows) / len(reference))
     return out
 
@@ -532,40 +523,32 @@ def _replica_memory(model, replicas, trackers: Sequence = (), *, info=None) -> M
     bases) and the intermediates of one update, weighted by the share of rows it tracks.
     Arrays shared by all replicas (the dataset) are not counted.
     """
-    from chaosjax.training import TrainingMap
-
+    model = as_map(model, replicas)
     dim = int(replicas.states.shape[1])
     dtype = replicas.states.dtype
     parts = {"state": 4 * dim * np.dtype(dtype).itemsize}
     t = jnp.zeros((), jnp.int32)
-    program, kind, layout, has_args = _program_of(model, replicas)
-    flow = _flow(_probe_spec(dim, kind, layout, has_args), program)
+    flow = model.flow
     x1 = jax.ShapeDtypeStruct((dim,), dtype)
     c1 = _row_struct(replicas.carry)
     a1 = _row_struct(replicas.hparams)
     parts["step"] = estimate_bytes(lambda x, c, a: flow(x, c, t, a), x1, c1, a1)
     info = info or RunInfo(0, 1, 1)
     for tr, share in zip(trackers, _tracked_share(trackers, replicas.reference)):
-        if hasattr(tr, "memory"):
-            b = tr.memory(info, flow, x1, c1, a1)
-            if isinstance(b, Mapping):  # named parts
-                for name, v in b.items():
-                    parts[name] = parts.get(name, 0) + int(np.ceil(v * share))
-                continue
-        elif isinstance(model, TrainingMap):
+        b = tr.memory(info, flow, x1, c1, a1)
+        if isinstance(b, Mapping):  # named parts
+            for name, v in b.items():
+                parts[name] = parts.get(name, 0) + int(np.ceil(v * share))
+            continue
+        if b is None:  # the observer's own update on one row, estimated
+            lead = functools.partial(
+                jax.tree_util.tree_map, lambda c: jax.ShapeDtypeStruct((1, *c.shape), c.dtype)
+            )
             xb = jax.ShapeDtypeStruct((1, dim), dtype)
-            if model.has_carry:
-                xb = model.pack(
-                    xb,
-                    jax.tree_util.tree_map(
-                        lambda c: jax.ShapeDtypeStruct((1, *c.shape), c.dtype), c1
-                    ),
-                )
-            hb = {k: jax.ShapeDtypeStruct((1,), v.dtype) for k, v in replicas.hparams.items()}
+            xb = model.pack(xb, lead(c1)) if model.has_carry else xb
+            hb = lead(a1)
             _, ts = jax.eval_shape(lambda x, hp, tr=tr: tr.init(model, x, hp, t), xb, hb)
             b = estimate_bytes(lambda x, hp, st, tr=tr: tr.update(model, x, hp, st, t), xb, hb, ts)
-        else:
-            b = 0
         parts[type(tr).__name__] = int(np.ceil(b * share))
     return MemoryEstimate(parts)
 
@@ -580,13 +563,13 @@ def _row_struct(tree):
 # the driver
 
 
-def _program_of(model, batch):
-    """(program, kind, layout, has_args) of a model: a TrainingMap or a step callable."""
+def as_map(model, batch) -> Map:
+    """``model`` as the map protocol: a :class:`chaosjax.Map` as it is, a plain
+    ``step(x, t)`` callable as a :class:`chaosjax.PlainMap` on the batch's layout."""
     from chaosjax._util import as_traceable, check_step_signature
-    from chaosjax.training import TrainingMap
 
-    if isinstance(model, TrainingMap):
-        return Partial(type(model).flow, model), "training", None, False
+    if isinstance(model, Map):
+        return model
     step = as_traceable(model)
     has_args = bool(jax.tree_util.tree_leaves(batch.hparams))
     if not has_args:
@@ -596,7 +579,44 @@ def _program_of(model, batch):
         from chaosjax._layout import layout_of
 
         layout = layout_of(batch.states, batched=True)
-    return step, "plain", layout, has_args
+    return PlainMap(step, layout, has_args)
+
+
+#: the capability of the map each named observable needs
+_OBSERVABLE_NEEDS = {
+    "loss": "loss",
+    "test_loss": "loss",
+    "accuracy": "accuracy",
+    "test_accuracy": "accuracy",
+}
+_LOSS_HINT = (
+    "; from_step: pass loss_fn(params, batch), or record the step's metrics "
+    "(custom_observables=tmap.metric_observables())"
+)
+
+
+def _check_observables(model: Map, observables) -> tuple[str, ...]:
+    """The named observables of a run on ``model`` (its defaults when None), or one line
+    naming the one the map cannot give."""
+    caps = model.capabilities
+    params = "parameters" in caps
+    if observables is None:
+        observables = (
+            (("loss",) if "loss" in caps else ())
+            + ("param_norm", "distance_l1", "distance_l2")
+            + (("accuracy",) if "accuracy" in caps else ())
+            if params
+            else ("norm", "distance_l2")
+        )
+    observables = tuple(observables)
+    allowed = TRAINING_OBSERVABLES if params else GENERIC_OBSERVABLES
+    for name in observables:
+        if name not in allowed:
+            raise ValueError(f"observables: unknown {name!r}; allowed: {', '.join(allowed)}")
+        need = _OBSERVABLE_NEEDS.get(name)
+        if need is not None:
+            require(model, need, f"observables: {name!r}", _LOSS_HINT if need == "loss" else "")
+    return observables
 
 
 def coords_of(batch) -> dict[str, np.ndarray]:
@@ -704,34 +724,13 @@ def run_replicas(
         :class:`ReplicaResults` with records (R, steps // record_every + 1, ...) on the
         record axis, and the observers' own axes (``results.steps_of(name)``).
     """
-    from chaosjax.training import TrainingMap
-
     steps, record_every = int(steps), int(record_every)
     if steps < 1:
         raise ValueError(f"steps: must be >= 1, got {steps}")
     if record_every < 1 or steps % record_every:
         raise ValueError(f"record_every: must be >= 1 and divide steps={steps}, got {record_every}")
-    is_tm = isinstance(model, TrainingMap)
-    allowed = TRAINING_OBSERVABLES if is_tm else GENERIC_OBSERVABLES
-    if observables is None:
-        observables = (
-            (("loss",) if getattr(model, "_loss_fn", True) is not None else ())
-            + ("param_norm", "distance_l1", "distance_l2")
-            + (("accuracy",) if is_tm and model.task == "classification" else ())
-            if is_tm
-            else ("norm", "distance_l2")
-        )
-    observables = tuple(observables)
-    for name in observables:
-        if name not in allowed:
-            raise ValueError(f"observables: unknown {name!r}; allowed: {', '.join(allowed)}")
-        if is_tm and name in ("loss", "test_loss") and getattr(model, "_loss_fn", True) is None:
-            raise ValueError(
-                f"observables: {name!r} needs loss_fn(params, batch); pass it to from_step or "
-                "record the step's metrics (custom_observables=tmap.metric_observables())"
-            )
-        if is_tm and "accuracy" in name and model.task != "classification":
-            raise ValueError(f"observables: {name!r} needs a classification dataset")
+    model = as_map(model, replicas)
+    observables = _check_observables(model, observables)
     custom = tuple(sorted((custom_observables or {}).items()))
     for name, fn in custom:
         if name in observables or not callable(fn):
@@ -752,7 +751,10 @@ def run_replicas(
     taken = set(observables) | {c[0] for c in custom}
     rec_specs: dict[str, tuple[int, Record]] = {}
     for i, tr in enumerate(trackers):
-        _validate(tr, model, dim, info)
+        check_observer(tr)
+        for need in tr.requires:
+            require(model, need, f"trackers: {type(tr).__name__}")
+        tr.validate(model, dim=dim, info=info)
         recs = records_of(tr, model)
         clash = taken & set(recs)
         if clash:
@@ -761,17 +763,10 @@ def run_replicas(
         for name, r in recs.items():
             rec_specs[name] = (i, r)
 
-    program, kind, layout, has_args = _program_of(model, replicas)
-    trackers, tangent_reason = _void_nonsmooth(
-        trackers, _flow(_probe_spec(dim, kind, layout, has_args), program), replicas, t0
-    )
-    model_arg = model if is_tm else None  # a plain step travels as the program
-    if is_tm:
-        layers = tuple(model.layers.values())
-        layer_names = tuple(model.layers)
-        n_params = model.n_params
-    else:
-        layers, layer_names, n_params = (), (), dim
+    trackers, tangent_reason = _void_nonsmooth(trackers, model.flow, replicas, t0)
+    layers = tuple(model.layers.values())
+    layer_names = tuple(model.layers)
+    n_params = model.n_params_of(dim)
     R = len(replicas)
     if chunk_steps is None:
         chunk_steps = max(record_every, (500 // record_every) * record_every)
@@ -797,11 +792,10 @@ def run_replicas(
     coords = coords_of(replicas)
     main = is_main_process()
     owner = _owner(trackers, replicas.reference)
-    stops = sorted({int(s) for tr in trackers for s in _snapshot_steps(tr, info)})
+    stops = sorted({int(s) for tr in trackers for s in tr.snapshot_steps(info)})
     axes_all: dict[str, np.ndarray] = {}
     for tr in trackers:
-        if hasattr(tr, "axes"):
-            axes_all.update({k: np.asarray(v) for k, v in tr.axes(info).items()})
+        axes_all.update({k: np.asarray(v) for k, v in tr.axes(info).items()})
     if fine_distances:
         axes_all[DISTANCE_AXIS] = np.arange(t0, t0 + steps + 1, distance_every, dtype=np.int64)
     dims: dict[str, tuple[str, ...]] = {
@@ -825,9 +819,7 @@ def run_replicas(
             n_params,
             trackers,
             info,
-            kind,
-            layout,
-            has_args,
+            model.has_loss,
             fine_distances,
             owner,
             strategy,
@@ -856,7 +848,7 @@ def run_replicas(
     def one_pass(batch, checkpoint, stream, bar) -> ReplicaResults:
         R = len(batch)
         row_sets = [
-            None if i == owner else tracked_rows(getattr(tr, "rows", "all"), batch.reference)
+            None if i == owner else tracked_rows(tr.rows, batch.reference)
             for i, tr in enumerate(trackers)
         ]
         lay = _RowLayout(batch.reference, n_dev, row_sets)
@@ -941,7 +933,7 @@ def run_replicas(
             out, axes = {}, {}
             xs = None
             for i, tr in enumerate(trackers):
-                if t not in _snapshot_steps(tr, info):
+                if t not in tr.snapshot_steps(info):
                     continue
                 if xs is None:
                     xs = gather(state[0])
@@ -985,8 +977,7 @@ def run_replicas(
         def host_records(values, steps_by_axis, rec):
             out = {}
             for tr in trackers:
-                if hasattr(tr, "host_records"):
-                    out.update(tr.host_records(info, values, steps_by_axis, rec))
+                out.update(tr.host_records(info, values, steps_by_axis, rec))
             return out
 
         def carried(state):
@@ -1010,7 +1001,7 @@ def run_replicas(
                 lambda: call(
                     0,
                     spec_for(record_every),
-                    (program, model_arg, hp, ref, state, jnp.asarray(t, jnp.int32), track),
+                    (model, hp, ref, state, jnp.asarray(t, jnp.int32), track),
                 )
             )[1]
             tstates = unpack(arrays, "tracker", like_ts)
@@ -1045,14 +1036,13 @@ def run_replicas(
             obs0, tstates = call(
                 0,
                 spec_for(record_every),
-                (program, model_arg, hp, ref, state, jnp.asarray(t, jnp.int32), track),
+                (model, hp, ref, state, jnp.asarray(t, jnp.int32), track),
             )
             first = {name: np.asarray(v)[None] for name, v in gather(obs0).items()}
             first, first_axes = to_host(first, rec_at=np.asarray([t]))
             first_axes = {**{axis: np.zeros(0, np.int64) for axis in axes_all}, **first_axes}
             for tr in trackers:
-                if hasattr(tr, "empty_host_records"):
-                    first.update(tr.empty_host_records(R, 1))
+                first.update(tr.empty_host_records(R, 1))
             snap, snap_axes = snapshots(t, state, tstates)
             first.update(snap)
             first_axes.update(snap_axes)
@@ -1075,7 +1065,7 @@ def run_replicas(
         end = int(t0) + steps
         while t < end:
             n = _chunk_plan(t, end, chunk_steps, stops)
-            args = (program, model_arg, hp, ref, state, tstates, jnp.asarray(t, jnp.int32), track)
+            args = (model, hp, ref, state, tstates, jnp.asarray(t, jnp.int32), track)
             (state, tstates), (obs, fine) = call(1, spec_for(n), args)
             obs, fine = gather(obs), gather(fine)  # the only device → host transfer
             new_steps = t + record_every * (1 + np.arange(n // record_every))
@@ -1180,28 +1170,34 @@ STRATEGY_RULE = (
 )
 
 
+#: convolution verdicts by map structure (treedef and leaf shapes): module-level, never on a map
+_CONVOLUTION: dict = {}
+
+
+def _has_convolution(treedef, shapes, model) -> bool:
+    """Whether the map's step contains a convolution: traced once per map structure
+    (abstractly: nothing is compiled), never cached on the map itself."""
+    from chaosjax.sharding import jaxpr_primitives
+
+    key = (treedef, shapes)
+    if key not in _CONVOLUTION:
+        jaxpr = jax.make_jaxpr(lambda s: model.step(s, 0))(model.init()).jaxpr
+        _CONVOLUTION[key] = "conv_general_dilated" in jaxpr_primitives(jaxpr)
+    return _CONVOLUTION[key]
+
+
 def default_strategy(model, backend: str | None = None) -> str:
     """The replica strategy of :data:`STRATEGY_RULE` for ``model`` on ``backend`` (default:
     JAX's default backend). Decided from the step's program, never from timing, so a rerun or
     a resume compiles the same program."""
-    from chaosjax.sharding import jaxpr_primitives
-    from chaosjax.training import TrainingMap
-
     backend = backend or jax.default_backend()
     model = getattr(model, "__self__", model)  # a map's bound step: the map
-    if backend != "cpu" or not isinstance(model, TrainingMap):
+    if backend != "cpu" or not isinstance(model, Map) or "parameters" not in model.capabilities:
         return "vmap"
-    has_conv = model.__dict__.get("_has_convolution")
-    if has_conv is None:  # traced once per map (abstractly: no compilation)
-        jaxpr = jax.make_jaxpr(lambda s: model.step(s, 0))(model.init()).jaxpr
-        has_conv = "conv_general_dilated" in jaxpr_primitives(jaxpr)
-        model.__dict__["_has_convolution"] = has_conv
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    shapes = tuple((jnp.shape(v), jnp.result_type(v)) for v in leaves)
+    has_conv = _has_convolution(treedef, shapes, model)
     return "map" if has_conv else "vmap"
-
-
-def _probe_spec(dim, kind, layout, has_args) -> _Spec:
-    """A spec that only builds the flow of one row (memory estimates, program checks)."""
-    return _Spec((), (), 1, 1, 0.0, 0.0, (), dim, (), RunInfo(0, 1, 1), kind, layout, has_args)
 
 
 def _void_nonsmooth(trackers, flow, replicas, t0) -> tuple[tuple, str]:
@@ -1210,11 +1206,7 @@ def _void_nonsmooth(trackers, flow, replicas, t0) -> tuple[tuple, str]:
     Decided from the step's program at the first row, once per run, with one warning."""
     from chaosjax.smoothness import NonSmoothWarning, flow_smoothness
 
-    need = [
-        i
-        for i, tr in enumerate(trackers)
-        if getattr(type(tr), "uses_tangents", False) and not tr.allow_nonsmooth
-    ]
+    need = [i for i, tr in enumerate(trackers) if tr.uses_tangents and not tr.allow_nonsmooth]
     if not need:
         return trackers, ""
 
@@ -1232,7 +1224,8 @@ def _void_nonsmooth(trackers, flow, replicas, t0) -> tuple[tuple, str]:
         return trackers, ""
     warn_at_caller(verdict.reason, NonSmoothWarning)
     voided = tuple(
-        tr._replace(void=verdict.reason) if i in need else tr for i, tr in enumerate(trackers)
+        dataclasses.replace(tr, void=verdict.reason) if i in need else tr
+        for i, tr in enumerate(trackers)
     )
     return voided, verdict.reason
 
@@ -1241,24 +1234,11 @@ def _stored(records, transient):
     return {k: v for k, v in records.items() if k not in transient}
 
 
-def _validate(tr, model, dim, info):
-    try:
-        tr.validate(model, dim=dim, info=info)
-    except TypeError as e:
-        if "unexpected keyword" not in str(e):
-            raise
-        tr.validate(model)
-
-
-def _snapshot_steps(tr, info) -> tuple[int, ...]:
-    return tuple(tr.snapshot_steps(info)) if hasattr(tr, "snapshot_steps") else ()
-
-
 def _owner(trackers, reference) -> int:
     """The observer that takes the step itself: a tangent observer that tracks every row
     (its linearisation computes the step anyway). -1 when there is none."""
     for i, tr in enumerate(trackers):
-        if hasattr(tr, "step") and tracked_rows(getattr(tr, "rows", "all"), reference) is None:
+        if tr.takes_step and tracked_rows(tr.rows, reference) is None:
             return i
     return -1
 

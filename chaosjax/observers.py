@@ -17,33 +17,21 @@ that :func:`chaosjax.run_replicas` records, inside the same jitted chunk:
 The curvature and response trackers (:class:`chaosjax.CurvatureTracker`,
 :class:`chaosjax.ResponseTracker`) follow the same protocol at the record cadence.
 
-Observer protocol (duck-typed; the engine calls what an observer defines):
-
-* ``rows``: ``"all"``, ``"references"`` (member 0 of each group) or ``"perturbed"``;
-* ``records(model) -> {name: Record}``: what it records, on which time axis, with which dims;
-* ``validate(model)``: refuse settings that cannot work, with one line naming the field;
-* ``init(model, states, hparams, t) -> (values, state)`` at the first record and
-  ``update(model, states, hparams, state, t) -> (values, state)`` at every later record, on the
-  tracked rows (``states`` (T, dim));
-* optional ``advance(info, ctx, state) -> (state, values, new_rows)`` after every step
-  (:class:`StepContext`; ``new_rows`` replaces the tracked rows' new states, or None), and
-  ``step(info, ctx, state) -> (x_next, carry_next, loss, state, values)`` for an observer
-  that tracks every row and takes the step itself (a tangent observer linearises the step
-  anyway: its primal output *is* the step);
-* optional ``axes(info)``, ``host_records(...)``, ``snapshot_steps(info)`` and
-  ``snapshot(info, t, state, x)`` for records on their own time axes;
-* optional ``memory(info, flow, x1, carry1, args1) -> bytes`` per tracked row.
+Every observer implements the one protocol of :class:`chaosjax.Observer` (declared with its
+defaults in :mod:`chaosjax._observer`: ``records``, ``validate``, ``init``, ``update``, and the
+hooks ``advance``/``step``/``evaluate``/``axes``/``host_records``/``snapshot``/``memory`` that
+its class flags ``advances``, ``takes_step``, ``evaluates_all_rows`` declare); the engine
+probes nothing.
 
 Windows keep their meaning inside the one run: ``warmup`` delays an observer's start,
 ``align`` runs its tangents before accumulation, and a CLV window plus its backward
 transient lies inside the run. Nothing re-integrates a trajectory.
 
-Length: about 500 lines over the observer protocol, the tangent observer (FTLEs and the CLV
-forward pass), the twin observer and snapshots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,37 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax._layout import MapState
+from chaosjax._observer import ROWS, Observer, Record, RunInfo, records_of
 from chaosjax._smalllinalg import log_abs_det
 from chaosjax.sharding import estimate_bytes
 from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
-
-ROWS = ("all", "references", "perturbed")
-
-
-class Record(NamedTuple):
-    """How an observer's record is laid out.
-
-    Attributes:
-        axis: its time axis: ``"step"`` (the run's record cadence) or an axis of its own.
-        dims: names of its extra dimensions after (replica, time).
-        source: ``"record"`` (computed on the device at every record), ``"step"`` (computed
-            after every step, kept at the steps of its axis), ``"host"`` (derived on the host
-            from the step records) or ``"snapshot"`` (read at the steps of its axis).
-        stored: written to ``results.zarr`` (False: kept in memory and in checkpoints only).
-    """
-
-    axis: str = "step"
-    dims: tuple[str, ...] = ()
-    source: str = "record"
-    stored: bool = True
-
-
-class RunInfo(NamedTuple):
-    """Static facts of a run an observer needs: its first step, length and record cadence."""
-
-    t0: int
-    steps: int
-    record_every: int
 
 
 class StepContext(NamedTuple):
@@ -186,7 +147,8 @@ class CLVWindow(NamedTuple):
     by_records: bool = False
 
 
-class LyapunovTracker(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class LyapunovTracker(Observer):
     """k tangent vectors along the recorded trajectory of every tracked replica.
 
     From ``warmup`` steps after the run's first step the tangents are pushed through the
@@ -228,6 +190,9 @@ class LyapunovTracker(NamedTuple):
 
     #: the engine decides from the step's program whether tangents mean something
     uses_tangents = True
+    advances = True
+    takes_step = True
+    evaluates_all_rows = True
 
     k: int = 1
     renorm_every: int = 1
@@ -274,14 +239,12 @@ class LyapunovTracker(NamedTuple):
         return tuple(int(s) for s in self.axes(info)[f"{self.prefix}kept"])
 
     def records(self, model) -> dict[str, Record]:
-        from chaosjax.training import TrainingMap
-
         p = self.prefix
         out = {
             f"{p}ftle": Record("step", ("exponent",), "host"),
             f"{p}log_growth": Record(f"{p}renorm", ("exponent",), "step"),
         }
-        if isinstance(model, TrainingMap):
+        if "loss" in model.capabilities:
             out[f"{p}tangent_loss"] = Record("step", (), "record")
         if self.log_det:
             out[f"{p}log_det"] = Record(f"{p}tangent_step", (), "step")
@@ -354,9 +317,6 @@ class LyapunovTracker(NamedTuple):
 
     # -- device side -----------------------------------------------------------------------
 
-    #: the engine hands :meth:`evaluate` every row (see :func:`chaosjax.engine._update`)
-    evaluates_all_rows = True
-
     def init(self, model, states, hparams, t):
         x = dynamic_rows(states)
         n, dim = x.shape
@@ -378,9 +338,7 @@ class LyapunovTracker(NamedTuple):
         """``tangent_loss``: the training loss of the states the tangents see (training maps),
         evaluated like the run's ``loss`` record (at record step t), on every row, and kept
         for ``rows``."""
-        from chaosjax.training import TrainingMap
-
-        if not isinstance(model, TrainingMap):
+        if "loss" not in model.capabilities:
             return {}
         loss = jax.vmap(lambda r: model.loss(r, "train", t))(x)
         return {f"{self.prefix}tangent_loss": jnp.take(loss, rows, mode="clip")}
@@ -529,7 +487,8 @@ class LyapunovTracker(NamedTuple):
 # finite perturbations: Benettin's two-trajectory estimate
 
 
-class TwinTracker(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class TwinTracker(Observer):
     """Pull every perturbed replica back to distance ``d0`` from its reference every
     ``renorm_every`` steps and record log(d/d0) (axis ``twin_renorm``): Benettin's
     finite-perturbation estimate of the largest exponent. At ``warmup`` steps after the run's
@@ -541,6 +500,8 @@ class TwinTracker(NamedTuple):
     warmup: int = 0
     key: tuple[int, ...] = (0, 0)
     rows: str = "perturbed"
+
+    advances = True
 
     def axes(self, info):
         start = info.t0 + self.warmup
@@ -588,7 +549,8 @@ class TwinTracker(NamedTuple):
 # states at chosen steps
 
 
-class StateSnapshots(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class StateSnapshots(Observer):
     """The tracked replicas' states at ``at`` steps after the run's first step (record
     ``name``, axis ``name + "_step"``): states taken from the recorded run."""
 
@@ -630,15 +592,6 @@ def dynamic_rows(states):
     """The dynamical coordinates (R, dim) of the rows an observer is handed (a training map
     that carries state hands ``MapState(x, carry)`` rows)."""
     return states.x if isinstance(states, MapState) else states
-
-
-def records_of(tracker, model) -> dict[str, Record]:
-    """The records of any observer (trackers that list ``NAMES`` and ``DIMS``, pairs of a name
-    and its extra dims, record at the record cadence)."""
-    if hasattr(tracker, "records"):
-        return dict(tracker.records(model))
-    dims = dict(getattr(tracker, "DIMS", ()))
-    return {name: Record("step", tuple(dims.get(name, ()))) for name in tracker.NAMES}
 
 
 __all__ = [

@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chaosjax._observer import Observer, Record
 from chaosjax.curvature import _ravel as ravel_params
 from chaosjax.models import ACTIVATIONS
 
@@ -250,7 +252,8 @@ def _trace_pr(k):
     return jnp.trace(k) ** 2 / jnp.sum(k * k)
 
 
-class ResponseTracker(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class ResponseTracker(Observer):
     """Track the training response of every replica at each record of :func:`run_replicas`.
 
     On the first ``n_probes`` training inputs, from the stacked output gradients
@@ -271,10 +274,15 @@ class ResponseTracker(NamedTuple):
     n_probes: int = 32
     rows: str = "all"
 
-    NAMES = ("ntk_amplitude", "ntk_shape_corr", "ntk_pr", "feature_pr", "ntk_layer_amplitude")
-    DIMS = (("ntk_layer_amplitude", ("layer",)),)  # extra dims of the records
+    requires = ("outputs",)
 
-    def validate(self, tmap) -> None:
+    def records(self, model) -> dict[str, Record]:
+        names = ("ntk_amplitude", "ntk_shape_corr", "ntk_pr", "feature_pr")
+        out = {name: Record("step") for name in names}
+        out["ntk_layer_amplitude"] = Record("step", ("layer",))
+        return out
+
+    def validate(self, tmap, dim=None, info=None) -> None:
         if self.rows not in ("all", "references"):
             raise ValueError(f"rows: unknown {self.rows!r}; allowed: all, references")
         n = int(tmap.data["x_train"].shape[0])

@@ -424,6 +424,18 @@ class StepMap(TrainingMap):
         return self._loss_fn is not None or "loss" in self._metric_names
 
     @property
+    def capabilities(self) -> frozenset[str]:
+        """A loss of the state with ``loss_fn`` (``test`` with a ``test_batch``), and the
+        learning rate where the state or the declaration holds one; no accuracy (the step's
+        metrics carry it)."""
+        caps = {"parameters"}
+        if self._loss_fn is not None:
+            caps |= {"loss"} | ({"test"} if self.test_batch is not None else set())
+        if self._lr_source in ("state", "hparam"):
+            caps.add("learning_rate")
+        return frozenset(caps)
+
+    @property
     def carry0(self):
         return (self._state_carry0, self._metrics0)
 

@@ -36,6 +36,7 @@ from jax.interpreters import partial_eval as pe
 
 from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import Layout, MapState, layout_of
+from chaosjax._map import Map
 from chaosjax._util import FieldsPytree, warn_at_caller, x64_enabled
 from chaosjax.datasets import Dataset
 from chaosjax.losses import LOSSES, constant_loss, cross_entropy_loss, loss_function, mse_loss
@@ -75,7 +76,7 @@ class _PureForward:
         return isinstance(other, _PureForward) and other.apply_fn == self.apply_fn
 
 
-class TrainingMap(FieldsPytree):
+class TrainingMap(FieldsPytree, Map):
     """One optimizer step as a map ``step(state, t) -> state``.
 
     Build it from a pure ``apply_fn(params, x)`` and its parameter pytree (this constructor),
@@ -469,6 +470,18 @@ class TrainingMap(FieldsPytree):
     def has_loss(self) -> bool:
         """Whether the map has a loss (records, divergence flags, curvature)."""
         return True
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The map protocol's capabilities (:mod:`chaosjax._map`): a loss, evaluation on the
+        test split, the learning rate and threshold, parameters, the network's outputs, and
+        accuracy on a classification task."""
+        caps = {"loss", "test", "learning_rate", "parameters", "outputs"}
+        return frozenset(caps | ({"accuracy"} if self.task == "classification" else set()))
+
+    def n_params_of(self, dim: int) -> int:
+        """The parameters lead the state: ``n_params`` of its ``dim`` coordinates."""
+        return self.n_params
 
     @property
     def optimizer_hparams(self) -> dict[str, Any]:

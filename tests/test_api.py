@@ -31,6 +31,7 @@ TOP_LEVEL = {
     "control", "datasets", "episodes", "landscape", "models", "observers", "optimizers",
     "response", "series", "sharding", "systems", "orbits",
     # the engine, maps and replicas
+    "Map", "PlainMap", "Observer", "Record", "RunInfo",
     "TrainingMap", "StepMap", "MapState", "split_state", "make_schedule", "ReplicaBatch",
     "make_replicas", "perturbation", "run_replicas", "ReplicaResults", "open_store", "Dataset",
     # observers
@@ -50,6 +51,8 @@ TOP_LEVEL = {
     "bifurcation", "Bifurcation", "Orbit",
     # smoothness of a step (tangent exponents need it)
     "smoothness", "step_smoothness",
+    # watching your own loop
+    "Monitor", "probes", "writers",
 }  # fmt: skip
 
 PUBLIC_MODULES = (
@@ -175,12 +178,8 @@ def test_krylov_counts_are_n_star_with_old_names_for_one_release():
     import numpy as np
 
     np.testing.assert_allclose(old.eigenvalues, [6.0, 5.0], rtol=1e-10)
-    with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
-        tr = cj.CurvatureTracker(k=1, num_blocks=3)
-    assert tr == cj.CurvatureTracker(k=1, n_blocks=3) and type(tr).__name__ == "CurvatureTracker"
-    assert repr(tr).startswith("CurvatureTracker(")
-    with pytest.raises(TypeError, match="n_blocks: given twice"):
-        cj.CurvatureTracker(num_blocks=3, n_blocks=2)
+    with pytest.raises(TypeError, match="num_blocks"):  # no alias in 0.2.0
+        cj.CurvatureTracker(k=1, num_blocks=3)
     with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
         control.sharpness_margin(num_blocks=3)
     from chaosjax.experiments import ConfigError

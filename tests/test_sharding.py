@@ -86,14 +86,11 @@ def test_replica_run_sharded_equals_unsharded_with_curvature_tracker():
 def _sharded_program(tmap, batch, n_dev, trackers=(), names=("loss",)):
     """The engine's sharded first-record and chunk programs for ``batch`` and their
     arguments (2 records of 5 steps)."""
-    from jax.tree_util import Partial
-
     from chaosjax.engine import _RowLayout, _sharded_fns, _Spec, tracked_rows
     from chaosjax.observers import RunInfo
-    from chaosjax.training import TrainingMap
 
     mesh = sharding.replica_mesh(n_dev)
-    sets = [tracked_rows(getattr(tr, "rows", "all"), batch.reference) for tr in trackers]
+    sets = [tracked_rows(tr.rows, batch.reference) for tr in trackers]
     lay = _RowLayout(batch.reference, n_dev, sets)
 
     def put(x):
@@ -101,10 +98,9 @@ def _sharded_program(tmap, batch, n_dev, trackers=(), names=("loss",)):
 
     spec = _Spec(
         names, (), 2, 5, 1e8, np.inf, (), tmap.n_params, tuple(trackers), RunInfo(0, 10, 5),
-        "training",
+        True,
     )  # fmt: skip
     first, chunk = _sharded_fns(mesh, spec)
-    program = Partial(TrainingMap.flow, tmap)
     hp = {k: put(v) for k, v in batch.hparams.items()}
     ref = sharding.put_rows(lay.local_ref, mesh)
     state = (put(batch.states), (), put(np.ones(len(batch), bool)),
@@ -118,7 +114,7 @@ def _sharded_program(tmap, batch, n_dev, trackers=(), names=("loss",)):
         lay,
         mesh,
         first,
-        (program, tmap, hp, ref, state, t0, track),
+        (tmap, hp, ref, state, t0, track),
         chunk,
         (hp, ref, state, track),
     )
@@ -127,10 +123,6 @@ def _sharded_program(tmap, batch, n_dev, trackers=(), names=("loss",)):
 def test_sharded_chunk_keeps_states_on_devices():
     """The chunk's carry comes back sharded over the mesh (no gather between chunks), each
     reference group lies on one device, and the program has no cross-device collective."""
-    from jax.tree_util import Partial
-
-    from chaosjax.training import TrainingMap
-
     tmap, batch = iris_replicas()
     tracker = cj.LyapunovTracker(k=2)  # references only: a gather inside each device block
     lay, mesh, first, fargs, chunk, (hp, ref, state, track) = _sharded_program(
@@ -142,7 +134,7 @@ def test_sharded_chunk_keeps_states_on_devices():
         assert np.array_equal(block[lay.local_ref[d * B : (d + 1) * B]], batch.reference[block])
     assert np.array_equal(lay.perm[lay.pos], np.arange(len(batch)))
     _, tstates = first(*fargs)
-    args = (Partial(TrainingMap.flow, tmap), tmap, hp, ref, state, tstates,
+    args = (tmap, hp, ref, state, tstates,
             jnp.asarray(0, jnp.int32), track)  # fmt: skip
     ((x, _, a, d), ts), (obs, fine) = chunk(*args)
     for arr in (x, a, d, ts[0]):
@@ -157,10 +149,8 @@ def test_sharded_chunk_keeps_states_on_devices():
 def test_sharded_tracker_program_has_no_lapack_on_cpu():
     """On the CPU backend the sharded program's small factorisations avoid LAPACK custom
     calls (they can deadlock XLA's CPU runtime across devices) and agree with LAPACK."""
-    from jax.tree_util import Partial
 
     from chaosjax import _smalllinalg
-    from chaosjax.training import TrainingMap
 
     tmap, batch = iris_replicas()
     trackers = [cj.CurvatureTracker(k=2, cold_matvecs=16), cj.LyapunovTracker(k=2)]
@@ -169,7 +159,7 @@ def test_sharded_tracker_program_has_no_lapack_on_cpu():
     # nothing needs compiling (the observer states' shapes come from eval_shape)
     assert "lapack" not in first.lower(*fargs).as_text().lower()
     _, tstates = jax.eval_shape(first, *fargs)
-    args = (Partial(TrainingMap.flow, tmap), tmap, hp, ref, state, tstates,
+    args = (tmap, hp, ref, state, tstates,
             jnp.asarray(0, jnp.int32), track)  # fmt: skip
     assert "lapack" not in chunk.lower(*args).as_text().lower()
     # the check can fail: an eigh lowered on the CPU names its LAPACK call

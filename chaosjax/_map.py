@@ -1,0 +1,118 @@
+"""One map protocol: what the engine and the analyses may ask of a map.
+
+A map advances one replica: ``flow(x, carry, t, args) -> (x′, carry′, aux)`` on its dynamical
+coordinates ``x`` (a flat float vector: what tangents, perturbations and distances act on) and
+its carried part (integer counters, PRNG keys, running statistics: advanced exactly, never
+perturbed); ``aux`` is the loss of the step where the map has one. Beyond the flow a map
+declares its *capabilities* (:attr:`Map.capabilities`):
+
+* ``"loss"``: :meth:`Map.loss` of a state (loss records, curvature trackers);
+* ``"accuracy"``: :meth:`Map.accuracy` (classification);
+* ``"test"``: evaluation on a held-out split;
+* ``"learning_rate"``: the learning rate at t and the optimizer's stability threshold;
+* ``"outputs"``: the network's outputs on inputs (``output_of_params``, ``features``; the
+  training response);
+* ``"parameters"``: the leading :meth:`Map.n_params_of` coordinates of ``x`` are parameters,
+  grouped in :attr:`Map.layers` (parameter norms, layer distances).
+
+The engine and the analyses speak only this protocol; an analysis that needs a capability a
+map lacks refuses in one line naming it (:func:`require`). :class:`PlainMap` adapts a plain
+``step(x, t)`` (``step(x, t, args)``) on any pytree state; :class:`chaosjax.TrainingMap` and
+its ``from_step``/``from_nnx`` paths implement it for training.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+CAPABILITIES = ("loss", "accuracy", "test", "learning_rate", "parameters", "outputs")
+
+
+class Map(abc.ABC):
+    """The protocol every map implements (see the module doc)."""
+
+    @abc.abstractmethod
+    def flow(self, x, carry, t, args) -> tuple[Any, Any, Any]:
+        """One step of one replica: ``(x (dim,), carry, t, args) -> (x′, carry′, aux)``."""
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What the map can do beyond its flow (names in :data:`CAPABILITIES`)."""
+        return frozenset()
+
+    @property
+    def has_loss(self) -> bool:
+        """Whether the flow's ``aux`` is a loss (divergence flags watch it)."""
+        return False
+
+    #: whether rows carry state beside ``x`` that observers see (:meth:`pack`); a map sets it
+    has_carry: bool = False
+
+    def pack(self, x, carry):
+        """The rows as the map's states (what :meth:`loss` and observers take)."""
+        return x
+
+    def n_params_of(self, dim: int) -> int:
+        """How many leading coordinates of ``x`` are parameters (norms, layer slices)."""
+        return dim
+
+    @property
+    def layers(self) -> Mapping[str, tuple[int, int]]:
+        """Named slices ``[a, b)`` of the parameters (layer norms and distances)."""
+        return {}
+
+    def loss(self, state, split: str = "train", t=None):
+        """The loss of a state (capability ``"loss"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss")
+
+    def accuracy(self, state, split: str = "train"):
+        """The accuracy of a state (capability ``"accuracy"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no accuracy")
+
+
+def require(model: Map, capability: str, what: str, hint: str = "") -> None:
+    """One-line ValueError when ``model`` lacks ``capability`` (``what`` names the request,
+    ``hint`` says how to get it)."""
+    if capability not in model.capabilities:
+        have = ", ".join(sorted(model.capabilities)) or "none"
+        raise ValueError(
+            f"{what} needs a map with a {capability!r} capability; "
+            f"{type(model).__name__} has: {have}{hint}"
+        )
+
+
+@jax.tree_util.register_pytree_node_class
+class PlainMap(Map):
+    """A plain ``step(x, t)`` (``step(x, t, args)`` with per-row arguments) on any pytree state,
+    as a map: the state's float leaves are ``x``, its other leaves the carry (``layout``).
+
+    Args:
+        step: a :class:`jax.tree_util.Partial` (see :func:`chaosjax._util.as_traceable`).
+        layout: the state's :class:`chaosjax._layout.Layout`.
+        has_args: whether the step takes per-row arguments.
+    """
+
+    def __init__(self, step: Callable, layout, has_args: bool = False):
+        self.step, self.layout, self.has_args = step, layout, bool(has_args)
+
+    def flow(self, x, carry, t, args):
+        from chaosjax._layout import plain_flow
+
+        return plain_flow(self.step, x, carry, t, args, layout=self.layout, has_args=self.has_args)
+
+    def tree_flatten(self):
+        return (self.step,), (self.layout, self.has_args)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def __repr__(self):
+        return f"PlainMap({getattr(self.step, 'func', self.step)!r})"
+
+
+__all__ = ["CAPABILITIES", "Map", "PlainMap", "require"]
