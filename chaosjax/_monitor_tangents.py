@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import layout_of
 from chaosjax._util import warn_at_caller
-from chaosjax.optimizers import carried_leaf, differentiable_updates
+from chaosjax.optimizers import carried_leaf
 from chaosjax.smoothness import NonSmoothWarning, step_smoothness
 from chaosjax.tangents import qr_renormalize, random_basis, tangent_step
 
@@ -38,11 +39,14 @@ def optimizer_map(loss_fn: Callable, tx) -> Callable:
     """``F((params, opt_state), t, batch) -> (params′, opt_state′)``: one step of ``tx`` on
     the gradient of ``loss_fn`` (the map whose tangents ``wrap`` follows)."""
 
+    # √ of the update's moments differentiable at 0: only sqrt fed by the gradient or the
+    # optimizer state (a sqrt in the loss, fed by the parameters, keeps its derivative)
+    update = finite_sqrt_derivative(tx.update, lambda g, s, p: (True, True, False))
+
     def step(state, t, batch):
         params, opt_state = state
         g = jax.grad(loss_fn)(params, batch)
-        with differentiable_updates():
-            u, new = tx.update(g, opt_state, params)
+        u, new = update(g, opt_state, params)
         return optax.apply_updates(params, u), new
 
     return step

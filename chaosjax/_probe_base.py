@@ -22,11 +22,19 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._krylov import block_krylov_eigs
 from chaosjax._layout import Layout
-from chaosjax.optimizers import differentiable_updates
 
 PRECISION = "highest"
+
+
+def _update_select(grads, opt_state, params):
+    """The inputs of ``tx.update(grads, opt_state, params)`` whose ``sqrt`` get the finite
+    derivative at 0 (:func:`chaosjax._finite_sqrt.finite_sqrt_derivative`): the gradient and
+    the optimizer state, never the parameters."""
+    return (True, True, False)
+
 
 #: what a probe may need beyond the parameters and the batch
 NEEDS = ("optimizer", "learning_rate", "history", "tangents")
@@ -104,8 +112,9 @@ class Context:
         apply it, ``optax.apply_updates(params, u)``: ``tx.update(∇L, opt_state, params)``."""
         g = jax.grad(self.flat_loss(carried, batch))(x)
         grads = self.layout.merge(g, carried)
-        with differentiable_updates():
-            updates, _ = self.optimizer.update(grads, opt_state, params)
+        # √ of the update's moments differentiable at 0 (scoped: the gradient and the state)
+        update = finite_sqrt_derivative(self.optimizer.update, _update_select)
+        updates, _ = update(grads, opt_state, params)
         return self.layout.split(updates)[0]
 
 
@@ -139,6 +148,10 @@ class Probe:
         ``name``, extras under ``name/…``), the probe's next state, and the Hessian-vector
         products (or forward passes, for forward-only probes) spent."""
         raise NotImplementedError(f"{type(self).__name__}.measure")
+
+    def check_opt_state(self, opt_state) -> None:
+        """Refuse an optimizer state the probe cannot read (one-line ``ValueError`` naming the
+        argument), called by the monitor before any trace; default: accept."""
 
     def reason(self, *, eta_known: bool, tangents: bool) -> str:
         """Why the primary value is NaN under these conditions ("" when it is defined)."""

@@ -387,3 +387,31 @@ def test_sharded_parameters_and_batch_equal_one_device():
         if k.endswith("/seconds"):
             continue
         np.testing.assert_allclose(many[k], v, rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+def test_ftle_under_adam_with_a_dead_parameter_is_finite():
+    """A parameter the loss never reads has ν = 0 under Adam; √ν's derivative there is the
+    limit 0 inside the update (chaosjax._finite_sqrt, scoped to tx.update's gradient and
+    state), so the tangents stay finite."""
+    tx = optax.adam(1e-2)
+
+    def loss(p, b):
+        return ls(p["w"], b)
+
+    p = {"w": jnp.zeros(4), "dead": jnp.ones(2)}
+    mon = cj.Monitor(
+        loss,
+        probes=[P.FTLE(k=2), P.CriticalSharpness()],
+        every=5,
+        params=lambda s: s[0],
+        opt_state=lambda s: s[1],
+        optimizer=tx,
+        learning_rate=1e-2,
+    )
+    step = mon.wrap(jax.jit(_plain_step(tx, loss)))
+    state = (p, tx.init(p))
+    for t in range(1, 11):
+        state, _ = step(state, (X, Y))
+        out = mon(t, state, (X, Y))
+    assert np.asarray(state[1][0].nu["dead"]).max() == 0.0  # the dead unit's ν is exactly 0
+    assert np.isfinite([out["ftle"], out["ftle/1"], out["critical_sharpness"]]).all(), out
