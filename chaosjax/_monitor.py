@@ -234,6 +234,9 @@ class Monitor:
                 f"loss_fn: must return a float scalar, got {getattr(out, 'shape', type(out).__name__)}"
             )
         if with_optimizer:
+            for p in self.probes:
+                if "optimizer" in p.needs:
+                    p.check_opt_state(opt_state)
             try:
                 jax.eval_shape(lambda p, s: tx.update(p, s, p), params, opt_state)
             except Exception as e:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from chaosjax._probe_base import (
     Context,
@@ -160,6 +161,16 @@ class PreconditionedSharpness(_Eigen):
     def __post_init__(self):
         self._validate()
 
+    def check_opt_state(self, opt_state) -> None:
+        kinds = (optax.ScaleByAdamState, optax.ScaleByRmsState)
+        nodes = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: isinstance(n, kinds))
+        if not any(isinstance(n, kinds) for n in nodes):
+            raise ValueError(
+                "optimizer: PreconditionedSharpness needs an Adam-type or RMSProp optax state "
+                "(a ScaleByAdamState or ScaleByRmsState inside it, as optax.adam, adamw or "
+                f"rmsprop build); the state given holds neither ({type(opt_state).__name__})"
+            )
+
     def measure(self, ctx, inp: ProbeInputs, state):
         x, c = ctx.flat(inp.params)
         nu, kind, count = adaptive_preconditioner(inp.opt_state)
@@ -194,6 +205,12 @@ class BatchSharpness(Probe):
 
     Values: ``batch_sharpness`` = the mean; ``batch_sharpness/stderr`` = its standard error
     std/√m over the m batches (ddof 1; NaN for m < 2); ``batch_sharpness/batches`` = m.
+
+    Memory and buffers: without a sampler the monitor keeps *references* to the last ``n``
+    batches the loop passed (no copy: n batches stay alive on their devices). A train step
+    that donates its batch buffers (``jax.jit(step, donate_argnums=1)``) invalidates them, and
+    the next call fails on a deleted array; with such a step pass ``sampler=`` (or a copy of
+    the batch to ``mon``).
     """
 
     n: int = 16

@@ -167,6 +167,32 @@ def test_preconditioned_sharpness_and_its_threshold_under_adam():
     np.testing.assert_allclose(out["threshold"], 2 / eta, rtol=1e-6)  # η read from the state
 
 
+def test_preconditioned_sharpness_refuses_a_state_without_second_moments_before_any_trace():
+    tx = optax.sgd(0.1, momentum=0.9)
+    p = jnp.asarray(RNG.normal(size=8))
+    mon = cj.Monitor(
+        quad,
+        probes=[P.PreconditionedSharpness()],
+        optimizer=tx,
+        opt_state=lambda st: st["opt"],
+    )
+    with pytest.raises(ValueError) as e:
+        mon(0, {"params": p, "opt": tx.init(p)}, jnp.asarray(A))
+    msg = str(e.value)
+    assert msg.startswith("optimizer: PreconditionedSharpness") and "\n" not in msg, msg
+    assert mon.traces["preconditioned_sharpness"] == 0  # refused before its program was traced
+    # RMSProp's state is accepted (P = sqrt(ν + eps))
+    tx = optax.rmsprop(0.01)
+    out = cj.Monitor(
+        quad,
+        probes=[P.PreconditionedSharpness()],
+        optimizer=tx,
+        opt_state=lambda st: st["opt"],
+        learning_rate=0.01,
+    )(0, {"params": p, "opt": tx.init(p)}, jnp.asarray(A))
+    assert np.isfinite(out["preconditioned_sharpness"])
+
+
 def test_threshold_and_critical_sharpness_without_eta_are_nan_with_a_reason():
     tx, p, s = _gd_state()
     mon = cj.Monitor(
