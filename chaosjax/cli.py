@@ -3,7 +3,7 @@
     chaosjax run [PRESET | CONFIG.toml] [--out DIR] [--set key=value ...] [--variant NAME ...]
                  [--resume] [--force]
     chaosjax presets
-    chaosjax report RUN_DIR
+    chaosjax report RUN_DIR | MONITOR_LOG
     chaosjax config [PRESET | CONFIG.toml] [--set key=value ...]
 
 Bad input gives one line naming the field and what is allowed, and exit code 2.
@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
         "--process-id", type=int, default=0, metavar="I", help="this process's index (0 writes)"
     )
     sub.add_parser("presets", help="list the presets")
-    rep = sub.add_parser("report", help="re-render summary.md and figures of a run folder")
+    rep = sub.add_parser(
+        "report", help="re-render summary.md and figures of a run folder or a monitor log"
+    )
     rep.add_argument("run_dir")
     c = sub.add_parser("config", help="print the resolved config (TOML) and the field reference")
     c.add_argument("target", nargs="?", default=None)
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:28s} {d.get('description', '')}  [{d.get('runtime', '?')}]")
             return 0
         if command == "report":
-            path = report(Path(args.run_dir))
+            from chaosjax._monitor_report import find_monitor_log, report_monitor
+
+            log = find_monitor_log(Path(args.run_dir))  # a Monitor's log, else a run folder
+            path = report(Path(args.run_dir)) if log is None else report_monitor(log)
             print(f"re-rendered {path} and {path.parent / 'figures'}")
             return 0
         if command == "config":
