@@ -10,12 +10,23 @@
 # jax.sharding.AxisType (chaosjax.sharding); optax 0.2.4 is the first with
 # optax.safe_increment (chaosjax.optimizers).
 #
-# Measured (2 CPU cores, Python 3.12): see FLOOR_RESULT below, written by hand after a run.
+# Override a floor to try another: JAX_FLOOR=0.8.0 bash scripts/check_floor.sh.
+#
+# Measured (2 CPU cores, Python 3.11, the tree at commit 618dd93): jax/jaxlib 0.7.1, flax
+# 0.12.0, optax 0.2.4 resolve and install; 98 of the 103 tests pass, 5 fail. Four fail on the
+# floor only: chaosjax/training.py (_derived_counters) calls jax's private
+# pe.dce_jaxpr(jaxpr, True), and jax 0.7.1 wants a sequence of booleans for used_outputs
+# ("TypeError: 'bool' object is not iterable"): test_training.py (3 tests) and
+# test_smoothness.py::test_a_lion_training_map_is_voided_and_an_adam_map_is_not. The fifth,
+# test_finite_sqrt.py::test_no_module_assigns_to_jnp_sqrt, fails at every version until the
+# optimizer's sqrt patch leaves optimizers.py. The same 5 fail with jax/jaxlib 0.8.0. So the
+# floor is not yet passing: with [True] * len(jaxpr.outvars) in training.py it is expected
+# to; run this script again after that change and write the result here.
 set -euo pipefail
 
-JAX_FLOOR=0.7.1
-FLAX_FLOOR=0.12.0
-OPTAX_FLOOR=0.2.4
+JAX_FLOOR="${JAX_FLOOR:-0.7.1}"
+FLAX_FLOOR="${FLAX_FLOOR:-0.12.0}"
+OPTAX_FLOOR="${OPTAX_FLOOR:-0.2.4}"
 FAST_TESTS=(
   tests/test_results.py
   tests/test_systems.py
