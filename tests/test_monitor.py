@@ -233,10 +233,18 @@ def test_bad_input_is_one_line_naming_the_argument():
 
 
 def _reference(loss, params, batch):
-    """Dense λ_max, ‖g‖ and gᵀHg/gᵀg of loss(·, batch) at params (float64 oracle)."""
-    f = lambda q: loss(q, batch)  # noqa: E731
-    h = np.asarray(cj.dense_hessian(f, params))
-    g = np.asarray(cj.curvature._ravel(jax.grad(f)(params))[0])
+    """Dense λ_max, ‖g‖ and gᵀHg/gᵀg of loss(·, batch) at params (float64 oracle: the full
+    Hessian of the ravelled loss, one jitted program with the batch as an argument)."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+
+    def f(v, b):
+        return loss(unravel(v), b)
+
+    h, g = jax.jit(lambda v, b: (jax.hessian(f)(v, b), jax.grad(f)(v, b)))(flat, batch)
+    h, g = np.asarray(h, np.float64), np.asarray(g, np.float64)
+    assert h.dtype == np.float64 and h.shape == (flat.size, flat.size)
     return np.linalg.eigvalsh(h)[-1], np.linalg.norm(g), g @ h @ g / (g @ g)
 
 
