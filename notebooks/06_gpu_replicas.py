@@ -5,12 +5,15 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
 #     name: python3
 # ---
 
+# %%
 
 # %% [markdown]
 # # 06 · Hundreds of replicas and a learning-rate grid in one batch
@@ -53,13 +56,17 @@ print("backend:", jax.default_backend(), "| devices in the replica mesh:", mesh.
 
 # %% [markdown]
 # ## One batch: 4 seeds × 8 learning rates × (reference + 7 perturbed) = 256 replicas
+#
+# (2 × 3 × 3 = 18 at tiny size.)
 
 # %%
 seeds = [0, 1] if TINY else [0, 1, 2, 3]
 etas = list(np.geomspace(0.05, 6.0, 3 if TINY else 8))
+n_perturbed = 2 if TINY else 7
 batch = cj.make_replicas(
-    tmap, seeds=seeds, grid={"learning_rate": etas}, n_perturbed=2 if TINY else 7, eps=1e-8
+    tmap, seeds=seeds, grid={"learning_rate": etas}, n_perturbed=n_perturbed, eps=1e-8
 )
+assert len(batch) == len(seeds) * len(etas) * (1 + n_perturbed)  # one batch holds the grid
 est = replica_memory(tmap, batch)
 plan = cj.sharding.plan_batches(len(batch), est, mesh)
 print(est.describe())
@@ -109,3 +116,5 @@ plt.gca().set(xlabel="replicas R", ylabel="replica-steps / s", title=jax.default
 plt.show()
 for R, r in zip(counts, rates):
     print(f"R = {R:4d}: {r:.3g} replica-steps/s")
+if jax.default_backend() == "cpu":  # nearly flat in R (linear growth would be ×32 or ×512)
+    assert max(rates) < 10 * min(rates)

@@ -67,6 +67,7 @@ WIDTH = 4 if TINY else 8
 
 # %%
 digits = cj.datasets.digits(images=True, n_test=497)
+assert (len(digits.x_train), len(digits.x_test)) == (1300, 497)
 ds = cj.Dataset.from_arrays(
     digits.x_train[:N_TRAIN], digits.y_train[:N_TRAIN], digits.x_test, digits.y_test,
     name="digits-images",
@@ -110,19 +111,26 @@ tmap = cj.TrainingMap.from_nnx(
 )
 print(tmap)
 print("η_t known from:", tmap.learning_rate_source)
+# η_t is read from the optimizer state; parameters and Adam's two moments are the coordinates
+assert tmap.learning_rate_source == "state" and tmap.dim == 3 * tmap.n_params
 
 # %% [markdown]
 # ## Replicas, FTLEs and sharpness along the recorded runs
 #
-# Two initialisations, each with three replicas perturbed by ε = 1e-8 on the weights. The
-# Lyapunov observer carries k = 4 tangents along each reference run and records FTLEs every
-# record; the curvature observer records the top eigenvalue of Adam's preconditioned Hessian
-# P^-1/2 H P^-1/2 (P from the optimizer state's second moments) against Adam's threshold
-# (2 + 2β1)/((1 − β1)η_t), η_t read from the state at each record. `optimizer_kind="adamw"`
-# told chaosjax which threshold applies to the transformation it was given.
+# Two initialisations, each with three replicas (one at tiny size) perturbed by ε = 1e-8 on
+# the weights. The Lyapunov observer carries k = 4 tangents (2 at tiny size) along each
+# reference run and records FTLEs every record; the curvature observer records the top
+# eigenvalue of Adam's preconditioned Hessian P^-1/2 H P^-1/2 (P from the optimizer state's
+# second moments) against Adam's threshold (2 + 2β1)/((1 − β1)η_t), η_t read from the state
+# at each record. `optimizer_kind="adamw"` told chaosjax which threshold applies to the
+# transformation it was given.
 
 # %%
 batch = cj.make_replicas(tmap, seeds=[0, 1], n_perturbed=1 if TINY else 3, eps=1e-8)
+# the perturbations: entries up to ε on every weight, none on Adam's moments
+kick = np.asarray(batch.states - batch.states[batch.reference])[batch.coords["member"] > 0]
+assert 0.9e-8 < np.abs(kick[:, : tmap.n_params]).max(axis=1).min() < 1.01e-8
+assert not kick[:, tmap.n_params :].any()
 results = cj.run_replicas(
     tmap,
     batch,
@@ -226,6 +234,7 @@ smap = cj.TrainingMap.from_step(
     loss_fn=loss_fn, init_fn=init_state,
 )  # fmt: skip
 print(smap)
+assert smap.dim == 3 * smap.n_params  # the parameters and adamw's two moments; counts carried
 sbatch = cj.make_replicas(smap, seeds=[0, 1], n_perturbed=2, eps=1e-8)
 sres = cj.run_replicas(
     smap,
