@@ -318,7 +318,7 @@ def test_danovski_iris_regimes():
 
 def _interrupt_engine(monkeypatch, at_call: int):
     """Make the engine's 4th chunk call raise KeyboardInterrupt; returns the undo."""
-    import chaosjax.engine as eng
+    import chaosjax._engine_pass as eng
 
     real = eng._chunk_jit
     calls = {"n": 0}

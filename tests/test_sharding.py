@@ -86,7 +86,8 @@ def test_replica_run_sharded_equals_unsharded_with_curvature_tracker():
 def _sharded_program(tmap, batch, n_dev, trackers=(), names=("loss",)):
     """The engine's sharded first-record and chunk programs for ``batch`` and their
     arguments (2 records of 5 steps)."""
-    from chaosjax.engine import _RowLayout, _sharded_fns, _Spec, tracked_rows
+    from chaosjax._engine_program import _sharded_fns, _Spec
+    from chaosjax._engine_rows import _RowLayout, tracked_rows
     from chaosjax.observers import RunInfo
 
     mesh = sharding.replica_mesh(n_dev)
