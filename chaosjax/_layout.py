@@ -235,4 +235,20 @@ def plain_flow(step, x, carry, t, args, *, layout: Layout, has_args: bool):
     return x2.astype(x.dtype), tuple(c2), jnp.zeros((), x.dtype)
 
 
-__all__ = ["Layout", "LeafSpec", "MapState", "is_float", "layout_of", "path_name", "plain_flow"]
+def split_state(state) -> tuple[Any, Any]:
+    """``(x, carry)`` of a state (``carry`` is None for a flat state)."""
+    if isinstance(state, MapState):
+        return state.x, state.carry
+    return state, None
+
+
+__all__ = [
+    "Layout",
+    "LeafSpec",
+    "MapState",
+    "is_float",
+    "layout_of",
+    "path_name",
+    "plain_flow",
+    "split_state",
+]

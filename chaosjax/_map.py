@@ -74,6 +74,13 @@ class Map(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} has no accuracy")
 
 
+def is_training_map(obj) -> bool:
+    """Whether ``obj`` is a map whose leading coordinates are parameters (capability
+    ``"parameters"``): a :class:`chaosjax.TrainingMap` from any ``from_*`` or a
+    :class:`chaosjax.StepMap`, read through the protocol."""
+    return isinstance(obj, Map) and "parameters" in obj.capabilities
+
+
 def require(model: Map, capability: str, what: str, hint: str = "") -> None:
     """One-line ValueError when ``model`` lacks ``capability`` (``what`` names the request,
     ``hint`` says how to get it)."""
@@ -115,4 +122,23 @@ class PlainMap(Map):
         return f"PlainMap({getattr(self.step, 'func', self.step)!r})"
 
 
-__all__ = ["CAPABILITIES", "Map", "PlainMap", "require"]
+def as_map(model, batch) -> Map:
+    """``model`` as the map protocol: a :class:`chaosjax.Map` as it is, a plain
+    ``step(x, t)`` callable as a :class:`chaosjax.PlainMap` on the batch's layout."""
+    from chaosjax._util import as_traceable, check_step_signature
+
+    if isinstance(model, Map):
+        return model
+    step = as_traceable(model)
+    has_args = bool(jax.tree_util.tree_leaves(batch.hparams))
+    if not has_args:
+        check_step_signature(step)
+    layout = batch.layout
+    if layout is None:
+        from chaosjax._layout import layout_of
+
+        layout = layout_of(batch.states, batched=True)
+    return PlainMap(step, layout, has_args)
+
+
+__all__ = ["CAPABILITIES", "Map", "PlainMap", "as_map", "is_training_map", "require"]

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from chaosjax._layout import layout_of, plain_flow
+from chaosjax._layout import layout_of, plain_flow, split_state
+from chaosjax._map import is_training_map
 from chaosjax._util import as_traceable
-from chaosjax.training import TrainingMap, split_state
 
 DENSE_MAX = 256  # up to this dimension the k-step Jacobian is built densely (jacfwd + eig)
 
@@ -77,8 +77,8 @@ def _adapt(step, x0, args=None) -> _Map:
     unless ``args`` is given)."""
     from jax.tree_util import Partial
 
-    model = getattr(step, "__self__", None) if not isinstance(step, TrainingMap) else step
-    if isinstance(model, TrainingMap) and getattr(step, "__name__", "step") in ("step", "flow"):
+    model = getattr(step, "__self__", None) if not is_training_map(step) else step
+    if is_training_map(model) and getattr(step, "__name__", "step") in ("step", "flow"):
         x, carry = split_state(x0)
         carry = () if carry is None else carry
         hp = model.hparams if args is None else args

@@ -236,9 +236,9 @@ def hessian_eigs(
     are flat unit rows in ``jax.tree_util`` leaf order (the flat layout of
     :mod:`chaosjax._layout`). See :func:`lanczos_eigs`.
     """
-    from chaosjax.training import TrainingMap
+    from chaosjax._map import is_training_map
 
-    if isinstance(loss, TrainingMap):
+    if is_training_map(loss):
         loss, params, _ = training_loss(loss, params)
     matvec, p = hessian_operator(loss, params)
     return lanczos_eigs(

@@ -69,9 +69,9 @@ def _flat_loss(loss, params) -> tuple[Callable, jax.Array, Callable | None]:
     its states (the loss its step differentiates, as the curvature), a callable of a pytree,
     or a callable of a flat vector."""
     from chaosjax._layout import layout_of
-    from chaosjax.training import TrainingMap
+    from chaosjax._map import is_training_map
 
-    if isinstance(loss, TrainingMap):
+    if is_training_map(loss):
         batch, _ = loss.curvature_batch(0, "full")
         f = Partial(_map_loss, loss, params, batch)  # a pytree: one compiled program per map
         return f, loss.flat_params(params), loss.unravel_params
@@ -278,7 +278,7 @@ def directions(kind: str, loss=None, params=None, *, k: int = 1, key=None, **kwa
         raise ValueError(f"k: must be an integer >= 1, got {k!r}")
     if loss is None or params is None:
         raise TypeError("directions: pass the loss (or training map) and params (or state)")
-    from chaosjax.training import TrainingMap
+    from chaosjax._map import is_training_map
 
     f, p, unravel = _flat_loss(loss, params)
     dim = p.shape[0]
@@ -308,7 +308,7 @@ def directions(kind: str, loss=None, params=None, *, k: int = 1, key=None, **kwa
 
         res = hessian_eigs(f, p, int(k), **kwargs)
         return np.asarray(res.eigenvectors)
-    n_params = loss.n_params if isinstance(loss, TrainingMap) else dim
+    n_params = loss.n_params if is_training_map(loss) else dim
     if kind == "clv":
         clv = kwargs.get("clv")
         if clv is None:
@@ -324,7 +324,7 @@ def directions(kind: str, loss=None, params=None, *, k: int = 1, key=None, **kwa
     other = kwargs.get("other")
     if other is None:
         raise TypeError("directions: kind 'separation' needs other= (a perturbed replica)")
-    q = loss.flat_params(other) if isinstance(loss, TrainingMap) else _flat(other, params)
+    q = loss.flat_params(other) if is_training_map(loss) else _flat(other, params)
     diff = np.asarray(q - p, np.float64)
     norm = np.linalg.norm(diff)
     if norm == 0:

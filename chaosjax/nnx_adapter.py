@@ -258,13 +258,67 @@ def unwrap_variables(tree) -> Any:
     return jax.tree_util.tree_map(lambda v: value(v) if is_var(v) else v, tree, is_leaf=is_var)
 
 
+class PureForward:
+    """The forward pass of a pure ``apply_fn(params, x)`` (nothing carried, no randomness)."""
+
+    def __init__(self, apply_fn):
+        self.apply_fn = apply_fn
+
+    def __call__(self, params, model_carry, inputs, *, train: bool, key=None):
+        del train, key
+        return self.apply_fn(params, inputs), model_carry
+
+    def __hash__(self):
+        return hash(self.apply_fn)
+
+    def __eq__(self, other):
+        return isinstance(other, PureForward) and other.apply_fn == self.apply_fn
+
+
+def is_nnx_optimizer(obj) -> bool:
+    """Whether ``obj`` is a Flax ``nnx.Optimizer`` (its ``tx`` and ``opt_state`` are adopted)."""
+    return type(obj).__name__ == "Optimizer" and hasattr(obj, "tx") and hasattr(obj, "opt_state")
+
+
+def training_map(cls, model, dataset, model_factory, optimizer, kwargs):
+    """The body of :meth:`chaosjax.TrainingMap.from_nnx`: the model split once, its carried
+    state checked on two examples, a user's ``nnx.Optimizer`` adopted, and ``cls`` built on
+    the pure forward pass."""
+    dtype = kwargs.get("dtype")
+    forward, params, carry, features = split_model(model, dtype=dtype)
+    probe = dataset.x_train[:2]
+    if np.issubdtype(probe.dtype, np.floating):
+        pdt = jax.tree_util.tree_leaves(params)[0].dtype if dtype is None else dtype
+        probe = probe.astype(pdt)
+    check_carry(forward, params, carry, jnp.asarray(probe))
+    if is_nnx_optimizer(optimizer):
+        kwargs.setdefault("opt_state", optimizer_state(optimizer))
+    init_fn = None
+    if model_factory is not None:
+        init_fn = functools.partial(init_params, model_factory, dtype)
+    kwargs.setdefault("init_fn", init_fn)
+    kwargs.setdefault("features_fn", features)
+    kwargs.setdefault("name", type(model).__name__)
+    return cls(
+        TrainApply(forward, carry),
+        params,
+        dataset,
+        optimizer=optimizer,
+        _forward=forward,
+        _model_carry=carry,
+        **kwargs,
+    )
+
+
 __all__ = [
     "MODES",
     "NNXForward",
     "TrainApply",
     "check_carry",
     "init_params",
+    "is_nnx_optimizer",
     "optimizer_state",
     "split_model",
+    "training_map",
     "unwrap_variables",
 ]

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._layout import layout_of
+from chaosjax._layout import layout_of, split_state
+from chaosjax._map import is_training_map
 from chaosjax._orbit_newton import (
     DENSE_MAX,
     Orbit,
@@ -47,7 +48,6 @@ from chaosjax._orbit_newton import (
 from chaosjax._orbit_observer import PeriodTracker, probe
 from chaosjax._orbit_plots import plot_bifurcation
 from chaosjax._util import as_traceable
-from chaosjax.training import TrainingMap, split_state
 
 # ---------------------------------------------------------------------------------------------
 # periods of a series
@@ -217,7 +217,7 @@ class Bifurcation(NamedTuple):
 def _scalar_as_vector(step, x0):
     """A map on a scalar state (the logistic map) as a map on a (1,) vector: the engine's
     batched runs need a state axis. Other states pass unchanged."""
-    if isinstance(x0, TrainingMap) or not (np.ndim(x0) == 0 and _is_number(x0)):
+    if is_training_map(x0) or not (np.ndim(x0) == 0 and _is_number(x0)):
         return step, x0
 
     def vector_step(x, t, *args):
@@ -233,10 +233,10 @@ def _is_number(x) -> bool:
 
 
 def _as_training(step_or_map):
-    if isinstance(step_or_map, TrainingMap):
+    if is_training_map(step_or_map):
         return step_or_map
     owner = getattr(step_or_map, "__self__", None)
-    return owner if isinstance(owner, TrainingMap) else None
+    return owner if is_training_map(owner) else None
 
 
 class _Scan(NamedTuple):

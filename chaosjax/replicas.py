@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._layout import Layout, layout_of
+from chaosjax._layout import Layout, layout_of, split_state
+from chaosjax._map import is_training_map
 from chaosjax._util import warn_if_below_resolution
 from chaosjax.engine import (
     GENERIC_OBSERVABLES,
@@ -30,7 +31,6 @@ from chaosjax.engine import (
     run_replicas,
 )
 from chaosjax.results import ReplicaResults
-from chaosjax.training import TrainingMap, split_state
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 TARGETS = ("weights", "params", "all")
@@ -106,7 +106,7 @@ def perturbation_mask(model, target: str, dim: int) -> np.ndarray:
     if target not in TARGETS:
         raise ValueError(f"target: unknown {target!r}; allowed: {', '.join(TARGETS)}")
     mask = np.zeros(dim, bool)
-    if not isinstance(model, TrainingMap):
+    if not is_training_map(model):
         if target != "all":
             raise ValueError(f"target: {target!r} needs a TrainingMap; use 'all' for a plain state")
         mask[:] = True
@@ -211,7 +211,7 @@ def make_replicas(
     Returns:
         A :class:`ReplicaBatch` with states (R, dim).
     """
-    is_tm = isinstance(model, TrainingMap)
+    is_tm = is_training_map(model)
     target = target or ("weights" if is_tm else "all")
     if int(n_perturbed) != n_perturbed or n_perturbed < 0:
         raise ValueError(f"n_perturbed: must be a non-negative integer, got {n_perturbed!r}")

@@ -272,11 +272,11 @@ def step_smoothness(step, x0, *, t=0, args=None) -> Smoothness:
     Returns:
         :class:`Smoothness` ``(smooth, primitives, reason)``.
     """
-    from chaosjax._layout import layout_of, plain_flow
+    from chaosjax._layout import layout_of, plain_flow, split_state
+    from chaosjax._map import is_training_map
     from chaosjax._util import as_traceable
-    from chaosjax.training import TrainingMap, split_state
 
-    if isinstance(step, TrainingMap):
+    if is_training_map(step):
         x, carry = split_state(x0)
         carry = () if carry is None else carry
         return flow_smoothness(step.flow, x, carry, jnp.asarray(t, jnp.int32), step.hparams)

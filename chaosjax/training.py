@@ -17,14 +17,12 @@ data and the same masks, and the map is deterministic.
 Hyper-parameters (learning rate, momentum, Adam's betas, …) are arrays passed to the step,
 so a grid of learning rates runs as one vmapped batch (``step_with``).
 
-Length: losses (:mod:`chaosjax.losses`), optimizers (:mod:`chaosjax.optimizers`), the flat
-layout (:mod:`chaosjax._layout`) and the NNX adapter live elsewhere; what is here is the map
-itself (step, flow, schedules in η_t), its states and its evaluation.
+What every training map shares (the compiled step, the state codec, thresholds) is
+:class:`chaosjax._training_core.TrainingCore`; :class:`chaosjax.StepMap` is a sibling built on it.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,51 +30,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.interpreters import partial_eval as pe
 
 from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import Layout, MapState, layout_of
-from chaosjax._map import Map
-from chaosjax._util import FieldsPytree, warn_at_caller, x64_enabled
+from chaosjax._optimizer_binding import (
+    adopt_opt_state,
+    derived_counters,
+    frozen,
+    resolve_optimizer,
+    thawed,
+)
+from chaosjax._training_core import (
+    _STEP_MAP,
+    TrainingCore,
+    _nullcontext,
+    split_state,
+    warn_unknown_threshold,
+)
+from chaosjax._util import x64_enabled
 from chaosjax.datasets import Dataset
 from chaosjax.losses import LOSSES, constant_loss, cross_entropy_loss, loss_function, mse_loss
+from chaosjax.nnx_adapter import PureForward
 from chaosjax.optimizers import (
     OPTIMIZERS,
     SCHEDULES,
     carried_leaf,
     held_learning_rate,
-    is_step_counter,
     make_schedule,
-    stability_threshold,
     with_hyperparams,
 )
 
 
-def split_state(state) -> tuple[Any, Any]:
-    """``(x, carry)`` of a state (``carry`` is None for a flat state)."""
-    if isinstance(state, MapState):
-        return state.x, state.carry
-    return state, None
-
-
-class _PureForward:
-    """The forward pass of a pure ``apply_fn(params, x)`` (nothing carried, no randomness)."""
-
-    def __init__(self, apply_fn):
-        self.apply_fn = apply_fn
-
-    def __call__(self, params, model_carry, inputs, *, train: bool, key=None):
-        del train, key
-        return self.apply_fn(params, inputs), model_carry
-
-    def __hash__(self):
-        return hash(self.apply_fn)
-
-    def __eq__(self, other):
-        return isinstance(other, _PureForward) and other.apply_fn == self.apply_fn
-
-
-class TrainingMap(FieldsPytree, Map):
+class TrainingMap(TrainingCore):
     """One optimizer step as a map ``step(state, t) -> state``.
 
     Build it from a pure ``apply_fn(params, x)`` and its parameter pytree (this constructor),
@@ -163,7 +148,7 @@ class TrainingMap(FieldsPytree, Map):
             )
         params = _as_arrays(params, dtype)
         self._apply_fn = apply_fn
-        self._forward = _forward if _forward is not None else _PureForward(apply_fn)
+        self._forward = _forward if _forward is not None else PureForward(apply_fn)
         self._loss = loss_function(loss)
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         self.task = dataset.task
@@ -186,11 +171,11 @@ class TrainingMap(FieldsPytree, Map):
         self.dataset_name = dataset.name
         self.n_classes = dataset.n_classes
 
-        self._factory, hp, self.optimizer_name = self._resolve_optimizer(
+        self._factory, hp, self.optimizer_name = resolve_optimizer(
             optimizer, learning_rate, hparams, schedule, dict(schedule_options or {})
         )
         self._schedule = (
-            (schedule, _frozen(schedule_options or {})) if isinstance(optimizer, str) else None
+            (schedule, frozen(schedule_options or {})) if isinstance(optimizer, str) else None
         )
         if optimizer_kind is not None:
             if optimizer_kind not in OPTIMIZERS:
@@ -230,11 +215,11 @@ class TrainingMap(FieldsPytree, Map):
         if opt_state is None:
             opt_state = tx.init(params)
         else:
-            opt_state = _adopt_opt_state(tx.init(params), opt_state)
+            opt_state = adopt_opt_state(tx.init(params), opt_state)
         self._opt_layout = layout_of(opt_state, carried=carried_leaf, what="optimizer state")
         carried = self._opt_layout.split(opt_state)[1]
         names = [s.name for s in self._opt_layout.leaves if not s.dynamic]
-        self._counters = self._derived_counters(tx, params, opt_state, names, carried)
+        self._counters = derived_counters(self, tx, params, opt_state, names, carried)
         self.counters0 = tuple(jnp.asarray(c) for c, d in zip(carried, self._counters) if d)
         self._opt_carry0 = tuple(jnp.asarray(c) for c, d in zip(carried, self._counters) if not d)
         self._opt_floats0 = self._opt_layout.split(opt_state)[0]
@@ -250,86 +235,6 @@ class TrainingMap(FieldsPytree, Map):
         warn_unknown_threshold(self)
 
     # -- construction helpers --------------------------------------------------------------
-
-    @staticmethod
-    def _resolve_optimizer(optimizer, learning_rate, hparams, schedule, schedule_options):
-        hparams = dict(hparams or {})
-        if _is_nnx_optimizer(optimizer):
-            optimizer = optimizer.tx
-        if isinstance(optimizer, optax.GradientTransformation):
-            if hparams or learning_rate is not None:
-                raise ValueError(
-                    "optimizer: a ready GradientTransformation has fixed hyper-parameters; pass a "
-                    "name or a factory make(**hparams) to set learning_rate/hparams"
-                )
-            fixed = optimizer
-            return (lambda: fixed), {}, "custom"
-        if isinstance(optimizer, str):
-            if optimizer not in OPTIMIZERS:
-                raise ValueError(
-                    f"optimizer: unknown {optimizer!r}; allowed: {', '.join(OPTIMIZERS)}"
-                )
-            spec = OPTIMIZERS[optimizer]
-            unknown = set(hparams) - set(spec.defaults)
-            if unknown:
-                raise ValueError(
-                    f"hparams: {sorted(unknown)} not used by {optimizer!r}; allowed: {sorted(spec.defaults) or 'none'}"
-                )
-            if learning_rate is None:
-                raise ValueError(f"learning_rate: required for optimizer {optimizer!r}")
-            if schedule not in SCHEDULES:
-                raise ValueError(f"schedule: unknown {schedule!r}; allowed: {', '.join(SCHEDULES)}")
-            make_schedule(schedule, 1.0, **schedule_options)  # validate options early
-            hp = {**spec.defaults, **hparams, "learning_rate": float(learning_rate)}
-            make = spec.make
-
-            def factory(learning_rate, **kw):
-                return make(make_schedule(schedule, learning_rate, **schedule_options), **kw)
-
-            return factory, hp, optimizer
-        if callable(optimizer):
-            if learning_rate is not None:
-                hparams["learning_rate"] = learning_rate
-            name = getattr(optimizer, "__name__", None) or getattr(
-                getattr(optimizer, "func", None), "__name__", "custom"
-            )
-            return optimizer, hparams, name
-        raise TypeError(
-            f"optimizer: expected a name ({', '.join(OPTIMIZERS)}), a factory, an optax "
-            f"GradientTransformation or an nnx.Optimizer, got {type(optimizer).__name__}"
-        )
-
-    def _derived_counters(self, tx, params, opt_state, names, carried) -> tuple[bool, ...]:
-        """Which carried optimizer leaves are plain update counters, derived from t.
-
-        When every integer leaf is an optax ``count`` that one update moves by exactly +1, all
-        of them come from t and the state stays flat; otherwise (``MultiSteps``,
-        ``apply_if_finite``, …) every one is carried and advanced by the step itself."""
-        if not carried:
-            return ()
-        plain = all(
-            is_step_counter(n) and jnp.issubdtype(jnp.asarray(c).dtype, jnp.integer)
-            for n, c in zip(names, carried)
-        )
-        if plain:
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            x, y = self.data["x_train"], self.data["y_train"]
-
-            def counters_after_one_update(params, opt_state, x, y):
-                # only the integer leaves are returned: the jaxpr keeps what they need (a
-                # controller's Krylov solve is dead code here and is neither run nor compiled)
-                _, new_state = optax.with_extra_args_support(tx).update(
-                    zeros, opt_state, params, **self._extra_args(params, x, y, zeros)
-                )
-                return self._opt_layout.split(new_state)[1]
-
-            closed = jax.make_jaxpr(counters_after_one_update)(params, opt_state, x, y)
-            kept, used_in = pe.dce_jaxpr(closed.jaxpr, True)
-            leaves = jax.tree_util.tree_leaves((params, opt_state, x, y))
-            args = [a for a, u in zip(leaves, used_in, strict=True) if u]
-            new = jax.core.eval_jaxpr(kept, closed.consts, *args)
-            plain = all(bool(jnp.all(b == a + 1)) for a, b in zip(carried, new))
-        return tuple(plain for _ in carried)
 
     @classmethod
     def from_nnx(
@@ -368,30 +273,7 @@ class TrainingMap(FieldsPytree, Map):
         """
         from chaosjax import nnx_adapter
 
-        dtype = kwargs.get("dtype")
-        forward, params, carry, features = nnx_adapter.split_model(model, dtype=dtype)
-        probe = dataset.x_train[:2]
-        if np.issubdtype(probe.dtype, np.floating):
-            pdt = jax.tree_util.tree_leaves(params)[0].dtype if dtype is None else dtype
-            probe = probe.astype(pdt)
-        nnx_adapter.check_carry(forward, params, carry, jnp.asarray(probe))
-        if _is_nnx_optimizer(optimizer):
-            kwargs.setdefault("opt_state", nnx_adapter.optimizer_state(optimizer))
-        init_fn = None
-        if model_factory is not None:
-            init_fn = functools.partial(nnx_adapter.init_params, model_factory, dtype)
-        kwargs.setdefault("init_fn", init_fn)
-        kwargs.setdefault("features_fn", features)
-        kwargs.setdefault("name", type(model).__name__)
-        return cls(
-            nnx_adapter.TrainApply(forward, carry),
-            params,
-            dataset,
-            optimizer=optimizer,
-            _forward=forward,
-            _model_carry=carry,
-            **kwargs,
-        )
+        return nnx_adapter.training_map(cls, model, dataset, model_factory, optimizer, kwargs)
 
     @classmethod
     def from_apply(cls, apply_fn, params, dataset, **kwargs):
@@ -438,14 +320,6 @@ class TrainingMap(FieldsPytree, Map):
         lr = self.hparams.get("learning_rate")
         return None if lr is None else float(lr)
 
-    @property
-    def learning_rate_source(self) -> str:
-        """How η_t is known: ``"schedule"`` (a named optimizer's schedule, a function of t),
-        ``"state"`` (held by the optimizer state: ``optax.inject_hyperparams`` or a chaosjax
-        controller), ``"hparam"`` (a factory's ``learning_rate``, taken as constant), or
-        ``"unknown"``."""
-        return self._lr_source
-
     def learning_rate_at(self, state, t, hparams=None) -> jax.Array:
         """η of the step taken at ``t`` (jittable): a named optimizer's schedule at the step's
         count; the learning rate an ``optax.inject_hyperparams`` state or a chaosjax controller
@@ -456,7 +330,7 @@ class TrainingMap(FieldsPytree, Map):
         src = self.learning_rate_source
         if src == "schedule":
             kind, opts = self._schedule
-            sched = make_schedule(kind, hp["learning_rate"], **_thawed(opts))
+            sched = make_schedule(kind, hp["learning_rate"], **thawed(opts))
             count = t + (self.counters0[0] if self.counters0 else 0)
             return jnp.asarray(sched(count) if callable(sched) else sched, self.state_dtype)
         if src == "state":
@@ -467,11 +341,6 @@ class TrainingMap(FieldsPytree, Map):
         return jnp.full((), jnp.nan, self.state_dtype)
 
     @property
-    def has_loss(self) -> bool:
-        """Whether the map has a loss (records, divergence flags, curvature)."""
-        return True
-
-    @property
     def capabilities(self) -> frozenset[str]:
         """The map protocol's capabilities (:mod:`chaosjax._map`): a loss, evaluation on the
         test split, the learning rate and threshold, parameters, the network's outputs, and
@@ -479,43 +348,11 @@ class TrainingMap(FieldsPytree, Map):
         caps = {"loss", "test", "learning_rate", "parameters", "outputs"}
         return frozenset(caps | ({"accuracy"} if self.task == "classification" else set()))
 
-    def n_params_of(self, dim: int) -> int:
-        """The parameters lead the state: ``n_params`` of its ``dim`` coordinates."""
-        return self.n_params
-
     @property
     def optimizer_hparams(self) -> dict[str, Any]:
         """Hyper-parameters of the optimizer's stability threshold beyond ``hparams`` (none
         here: a named optimizer's are its ``hparams``)."""
         return {}
-
-    def threshold_at(self, state, t, hparams=None) -> jax.Array:
-        """The optimizer's stability threshold on λmax at step t (c/η_t, see
-        :func:`chaosjax.optimizers.stability_threshold`); NaN when the optimizer or η_t is not
-        known."""
-        hp = self.hparams if hparams is None else hparams
-        eta = self.learning_rate_at(state, t, hparams)
-        thr, _ = stability_threshold(
-            self.optimizer_name, {**self.optimizer_hparams, **hp, "learning_rate": eta}
-        )
-        return jnp.asarray(thr, self.state_dtype)
-
-    def learning_rates(self, steps, hparams=None) -> tuple[np.ndarray | None, str]:
-        """η at each of ``steps`` when it is a function of t alone, with ``''``; else ``None``
-        and the reason (η held by the optimizer state, or unknown)."""
-        src = self.learning_rate_source
-        if src in ("schedule", "hparam"):
-            f = jax.vmap(lambda t: self.learning_rate_at(None, t, hparams))
-            return np.asarray(f(jnp.asarray(steps)), np.float64), ""
-        if src == "state":
-            return None, (
-                "η is held by the optimizer state (inject_hyperparams or a controller): known at "
-                "the records, not at every step"
-            )
-        return None, (
-            f"the optimizer ({self.optimizer_name}) does not expose its learning rate: pass a "
-            "named optimizer, a factory with learning_rate, or optax.inject_hyperparams"
-        )
 
     # -- state <-> pytrees ------------------------------------------------------------------
 
@@ -524,23 +361,6 @@ class TrainingMap(FieldsPytree, Map):
         """The network: ``apply_fn(params, x) -> outputs`` on a parameter pytree (the loss the
         step differentiates: train mode, dropout off)."""
         return self._apply_fn
-
-    def pack(self, x, carry=None):
-        """The state of dynamical coordinates ``x`` and ``carry`` (x alone when nothing is
-        carried)."""
-        if not self.has_carry:
-            return x
-        return MapState(x, self.carry0 if carry is None else carry)
-
-    def final_state(self, results, replica: int):
-        """The state replica ``replica`` of a :func:`run_replicas` result ended in (its
-        dynamical coordinates and, for a map that carries state, its carry)."""
-        x = jnp.asarray(results.final_state[replica])
-        if not self.has_carry:
-            return x
-        treedef = jax.tree_util.tree_structure(self.carry0)
-        leaves = [jnp.asarray(c[replica]) for c in results.final_carry]
-        return self.pack(x, jax.tree_util.tree_unflatten(treedef, leaves))
 
     @property
     def carry0(self):
@@ -594,17 +414,6 @@ class TrainingMap(FieldsPytree, Map):
         """Parameter pytree of a flat parameter vector (n_params,)."""
         return self._params_layout.unravel(p)
 
-    def flat_params(self, state) -> jax.Array:
-        """The parameter part of the state, shape (n_params,)."""
-        x, _ = split_state(state)
-        return x[..., : self.n_params]
-
-    def with_params(self, state, p):
-        """The state with its parameter part replaced by ``p`` (n_params,)."""
-        x, carry = split_state(state)
-        x = jnp.concatenate([p, x[self.n_params :]])
-        return x if carry is None else MapState(x, carry)
-
     def opt_state(self, state, t, hparams=None) -> Any:
         """The full optax state at step ``t`` (float moments from the state, counters from t,
         other integers from the carry, an ``inject_hyperparams`` state's hyper-parameters from
@@ -656,10 +465,6 @@ class TrainingMap(FieldsPytree, Map):
             return jnp.arange(n)
         key = jax.random.fold_in(jax.random.PRNGKey(self.batch_seed), t)
         return jax.random.choice(key, n, (self.batch_size,), replace=False)
-
-    def step_key(self, t):
-        """The key of the model's random streams at step t (the same for every replica)."""
-        return jax.random.fold_in(jax.random.key(self.rng_seed), t)
 
     def loss_of_params(self, params, x=None, y=None) -> jax.Array:
         """Loss of a parameter pytree on (x, y) (default: the full training set) — the loss the
@@ -748,22 +553,6 @@ class TrainingMap(FieldsPytree, Map):
         new_carry = (new_mc, new_opt_carry) if self.has_carry else carry
         return new_x.astype(x.dtype), new_carry, loss
 
-    def step_and_loss(self, state, t, hparams=None):
-        """One step: ``(new_state, loss)`` where loss is the batch loss *before* the step.
-
-        Compiled once per map structure and state shape (``jax.jit`` with the map as a pytree
-        argument), so eager calls in a notebook do not dispatch op by op; inside your own
-        ``jit``/``vmap``/``jvp``/``scan`` it is inlined like any jitted function."""
-        return _step_and_loss(self, state, t, self.hparams if hparams is None else hparams)
-
-    def step_with(self, state, t, hparams):
-        """One step with explicit hyper-parameters (a dict of arrays; vmappable)."""
-        return self.step_and_loss(state, t, hparams)[0]
-
-    def step(self, state, t):
-        """One optimizer step ``state_t -> state_{t+1}`` on batch ``t``."""
-        return self.step_and_loss(state, t)[0]
-
     # -- evaluation (eval mode) -------------------------------------------------------------
 
     def _split(self, split):
@@ -834,82 +623,11 @@ class TrainingMap(FieldsPytree, Map):
 
 jax.tree_util.register_pytree_node_class(TrainingMap)
 
-#: the class behind :meth:`TrainingMap.from_step`, registered by :mod:`chaosjax.stepmap`
-_STEP_MAP: dict[str, type] = {}
-
-
-@jax.jit
-def warn_unknown_threshold(tmap) -> None:
-    """One warning when a map names its optimizer's kind (so a stability threshold is asked
-    for) but cannot know η_t: its thresholds and ηt units are NaN."""
-    if tmap.learning_rate_source != "unknown" or tmap.optimizer_name in ("custom", None):
-        return
-    if tmap.optimizer_name not in OPTIMIZERS:
-        return
-    warn_at_caller(
-        f"learning_rate: the map cannot know η_t of its {tmap.optimizer_name!r} optimizer (a ready "
-        "GradientTransformation hides it), so thresholds 2/η and ηt units are NaN; wrap the "
-        "optimizer in optax.inject_hyperparams (e.g. optax.inject_hyperparams(optax.sgd)"
-        "(learning_rate=0.3)), pass a factory with learning_rate=, or a named optimizer",
-    )
-
-
-def _step_and_loss(tmap, state, t, hparams):
-    x, carry = split_state(state)
-    new_x, new_carry, loss = tmap.flow(x, () if carry is None else carry, t, hparams)
-    return (new_x if carry is None else MapState(new_x, new_carry)), loss
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
 
 def _as_arrays(params, dtype):
     if dtype is not None:
         return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
     return jax.tree_util.tree_map(jnp.asarray, params)
-
-
-def _frozen(options: Mapping[str, Any]) -> tuple:
-    """Schedule options as a hashable tuple (static pytree data)."""
-    return tuple(
-        sorted((k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in options.items())
-    )
-
-
-def _thawed(options: tuple) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in options}
-
-
-def _is_nnx_optimizer(obj) -> bool:
-    return type(obj).__name__ == "Optimizer" and hasattr(obj, "tx") and hasattr(obj, "opt_state")
-
-
-def _adopt_opt_state(fresh, given):
-    """A user's optimizer state in the structure ``tx.init(params)`` gives (an
-    ``nnx.Optimizer`` wraps its leaves in variables): leaves matched in order, shapes checked."""
-    from chaosjax.nnx_adapter import unwrap_variables
-
-    given = unwrap_variables(given)
-    ours, treedef = jax.tree_util.tree_flatten(fresh)
-    theirs = jax.tree_util.tree_leaves(given)
-    if len(ours) != len(theirs):
-        raise ValueError(
-            f"opt_state: {len(theirs)} leaves do not match the optimizer's state of "
-            f"{len(ours)} leaves for these parameters"
-        )
-    for a, b in zip(ours, theirs):
-        if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(
-                f"opt_state: a leaf of shape {jnp.shape(b)} where the optimizer has {jnp.shape(a)}"
-            )
-    return jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(b, jnp.result_type(a)) for a, b in zip(ours, theirs)]
-    )
 
 
 __all__ = [

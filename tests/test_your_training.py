@@ -451,7 +451,9 @@ def test_from_step_refusals():
             params=lambda s: jax.tree_util.tree_map(lambda a: a * 2.0, s.params),
         )  # fmt: skip
     tm = TrainingMap.from_step(train_step, st, batch_fn=batch_fn, data=data)
-    with pytest.raises(ValueError, match="observables: .loss. needs a map with a .loss. capability.*loss_fn"):
+    with pytest.raises(
+        ValueError, match=r"observables: 'loss' needs a map with a 'loss' capability.*loss_fn"
+    ):
         chaosjax.run_replicas(tm, chaosjax.make_replicas(tm), steps=2, observables=["loss"])
     res = chaosjax.run_replicas(tm, chaosjax.make_replicas(tm), steps=2, progress=False)
     assert "loss" not in res.records  # without loss_fn: no loss records by default
