@@ -133,7 +133,10 @@ class _Rewriter:
                 car = new
             _, hb = self.deps(body, s_in[cn : cn + bn] + car)
             _, hc = self.deps(_open(p["cond_jaxpr"])[0], s_in[:cn] + car)
-            sub = [("body_jaxpr", s_in[cn : cn + bn] + car, hb), ("cond_jaxpr", s_in[:cn] + car, hc)]
+            sub = [
+                ("body_jaxpr", s_in[cn : cn + bn] + car, hb),
+                ("cond_jaxpr", s_in[:cn] + car, hc),
+            ]
             return car, sub
         if name == "scan":
             nc, nk = p["num_consts"], p["num_carry"]
@@ -141,7 +144,9 @@ class _Rewriter:
             sel = list(s_in)
             while True:
                 o, _ = self.deps(body, sel)
-                new = sel[:nc] + [a or b for a, b in zip(sel[nc : nc + nk], o[:nk])] + sel[nc + nk :]
+                new = (
+                    sel[:nc] + [a or b for a, b in zip(sel[nc : nc + nk], o[:nk])] + sel[nc + nk :]
+                )
                 if new == sel:
                     break
                 sel = new

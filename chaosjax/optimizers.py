@@ -18,7 +18,7 @@ name           hyper-parameters          stability threshold on λmax     operat
 The named ``adam``/``adamw`` keep a tiny ``eps_root = 1e-20`` by default (optax's is 0), and
 say so; optax's own transformations work as given with their defaults: chaosjax
 differentiates the optimizer's √ with the limit 0 where its argument is exactly 0
-(:func:`differentiable_sqrt`), so a ReLU network's exactly-zero gradient entries do not turn
+(:func:`chaosjax._finite_sqrt.finite_sqrt_derivative`, a rewrite of the traced update), so a ReLU network's exactly-zero gradient entries do not turn
 Adam's tangents into autodiff's 0·∞ = NaN. The trajectory is unchanged: only the derivative
 at that one point differs (the true derivative of the update exists there, since √ν is
 multiplied by a zero first moment).
@@ -26,7 +26,6 @@ multiplied by a zero first moment).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -280,54 +279,12 @@ def is_step_counter(name: str) -> bool:
     return name.rsplit("/", 1)[-1] == "count"
 
 
-# ---------------------------------------------------------------------------------------------
-# differentiating optax as given
-
-
-@jax.custom_jvp
-def _sqrt(x):
-    return jax.lax.sqrt(x)
-
-
-@_sqrt.defjvp
-def _sqrt_jvp(primals, tangents):
-    (x,), (dx,) = primals, tangents
-    y = _sqrt(x)
-    positive = x > 0
-    return y, jnp.where(positive, dx / (2.0 * jnp.where(positive, y, 1.0)), jnp.zeros_like(dx))
-
-
-def differentiable_sqrt(x, /):
-    """``jnp.sqrt`` whose derivative at exactly 0 is the limit 0 instead of ∞ (the value is
-    identical). Inside an optimizer update √ν is always multiplied by a first moment that is 0
-    wherever ν is 0, so the update's true derivative exists there; autodiff's 0·∞ is NaN."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.inexact):
-        x = x.astype(jnp.result_type(float))
-    return _sqrt(x)
-
-
-@contextlib.contextmanager
-def differentiable_updates():
-    """While tracing an optimizer update, ``jnp.sqrt`` is :func:`differentiable_sqrt` (optax
-    looks it up when it runs), so Adam-type updates with ``eps_root = 0`` have finite tangents
-    at exactly-zero gradient entries. Values are unchanged."""
-    original = jnp.sqrt
-    jnp.sqrt = differentiable_sqrt
-    try:
-        yield
-    finally:
-        jnp.sqrt = original
-
-
 __all__ = [
     "CONTROLLED",
     "OPTIMIZERS",
     "SCHEDULES",
     "OptimizerSpec",
     "carried_leaf",
-    "differentiable_sqrt",
-    "differentiable_updates",
     "held_hyperparams",
     "held_learning_rate",
     "is_step_counter",
