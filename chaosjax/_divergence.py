@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chaosjax._fit import MIN_POINTS, best_line_fit
-from chaosjax._util import renamed, warn_if_below_resolution
+from chaosjax._util import warn_if_below_resolution
 
 
 def ensemble_log_distance(distances, times=None) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +155,6 @@ def best_window_fit(
     return WindowFit(f.slope, f.intercept, f.r2, x1, x2, n, "", **thresholds)
 
 
-@renamed(n_perturbations="n_perturbed")
 def local_growth_rates(
     step: Callable,
     states,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from chaosjax import _smalllinalg as _sl
-from chaosjax._util import renamed, warn_renamed
+from chaosjax._util import warn_renamed
 
 # ---------------------------------------------------------------------------------------------
 # results
@@ -63,7 +63,6 @@ def _default_tol(dtype) -> float:
     return 1e-6 if jnp.dtype(dtype) == jnp.float64 else 1e-3
 
 
-@renamed(num_matvecs="n_matvecs")
 def lanczos(matvec: Callable, v0, n_matvecs: int, key=None):
     """Lanczos with full reorthogonalisation.
 
@@ -121,7 +120,6 @@ def _tridiag(alphas, betas):
     return jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
 
 
-@renamed(num_matvecs="n_matvecs")
 def lanczos_eigs(
     matvec: Callable,
     dim: int,
@@ -175,7 +173,6 @@ def lanczos_eigs(
     return EigResult(theta, vecs, res, res <= tol * scale, m)
 
 
-@renamed(num_blocks="n_blocks")
 def block_krylov_eigs(
     matvec: Callable,
     v0,
@@ -297,7 +294,6 @@ def _rayleigh_ritz(b, ab, k: int, which: str, tol, n_matvecs: int) -> EigResult:
 TRACE_METHODS = ("hutchinson", "hutch++")
 
 
-@renamed(num_probes="n_probes")
 def trace_estimate(
     matvec: Callable, dim: int, *, n_probes: int, key, method: str = "hutchinson", dtype=None
 ) -> TraceResult:
@@ -329,7 +325,6 @@ def trace_estimate(
     return TraceResult(exact + samples.mean(), samples.std(ddof=1) / jnp.sqrt(g_n), exact + samples)
 
 
-@renamed(num_matvecs="n_matvecs", num_runs="n_runs")
 def density_estimate(
     matvec: Callable, dim: int, *, n_matvecs: int, n_runs: int, key, dtype=None
 ) -> DensityResult:

@@ -31,7 +31,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from chaosjax._util import renamed
 from chaosjax.observers import CLVWindow, LyapunovTracker, key_data
 
 #: default host-memory budget of one call, bytes.
@@ -190,7 +189,6 @@ def _kept_intervals(steps, re: int, backward_transient, keep_every):
     return n_keep, n_bt, keep_per, np.arange(0, n_keep, keep_per)
 
 
-@renamed(memory_budget="host_memory_limit")
 def covariant_lyapunov_vectors(
     step: Callable,
     x0,

@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import optax
 
 from chaosjax._layout import layout_of
-from chaosjax._util import renamed
 from chaosjax.curvature import (
     PRECISION,
     adaptive_preconditioner,
@@ -160,7 +159,6 @@ class SharpnessControlState(NamedTuple):
     inner: Any
 
 
-@renamed(num_blocks="n_blocks")
 def sharpness_margin(
     margin=1.0,
     learning_rate=0.01,

@@ -30,8 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chaosjax._util import renamed
-
 
 def _system(*, data: tuple[str, ...] = ()):
     """Frozen dataclass registered as a pytree: ``data`` fields are leaves, the rest static.
@@ -274,8 +272,8 @@ standard_map = StandardMap
 linear_map = LinearMap
 lorenz63 = Lorenz63
 lorenz96 = Lorenz96
-quadratic_gd = renamed(lr="learning_rate")(QuadraticGD)
-"""Build a :class:`QuadraticGD` (``lr=`` is the old name of ``learning_rate``)."""
+quadratic_gd = QuadraticGD
+"""Build a :class:`QuadraticGD`."""
 
 __all__ = [
     "Henon",

@@ -136,32 +136,30 @@ def test_api_reference_builds_from_the_docstrings(tmp_path):
             assert f'id="{name}"' in html, f"{mod_name}.{name} missing from the API reference"
 
 
-def test_renamed_arguments_keep_their_old_names_for_one_release():
-    from chaosjax import systems
-    from chaosjax.lyapunov import local_growth_rates
-
-    with pytest.warns(DeprecationWarning, match="lr: renamed 'learning_rate'"):
-        q = systems.quadratic_gd(lr=0.05)
-    assert q.learning_rate == 0.05
-    with pytest.raises(TypeError, match="learning_rate: given twice"):
-        systems.quadratic_gd(lr=0.05, learning_rate=0.1)
-    lm = systems.linear_map([[1.1, 0.0], [0.0, 0.5]])
+def test_names_renamed_before_0_2_0_have_no_aliases():
+    """0.2.0 is the first release: arguments renamed before it take only their new names."""
     import jax.numpy as jnp
 
-    with pytest.warns(DeprecationWarning, match="n_perturbations: renamed 'n_perturbed'"):
-        old = local_growth_rates(lm.step, jnp.ones((1, 2)), n_perturbations=3, delta_t=5)
-    new = local_growth_rates(lm.step, jnp.ones((1, 2)), n_perturbed=3, delta_t=5)
-    assert old.shape == new.shape == (1, 3)
-    import numpy as np
+    from chaosjax import clv, control, systems
+    from chaosjax.lyapunov import local_growth_rates
 
-    np.testing.assert_array_equal(old, new)
+    assert systems.quadratic_gd(learning_rate=0.05).learning_rate == 0.05
+    with pytest.raises(TypeError, match="lr"):
+        systems.quadratic_gd(lr=0.05)
+    lm = systems.linear_map([[1.1, 0.0], [0.0, 0.5]])
+    assert local_growth_rates(lm.step, jnp.ones((1, 2)), n_perturbed=3, delta_t=5).shape == (1, 3)
+    with pytest.raises(TypeError, match="n_perturbations"):
+        local_growth_rates(lm.step, jnp.ones((1, 2)), n_perturbations=3, delta_t=5)
+    with pytest.raises((TypeError, ValueError), match="num_blocks"):
+        control.sharpness_margin(num_blocks=3)
+    with pytest.raises(TypeError, match="memory_budget"):
+        clv.covariant_lyapunov_vectors(lm.step, jnp.ones(2), k=1, steps=4, memory_budget=1)
 
 
 def test_krylov_counts_are_n_star_with_old_names_for_one_release():
     import jax.numpy as jnp
 
     import chaosjax as cj
-    from chaosjax import control
     from chaosjax.experiments import load_plan
 
     a = jnp.diag(jnp.arange(1.0, 7.0))
@@ -180,8 +178,6 @@ def test_krylov_counts_are_n_star_with_old_names_for_one_release():
     np.testing.assert_allclose(old.eigenvalues, [6.0, 5.0], rtol=1e-10)
     with pytest.raises(TypeError, match="num_blocks"):  # no alias in 0.2.0
         cj.CurvatureTracker(k=1, num_blocks=3)
-    with pytest.warns(DeprecationWarning, match="num_blocks: renamed 'n_blocks'"):
-        control.sharpness_margin(num_blocks=3)
     from chaosjax.experiments import ConfigError
 
     with pytest.raises(ConfigError, match=r"curvature\.num_blocks: unknown key"):
