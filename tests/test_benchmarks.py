@@ -25,7 +25,7 @@ EXTRA = {"suite": ["--models", "resnet-bn"]}
 #: scripts whose tiny run only re-times code that test_curvature, test_lyapunov and
 #: test_sharding check for correctness: `pytest -m slow` runs them (the suite stays under
 #: 10 minutes on 2 cores); the others run here
-SLOW = {"curvature", "lyapunov", "scaling"}
+SLOW = {"curvature", "lyapunov", "scaling", "monitor"}
 
 
 @pytest.mark.parametrize(

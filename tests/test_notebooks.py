@@ -12,7 +12,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
 
 
-def test_the_seven_notebooks_exist():
+def test_the_eight_notebooks_exist():
     names = [p.stem for p in SOURCES]
     assert names == [
         "01_quickstart",
@@ -22,6 +22,7 @@ def test_the_seven_notebooks_exist():
         "05_training_response",
         "06_gpu_replicas",
         "07_your_model",
+        "08_your_loop",
     ]
 
 
