@@ -132,8 +132,9 @@ class CurvatureTracker(Observer):
             )
         if self.mode not in LOSS_MODES:
             raise ValueError(f"mode: unknown {self.mode!r}; allowed: {', '.join(LOSS_MODES)}")
-        if int(self.k) != self.k or not 1 <= self.k <= tmap.n_params:
-            raise ValueError(f"k: must be an integer in [1, {tmap.n_params}], got {self.k!r}")
+        n = tmap.n_params_of(dim) if dim is not None else None
+        if int(self.k) != self.k or self.k < 1 or (n is not None and self.k > n):
+            raise ValueError(f"k: must be an integer in [1, {n}], got {self.k!r}")
         if not 0 < self.tol < 1:
             raise ValueError(f"tol: must lie in (0, 1), got {self.tol!r}")
         if int(self.max_matvecs) != self.max_matvecs or self.max_matvecs < 1:
@@ -195,7 +196,8 @@ class CurvatureTracker(Observer):
         gu = g / jnp.maximum(jnp.linalg.norm(g), jnp.finfo(p.dtype).tiny)
         uu = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(p.dtype).tiny)
         v1 = vecs[:, 0] ** 2
-        layers = jnp.stack([jnp.sum(v1[a:b]) for a, b in tmap.layers.values()])
+        spans = list(tmap.layers.values()) or [(0, dim)]  # a map without layers: one
+        layers = jnp.stack([jnp.sum(v1[a:b]) for a, b in spans])
         nan = jnp.full((), jnp.nan, p.dtype)
         values = {
             "sharpness": vals,

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 CAPABILITIES = ("loss", "accuracy", "test", "learning_rate", "parameters", "outputs")
 
@@ -65,8 +66,41 @@ class Map(abc.ABC):
         """Named slices ``[a, b)`` of the parameters (layer norms and distances)."""
         return {}
 
+    #: the optimizer's kind in chaosjax's registry (thresholds, preconditioners), or None
+    optimizer_name: str | None = None
+
+    def split(self, state) -> tuple[Any, Any]:
+        """``(x, carry)`` of a state (``carry`` is ``()`` when nothing is carried)."""
+        from chaosjax._layout import split_state
+
+        x, carry = split_state(state)
+        return x, () if carry is None else carry
+
+    def flat_params(self, state):
+        """The parameter part of a state, shape (n_params,)."""
+        x, _ = self.split(state)
+        return x[..., : self.n_params_of(x.shape[-1])]
+
+    def step_with(self, state, t, hparams):
+        """One step of a state with explicit per-row arguments."""
+        x, carry = self.split(state)
+        x2, carry2, _ = self.flow(x, carry, t, hparams)
+        return self.pack(x2, carry2) if self.has_carry else x2
+
+    def threshold_at(self, state, t, hparams=None):
+        """The optimizer's stability threshold at step t: NaN unless the map knows it
+        (capability ``"learning_rate"``)."""
+        x, _ = self.split(state)
+        return jnp.full((), jnp.nan, x.dtype)
+
     def loss(self, state, split: str = "train", t=None):
         """The loss of a state (capability ``"loss"``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss")
+
+    def curvature_loss(self, state, t=0, mode: str = "full", subset: int | None = None):
+        """``(loss(p), p, info)`` (capability ``"loss"``): the loss the step differentiates as a
+        function of the flat parameters p (n_params,), at the state's parameters, on the data
+        ``mode`` names (``"full"``, ``"subset"``, ``"batch"`` of step t); ``info`` a dict."""
         raise NotImplementedError(f"{type(self).__name__} has no loss")
 
     def accuracy(self, state, split: str = "train"):

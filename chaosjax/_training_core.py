@@ -116,6 +116,17 @@ class TrainingCore(FieldsPytree, Map):
         x = jnp.concatenate([p, x[self.n_params :]])
         return x if carry is None else MapState(x, carry)
 
+    def curvature_loss(self, state, t=0, mode: str = "full", subset: int | None = None):
+        """``(loss(p), p, info)``: the batch loss of :meth:`curvature_batch` as a function of
+        the flat parameters (the map protocol's ``"loss"`` capability)."""
+        batch, info = self.curvature_batch(t, mode, subset)
+        params = self.flat_params(state)
+
+        def loss(p):
+            return self.batch_loss(self.unravel_params(p), batch, state)
+
+        return loss, params, info
+
     def step_key(self, t):
         """The key of the model's random streams at step t (the same for every replica)."""
         return jax.random.fold_in(jax.random.key(self.rng_seed), t)

@@ -215,13 +215,7 @@ def training_loss(tmap, state, t=0, *, mode: str = "full", subset: int | None = 
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"mode: unknown {mode!r}; allowed: {', '.join(LOSS_MODES)}")
-    batch, info = tmap.curvature_batch(t, mode, subset)
-    params = tmap.flat_params(state)
-
-    def loss(p):
-        return tmap.batch_loss(tmap.unravel_params(p), batch, state)
-
-    return loss, params, info
+    return tmap.curvature_loss(state, t, mode, subset)
 
 
 @renamed(num_matvecs="n_matvecs")
