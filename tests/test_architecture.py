@@ -130,6 +130,7 @@ def test_no_import_cycle_anywhere_in_the_package():
 #: the house rule (split, don't explain): no module and no function over these many lines
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 650, 150
 
+
 def _over_the_length_rule(root: Path) -> list[str]:
     """'path: N lines' for every module over MAX_MODULE_LINES and 'path:line name: N lines' for
     every function (methods and nested functions included) over MAX_FUNCTION_LINES."""

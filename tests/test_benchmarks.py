@@ -22,10 +22,10 @@ def load(name):
 EXTRA = {"suite": ["--models", "resnet-bn"]}
 
 
-#: scripts whose tiny run only re-times code that test_curvature, test_lyapunov and
-#: test_sharding check for correctness: `pytest -m slow` runs them (the suite stays under
-#: 10 minutes on 2 cores); the others run here
-SLOW = {"curvature", "lyapunov", "scaling", "monitor"}
+#: scripts whose tiny run only re-times code that test_curvature, test_lyapunov,
+#: test_sharding, test_real_models and test_monitor/test_probes check for correctness:
+#: `pytest -m slow` runs them (the suite stays under 10 minutes on 2 cores); the others run here
+SLOW = {"curvature", "lyapunov", "scaling", "monitor", "suite"}
 
 
 @pytest.mark.parametrize(

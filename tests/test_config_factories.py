@@ -135,15 +135,20 @@ def _run(tmp_path, *sets, name="run"):
             "clv.enabled=false",
             "landscape.enabled=false",
         ],
-        [
-            "model.factory='./my_model.py:make_model'",
-            "optimizer.factory='./my_model.py:make_tx'",
-            "optimizer.kind='adamw'",
-            "training.learning_rates=[0.01, 0.03]",
-            "training.loss='cross_entropy'",
-            "clv.enabled=false",
-            "landscape.enabled=false",
-        ],
+        pytest.param(
+            [
+                "model.factory='./my_model.py:make_model'",
+                "optimizer.factory='./my_model.py:make_tx'",
+                "optimizer.kind='adamw'",
+                "training.learning_rates=[0.01, 0.03]",
+                "training.loss='cross_entropy'",
+                "clv.enabled=false",
+                "landscape.enabled=false",
+            ],
+            # a user's optax factory with eps_root = 0 through the map: also in
+            # tests/test_your_training.py; this CLI run of every stage is 50 s on 2 cores
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["nnx-batchnorm", "apply-params", "optimizer-factory"],
 )
