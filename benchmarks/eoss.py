@@ -4,17 +4,21 @@ Claim tested: under minibatch SGD with a constant step η, the *batch sharpness*
 E_B[g_Bᵀ H_B g_B / ‖g_B‖²] rises to about 2/η and hovers there, while the full-batch
 λmax stays below 2/η (the more so the smaller the batch).
 
-Setup: digits (1437 training images, 64 pixels standardised per pixel), an MLP
-64→128→128→10 with tanh, ½·MSE on one-hot targets (summed over the 10 outputs, mean over
-examples), float32, SGD with constant η (default 0.15: 2/η = 13.3, just below the initial
-λmax ≈ 13.9, so training starts at the edge), minibatches drawn without replacement each
-epoch (a fixed permutation seed), at two batch sizes (16 and 64), 4000 steps. A
-:class:`chaosjax.Monitor` watches the loop every ``--every`` steps, measuring θ_t before the
+Setup (the defaults): digits (1437 training images, 64 pixels standardised per pixel) with
+30 % of the training labels redrawn uniformly from the 10 classes (``--label-noise``, a fixed
+seed; a redrawn label may equal the old one), so that the data are not fitted quickly; an MLP
+64→32→32→10 with tanh (``--hidden``, ``--depth``), softmax cross-entropy (``--loss ce``; ``mse``
+is ½·MSE on one-hot targets, summed over the 10 outputs, mean over examples), float32, SGD with
+constant η = 0.3 (2/η = 6.7, far above the initial λmax ≈ 1.1), minibatches drawn without
+replacement each epoch (a fixed permutation seed), at two batch sizes (16 and 64), 4000 steps.
+A :class:`chaosjax.Monitor` watches the loop every ``--every`` steps, measuring θ_t before the
 step, with ``BatchSharpness(n=16)`` (over the last 16 batches the loop used),
-``Sharpness(k=1, batch=the full training set)`` (λmax of the full-batch loss), ``Threshold``
-(2/η) and ``GradientNorm``; a second monitor measures ``BatchSharpness(n=16, sampler=...)``
-on 16 fresh uniformly drawn minibatches (the paper's Monte-Carlo estimate), reported as
-``batch_sharpness_fresh``.
+``Sharpness(k=1, batch=the full training set)`` (λmax of the full-batch loss, on the noisy
+labels the loop trains on), ``Threshold`` (2/η) and ``GradientNorm``; a second monitor
+measures ``BatchSharpness(n=16, sampler=...)`` on 16 fresh uniformly drawn minibatches (the
+paper's Monte-Carlo estimate), reported as ``batch_sharpness_fresh``. The first configuration
+(clean labels, 64→128→128→10, ½·MSE, η = 0.15) is ``--label-noise 0 --hidden 128 --loss mse
+--eta 0.15``.
 
 Reported per batch size, over the late part of training (the last ``--late`` fraction of the
 records): the ratios batch_sharpness·η/2, batch_sharpness_fresh·η/2 and λmax·η/2 as mean ±
@@ -42,6 +46,9 @@ from _common import table, write_json
 import chaosjax as cj
 from chaosjax import probes as P
 
+#: the defaults (the configuration of RESULTS.md)
+ETA, STEPS, EVERY, HIDDEN, DEPTH, LABEL_NOISE, LOSS = 0.3, 4000, 50, 32, 2, 0.3, "ce"
+
 
 def init(sizes, key):
     keys = jax.random.split(key, len(sizes) - 1)
@@ -60,20 +67,57 @@ def mse(params, batch):
     return 0.5 * jnp.mean(jnp.sum((out - jax.nn.one_hot(y, out.shape[-1])) ** 2, -1))
 
 
-def run(batch_size: int, eta: float, steps: int, every: int, hidden: int, n_train: int, seed=0):
+def xent(params, batch):
+    """Mean softmax cross-entropy over examples (the paper's other loss)."""
+    x, y = batch
+    for layer in params[:-1]:
+        x = jnp.tanh(x @ layer["w"] + layer["b"])
+    out = x @ params[-1]["w"] + params[-1]["b"]
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
+
+
+LOSSES = {"mse": mse, "ce": xent}
+
+
+def noisy_labels(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, int]:
+    """A copy of ``y`` with round(fraction·n) labels (a fixed random subset) redrawn uniformly
+    from the 10 classes (a redrawn label may equal the old one); returns it and the count of
+    labels that changed."""
+    rng = np.random.default_rng((seed, 26))
+    y = np.array(y)
+    idx = rng.choice(len(y), round(fraction * len(y)), replace=False)
+    new = y.copy()
+    new[idx] = rng.integers(0, 10, idx.size)
+    return new, int(np.sum(new != y))
+
+
+def run(
+    batch_size: int,
+    eta: float,
+    steps: int,
+    every: int,
+    hidden: int,
+    n_train: int,
+    depth: int = 2,
+    label_noise: float = 0.0,
+    loss: str = "mse",
+    seed=0,
+):
     """One monitored SGD run; returns the monitor's records as arrays and the loop's time."""
     ds = cj.datasets.digits(standardize=True)
     x = jnp.asarray(ds.x_train[:n_train], jnp.float32)
-    y = jnp.asarray(ds.y_train[:n_train])
-    params = init((64, hidden, hidden, 10), jax.random.PRNGKey(seed))
+    y_np, changed = noisy_labels(ds.y_train[:n_train], label_noise, seed)
+    y = jnp.asarray(y_np)
+    params = init((64, *[hidden] * depth, 10), jax.random.PRNGKey(seed))
     tx = optax.sgd(eta)
+    loss_fn = LOSSES[loss]
 
     @jax.jit
     def step(state, batch):
         p, s = state
-        loss, g = jax.value_and_grad(mse)(p, batch)
+        value, g = jax.value_and_grad(loss_fn)(p, batch)
         u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), loss
+        return (optax.apply_updates(p, u), s), value
 
     rows, fresh_rows = [], []
 
@@ -82,14 +126,14 @@ def run(batch_size: int, eta: float, steps: int, every: int, hidden: int, n_trai
         return x[idx], y[idx]
 
     fresh = cj.Monitor(
-        mse,
+        loss_fn,
         probes=[P.BatchSharpness(n=16, sampler=sampler)],
         every=every,
         params=lambda s: s[0],
         writer=lambda t, m: fresh_rows.append(m["batch_sharpness"]),
     )
     mon = cj.Monitor(
-        mse,
+        loss_fn,
         probes=[
             P.BatchSharpness(n=16),
             P.Sharpness(k=1, tol=1e-4, batch=(x, y)),
@@ -119,7 +163,7 @@ def run(batch_size: int, eta: float, steps: int, every: int, hidden: int, n_trai
     keys = ("step", "batch_sharpness", "sharpness", "threshold", "gradient_norm/loss")
     out = {k: np.array([r[k] for r in rows]) for k in keys}
     out["batch_sharpness_fresh"] = np.array(fresh_rows)
-    return out, seconds
+    return out, seconds, changed
 
 
 def late_ratios(rec: dict, eta: float, late: float) -> dict:
@@ -134,6 +178,7 @@ def late_ratios(rec: dict, eta: float, late: float) -> dict:
         out[f"{name}_ratio_std"] = float(np.std(r, ddof=1)) if r.size > 1 else float("nan")
         out[f"{name}_ratio_min"] = float(np.min(r)) if r.size else float("nan")
         out[f"{name}_ratio_max"] = float(np.max(r)) if r.size else float("nan")
+    out["late_loss_mean"] = float(np.mean(rec["gradient_norm/loss"][start:]))
     out["final_loss"] = float(rec["gradient_norm/loss"][-1])
     return out
 
@@ -142,30 +187,55 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--eta", type=float, default=0.15)
+    ap.add_argument("--eta", type=float, default=ETA)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--steps", type=int, default=4000)
-    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--every", type=int, default=EVERY)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--depth", type=int, default=DEPTH, help="hidden layers")
+    ap.add_argument("--n-train", type=int, default=1437)
+    ap.add_argument(
+        "--label-noise",
+        type=float,
+        default=LABEL_NOISE,
+        help="fraction of training labels redrawn uniformly (fixed seed)",
+    )
+    ap.add_argument("--loss", choices=sorted(LOSSES), default=LOSS)
     ap.add_argument("--late", type=float, default=0.5, help="fraction of records read as late")
     args = ap.parse_args(argv)
-    steps, every, hidden, n_train = args.steps, args.every, 128, 1437
+    steps, every, hidden, n_train = args.steps, args.every, args.hidden, args.n_train
     sizes = args.batch_sizes
     if args.tiny:  # the code path once (one batch size: each size compiles its programs)
         steps, every, hidden, n_train, sizes = 20, 5, 8, 128, sizes[:1]
     rows = []
     for bs in sizes:
-        rec, seconds = run(bs, args.eta, steps, every, hidden, n_train)
+        rec, seconds, changed = run(
+            bs, args.eta, steps, every, hidden, n_train, args.depth, args.label_noise, args.loss
+        )
         row = {"batch_size": bs, "eta": args.eta, "steps": steps, "seconds": seconds}
+        row["labels_changed"] = changed
         row.update(late_ratios(rec, args.eta, args.late))
         row["series"] = {k: v.tolist() for k, v in rec.items()}
         rows.append(row)
         print(
             f"b={bs}: batch_sharpness·η/2 = {row['batch_sharpness_ratio_mean']:.3f} ± "
-            f"{row['batch_sharpness_ratio_std']:.3f}, λmax·η/2 = "
+            f"{row['batch_sharpness_ratio_std']:.3f} (fresh "
+            f"{row['batch_sharpness_fresh_ratio_mean']:.3f} ± "
+            f"{row['batch_sharpness_fresh_ratio_std']:.3f}), λmax·η/2 = "
             f"{row['sharpness_ratio_mean']:.3f} ± {row['sharpness_ratio_std']:.3f} "
-            f"({row['records']} records from step {row['late_from_step']}; {seconds:.0f} s)",
+            f"({row['records']} records from step {row['late_from_step']}; late batch loss "
+            f"{row['late_loss_mean']:.3f}; {seconds:.0f} s)",
             flush=True,
         )
+        k = max(1, len(rec["step"]) // 10)
+        for i in range(0, len(rec["step"]), k):  # the trajectory, coarsely
+            print(
+                f"   step {int(rec['step'][i]):6d}: batch {rec['batch_sharpness'][i] * args.eta / 2:.3f}"
+                f"  fresh {rec['batch_sharpness_fresh'][i] * args.eta / 2:.3f}"
+                f"  λmax {rec['sharpness'][i] * args.eta / 2:.3f}"
+                f"  loss {rec['gradient_norm/loss'][i]:.3f}",
+                flush=True,
+            )
     cols = [
         ("batch_size", "batch", "d"),
         ("batch_sharpness_ratio_mean", "batch sharpness·η/2 mean", ".3f"),
@@ -176,7 +246,7 @@ def main(argv=None):
         ("sharpness_ratio_std", "± sd", ".3f"),
         ("records", "records", "d"),
         ("late_from_step", "from step", "d"),
-        ("final_loss", "final batch loss", ".4f"),
+        ("late_loss_mean", "late batch loss", ".3f"),
         ("seconds", "s", ".0f"),
     ]
     print(table(rows, cols))
