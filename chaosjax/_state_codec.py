@@ -85,28 +85,43 @@ def _static_key(v):
     return v
 
 
-def _eval_shape_with_static(fn, state, *args):
-    """``jax.eval_shape(fn, state, *args)`` for a state whose non-array leaves (functions in an
-    Equinox module) are static: they are closed over, and come back as they were."""
+def on_array_leaves(fn, state):
+    """``fn(state, *args)`` as a function of the state's array leaves alone, for a state whose
+    other leaves (functions in an Equinox module) are static structure.
+
+    Returns ``(g, arrays, dyn, rebuild)``: ``g(arrays, *args)`` calls ``fn`` on the state with
+    its array leaves replaced and returns the output's array leaves (so it can be traced,
+    transformed or shape-evaluated); ``arrays`` are the state's array leaves, ``dyn`` their
+    indices among its leaves; ``rebuild(out_arrays)`` puts the output's static leaves back
+    (call it after ``g`` has run or been traced)."""
     leaves, treedef = jax.tree_util.tree_flatten(state)
     dyn = [i for i, v in enumerate(leaves) if _is_array_leaf(v)]
     out_def = {}
 
-    def arrays_only(dyn_leaves, *args):
+    def g(arrays, *args):
         full = list(leaves)
-        for i, v in zip(dyn, dyn_leaves):
+        for i, v in zip(dyn, arrays):
             full[i] = v
         out = fn(jax.tree_util.tree_unflatten(treedef, full), *args)
         out_leaves, out_def["treedef"] = jax.tree_util.tree_flatten(out)
         out_def["static"] = {i: v for i, v in enumerate(out_leaves) if not _is_array_leaf(v)}
         return [v for v in out_leaves if _is_array_leaf(v)]
 
-    structs = iter(jax.eval_shape(arrays_only, [leaves[i] for i in dyn], *args))
-    static = out_def["static"]
-    n = out_def["treedef"].num_leaves
-    return jax.tree_util.tree_unflatten(
-        out_def["treedef"], [static[i] if i in static else next(structs) for i in range(n)]
-    )
+    def rebuild(out_arrays):
+        it, static = iter(out_arrays), out_def["static"]
+        n = out_def["treedef"].num_leaves
+        return jax.tree_util.tree_unflatten(
+            out_def["treedef"], [static[i] if i in static else next(it) for i in range(n)]
+        )
+
+    return g, [leaves[i] for i in dyn], dyn, rebuild
+
+
+def _eval_shape_with_static(fn, state, *args):
+    """``jax.eval_shape(fn, state, *args)`` for a state whose non-array leaves (functions in an
+    Equinox module) are static: they are closed over, and come back as they were."""
+    g, arrays, _, rebuild = on_array_leaves(fn, state)
+    return rebuild(jax.eval_shape(g, arrays, *args))
 
 
 class _StateSplit:

@@ -32,10 +32,10 @@ from chaosjax._finite_sqrt import finite_sqrt_derivative
 from chaosjax._layout import MapState, split_state
 from chaosjax._state_codec import (
     _eval_shape_with_static,
-    _is_array_leaf,
     _params_default,
     _StateSplit,
     default_carried,
+    on_array_leaves,
 )
 from chaosjax._training_core import TrainingCore, _nullcontext
 from chaosjax._util import one_line
@@ -368,29 +368,10 @@ class StepMap(TrainingCore):
         """``train_step(state, batch)`` with √ of the optimizer's moments differentiable at 0:
         the rewrite follows the state's array leaves that are not parameters, so a ``sqrt`` of
         the user's loss (a function of the parameters and the batch) keeps its derivative."""
-        split = self._state_split
-        leaves, treedef = jax.tree_util.tree_flatten(state)
-        dyn = [i for i in range(len(leaves)) if i not in split.static]
-        params = set(split.p_idx)
+        g, arrays, dyn, rebuild = on_array_leaves(self._train_step, state)
+        params = set(self._state_split.p_idx)
         select = [i not in params for i in dyn]
-        static_out = {}
-
-        def arrays_in_out(arrays, batch):
-            full = list(leaves)
-            for i, v in zip(dyn, arrays):
-                full[i] = v
-            out = self._train_step(jax.tree_util.tree_unflatten(treedef, full), batch)
-            out_leaves, static_out["treedef"] = jax.tree_util.tree_flatten(out)
-            static_out["leaves"] = {i: v for i, v in enumerate(out_leaves) if not _is_array_leaf(v)}
-            return [v for v in out_leaves if _is_array_leaf(v)]
-
-        step = finite_sqrt_derivative(arrays_in_out, lambda a, b: (select, False))
-        arrays = iter(step([leaves[i] for i in dyn], batch))
-        fixed = static_out["leaves"]
-        n = static_out["treedef"].num_leaves
-        return jax.tree_util.tree_unflatten(
-            static_out["treedef"], [fixed[i] if i in fixed else next(arrays) for i in range(n)]
-        )
+        return rebuild(finite_sqrt_derivative(g, lambda a, b: (select, False))(arrays, batch))
 
     # -- losses -----------------------------------------------------------------------------
 
