@@ -64,10 +64,15 @@ class Monitor:
     Calling ``mon(t, state, batch)`` returns a dict of Python floats: each due probe's values
     (``sharpness``, ``sharpness/1``, …) and its cost ``name/seconds`` (wall time of its call,
     blocked on; the first call includes compilation) and ``name/matvecs``; ``{}`` off cadence.
-    The same dict goes to the writers with ``t`` as the step.
+    The same dict goes to the writers with ``t`` as the step. The first time a probe's value is
+    NaN because the probe does not apply, its reason also goes, as the text
+    ``reason/<probe name>`` at that step, to the writers that take texts
+    (:func:`chaosjax.writers.takes_texts`: the built-in writers and any with CLU's
+    ``write_texts``; a ``write_scalars``-only writer or a callable gets the scalars only).
 
     Attributes:
-        reasons: {probe name: why its value is NaN} (each also warned once).
+        reasons: {probe name: why its value is NaN} (each also warned once, and logged once as
+            ``reason/<probe name>``).
         traces: {probe name: times its program was traced} (1 after the first call; a second
             trace means a recompilation, e.g. a new batch shape).
     """
@@ -277,9 +282,11 @@ class Monitor:
         opt_state = self.optimizer_of(state)[1]
         eta = self.eta(t, opt_state)
         out: dict[str, float] = {}
+        known = set(self.reasons)
         for p in due:
             out.update(self._measure(p, t, params, batch, opt_state, eta))
-        write_all(self.writers, t, out)
+        texts = {f"reason/{k}": v for k, v in self.reasons.items() if k not in known}
+        write_all(self.writers, t, out, texts)
         return out
 
     def _measure(self, p: Probe, t, params, batch, opt_state, eta) -> dict[str, float]:

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
 
-from chaosjax.writers import read_csv, read_jsonl, read_zarr
+from chaosjax.writers import read_csv, read_jsonl, read_texts, read_zarr
 
 #: file names a folder's monitor log may have (after any ``*.zarr`` store of kind "monitor")
 LOG_NAMES = ("monitor.csv", "monitor.jsonl")
@@ -82,15 +84,24 @@ class MonitorLog(NamedTuple):
         source: the file or store it was read from.
         steps: (n,) int, the logged steps in increasing order.
         values: {name: (n,) float}, NaN where the name was not written at that step.
+        texts: {name: [(step, text), …]}, the texts of the log (``reason/<probe>``: why the
+            probe's values are NaN, written by :class:`chaosjax.Monitor`).
     """
 
     source: Path
     steps: np.ndarray
     values: dict
+    texts: Mapping = MappingProxyType({})
 
     def get(self, name: str) -> np.ndarray:
         """The (n,) values of ``name`` (all NaN when it is not in the log)."""
         return self.values.get(name, np.full(len(self.steps), np.nan))
+
+    def reason(self, name: str) -> str:
+        """Why ``name`` (or ``probe/extra``) is NaN, as the monitor logged it for its probe
+        (``reason/<probe>``); "" when the log has no reason."""
+        got = self.texts.get(f"reason/{name.split('/')[0]}")
+        return got[0][1] if got else ""
 
 
 def _zarr_kind(path: Path) -> str | None:
@@ -131,19 +142,27 @@ def read_monitor_log(path: str | Path) -> MonitorLog:
     """Read a CSV, JSONL or Zarr monitor log into a :class:`MonitorLog` (rows sorted by step,
     stable). ValueError (one line) for a log without records."""
     path = Path(path)
+    texts = read_texts(path)
     if path.is_dir():
         cols = read_zarr(path)
         steps = next(iter(cols.values()))[0] if cols else np.zeros(0, np.int64)
         values = {k: np.asarray(v, np.float64) for k, (_, v) in cols.items()}
     else:
         rows = read_csv(path) if path.suffix == ".csv" else read_jsonl(path)
+        # a row of texts only (CSV/JSONL write_texts) is no record; texts are read above
+        rows = [
+            {k: v for k, v in r.items() if not isinstance(v, str)}
+            for r in rows
+            if any(k != "step" and not isinstance(v, str) for k, v in r.items())
+        ]
         names = list(dict.fromkeys(k for r in rows for k in r if k != "step"))
         steps = np.array([int(r["step"]) for r in rows], np.int64)
         values = {n: np.array([float(r.get(n, np.nan)) for r in rows]) for n in names}
     if len(steps) == 0:
         raise ValueError(f"report: the monitor log {path} holds no records")
     order = np.argsort(steps, kind="stable")
-    return MonitorLog(path, np.asarray(steps)[order], {k: v[order] for k, v in values.items()})
+    values = {k: v[order] for k, v in values.items()}
+    return MonitorLog(path, np.asarray(steps)[order], values, texts)
 
 
 def late_window(n: int) -> slice:
@@ -163,9 +182,12 @@ def threshold_rule(log: MonitorLog, name: str, threshold: str = "threshold") -> 
         out["reason"] = f"`{name}` is not in the log"
         return out
     if threshold not in log.values or not np.isfinite(log.values[threshold]).any():
-        out["reason"] = (
-            f"no finite `{threshold}` in the log (add probes.Threshold() and give the monitor "
-            "η_t: learning_rate= or an inject_hyperparams optimizer)"
+        logged = log.reason(threshold)
+        out["reason"] = f"no finite `{threshold}` in the log" + (
+            f": {logged}"
+            if logged
+            else " (add probes.Threshold() and give the monitor η_t: learning_rate= or an "
+            "inject_hyperparams optimizer)"
         )
         return out
     w = late_window(len(log.steps))
@@ -215,7 +237,10 @@ def ftle_windows(log: MonitorLog) -> list[dict]:
         row = {"window": label, "records": int(ok.sum()), "T": math.nan, "mean": math.nan}
         row.update(growth=math.nan, label="n/a", reason="", start=None, end=None)
         if not ok.any():
-            row["reason"] = "no finite FTLE records in the window"
+            logged = log.reason("ftle")
+            row["reason"] = "no finite FTLE records in the window" + (
+                f" ({logged})" if logged else ""
+            )
             out.append(row)
             continue
         t_sum = float(np.sum(n[w][ok]))
@@ -251,7 +276,12 @@ def _quantity_rows(log: MonitorLog) -> list[str]:
             continue
         ok = np.isfinite(v)
         if not ok.any():
-            why = "NaN: every record NaN (the probe did not apply; the monitor warned why)"
+            reason = log.reason(name)
+            why = (
+                f"NaN: every record NaN: {_cell(reason)}"
+                if reason
+                else "NaN: every record NaN (the probe did not apply; no reason in the log)"
+            )
             rows.append(f"| `{name}` | 0 / {len(v)} | {why} | | | | |")
             continue
         late = v[w][np.isfinite(v[w])]
@@ -267,6 +297,21 @@ def _quantity_rows(log: MonitorLog) -> list[str]:
             + " | ".join(_fmt(c) for c in cells)
             + " |"
         )
+    return rows
+
+
+def _cell(text: str) -> str:
+    """``text`` safe in one markdown table cell (one line, no bare ``|``)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _reason_rows(log: MonitorLog) -> list[str]:
+    """The logged reasons (``reason/<probe>``) with the step each was first written."""
+    items = [(k[len("reason/") :], v[0]) for k, v in log.texts.items() if k.startswith("reason/")]
+    if not items:
+        return ["No reasons in the log (no probe reported a NaN with a reason)."]
+    rows = ["| probe | first at step | why its values are NaN |", "|---|---|---|"]
+    rows += [f"| `{p}` | {step} | {_cell(text)} |" for p, (step, text) in items]
     return rows
 
 
@@ -305,6 +350,13 @@ def summary_text(log: MonitorLog, figures: dict) -> str:
         "## Values",
         "",
         *_quantity_rows(log),
+        "",
+        "## Why values are NaN",
+        "",
+        "The reasons the monitor logged (`reason/<probe>`, written the first time the probe "
+        "did not apply).",
+        "",
+        *_reason_rows(log),
         "",
         "## Against the threshold",
         "",

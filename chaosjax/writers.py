@@ -14,6 +14,15 @@ one or a list. Built in:
   ``chaosjax[tensorboard]``).
 
 Values are Python floats; NaN marks a value that was not measured at that step or is undefined.
+
+Texts: the monitor also writes why a value is NaN (``reason/<probe>``, the first time a probe
+does not apply) to the writers that take texts. A writer takes texts when it follows the
+:class:`TextWriter` protocol, ``write_texts(step, mapping: dict[str, str])`` (CLU's
+``MetricWriter.write_texts``, so CLU writers get them); :func:`takes_texts` is the one test of
+it. The built-in writers follow it: CSV and JSONL write a row/line holding the step and the
+texts, Zarr keeps them in the store's attribute ``texts``, TensorBoard a text summary
+(``add_text``). A ``write_scalars``-only object or a plain callable gets scalars only.
+:func:`read_texts` reads the texts of a CSV, JSONL or Zarr log.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,6 +46,21 @@ class Writer:
 
     def close(self) -> None:
         """Flush and release the writer's resources."""
+
+
+@runtime_checkable
+class TextWriter(Protocol):
+    """A writer that also takes texts: ``write_texts(step, mapping: dict[str, str])`` (the
+    signature of CLU's ``MetricWriter.write_texts``). The monitor writes each probe's reason
+    for a NaN (``reason/<probe>``) through it; see :func:`takes_texts`."""
+
+    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None: ...
+
+
+def takes_texts(writer) -> bool:
+    """Whether ``writer`` takes texts: it follows :class:`TextWriter` (a callable
+    ``write_texts`` method). The one place that decides it; others get scalars only."""
+    return isinstance(writer, TextWriter) and callable(writer.write_texts)
 
 
 class Callback(Writer):
@@ -73,7 +98,9 @@ class CSV(Writer):
 
     The columns are the names of the first write; a later write with new names rewrites the
     file once with the wider header (earlier rows get empty cells there). Missing values are
-    empty cells; NaN is written ``nan``.
+    empty cells; NaN is written ``nan``. :meth:`write_texts` writes a row of its own holding
+    the step and the texts (e.g. ``reason/critical_sharpness``) in their columns; :func:`read_csv`
+    reads a cell that is not a number as text.
 
     Args:
         path: the file (its folder is created).
@@ -92,22 +119,29 @@ class CSV(Writer):
             self.path.unlink()
 
     def write_scalars(self, step, mapping):
-        new = [k for k in mapping if k not in self.columns]
+        self._append(step, {k: _cell(v) for k, v in mapping.items()})
+
+    def write_texts(self, step, mapping):
+        """A row holding ``step`` and each text in its column."""
+        self._append(step, {k: str(v) for k, v in mapping.items()})
+
+    def _append(self, step, cells: dict) -> None:
+        new = [k for k in cells if k not in self.columns]
         if new:
             self._widen(self.columns + new)
-        row = [str(int(step))] + [_cell(mapping.get(k)) for k in self.columns]
+        row = [str(int(step))] + [cells.get(k, "") for k in self.columns]
         with self.path.open("a", newline="") as fh:
             csv.writer(fh).writerow(row)
             fh.flush()
 
     def _widen(self, columns):
-        rows = read_csv(self.path) if self.path.exists() and self.columns else []
+        rows = _raw_csv(self.path) if self.path.exists() and self.columns else []
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with tmp.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["step", *columns])
             for r in rows:
-                w.writerow([str(r["step"])] + [_cell(r.get(k)) for k in columns])
+                w.writerow([r["step"]] + [r.get(k, "") for k in columns])
         os.replace(tmp, self.path)
         self.columns = list(columns)
 
@@ -116,21 +150,33 @@ def _cell(v) -> str:
     return "" if v is None else repr(float(v))
 
 
-def read_csv(path: str | os.PathLike) -> list[dict]:
-    """The rows of a :class:`CSV` file: ``{"step": int, name: float}`` (empty cells left out)."""
+def _raw_csv(path) -> list[dict]:
     with Path(path).open(newline="") as fh:
-        out = []
-        for r in csv.DictReader(fh):
-            row = {"step": int(r.pop("step"))}
-            row.update({k: float(v) for k, v in r.items() if v != ""})
-            out.append(row)
+        return list(csv.DictReader(fh))
+
+
+def _parse(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def read_csv(path: str | os.PathLike) -> list[dict]:
+    """The rows of a :class:`CSV` file: ``{"step": int, name: float}`` (empty cells left out;
+    a cell that is not a number, a text of :meth:`CSV.write_texts`, read as ``str``)."""
+    out = []
+    for r in _raw_csv(path):
+        row = {"step": int(r.pop("step"))}
+        row.update({k: _parse(v) for k, v in r.items() if v != ""})
+        out.append(row)
     return out
 
 
 class JSONL(Writer):
     """JSON lines: ``{"step": t, name: value, …}`` per write, appended and flushed. Non-finite
     values are written as ``null`` (strict JSON has no NaN); :func:`read_jsonl` reads them as
-    NaN.
+    NaN. :meth:`write_texts` writes a line ``{"step": t, name: "text", …}``.
 
     Args:
         path: the file (its folder is created).
@@ -146,13 +192,20 @@ class JSONL(Writer):
     def write_scalars(self, step, mapping):
         row = {"step": int(step)}
         row.update({k: (float(v) if math.isfinite(float(v)) else None) for k, v in mapping.items()})
+        self._append(row)
+
+    def write_texts(self, step, mapping):
+        """A line holding ``step`` and the texts."""
+        self._append({"step": int(step), **{k: str(v) for k, v in mapping.items()}})
+
+    def _append(self, row: dict) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
             fh.flush()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The rows of a :class:`JSONL` file (``null`` read as NaN)."""
+    """The rows of a :class:`JSONL` file (``null`` read as NaN; texts as ``str``)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         if line.strip():
@@ -170,7 +223,8 @@ class Zarr(Writer):
 
     One replica; each name a record (replica, step) (``sharpness/1`` stored as
     ``sharpness.1``; ``attrs["monitor_names"]`` lists the names), NaN where a name was not
-    written at a step; ``attrs["kind"] = "monitor"``. The rows are kept in memory and the store
+    written at a step; ``attrs["kind"] = "monitor"``; the texts of :meth:`write_texts` in
+    ``attrs["texts"]`` as ``[[step, name, text], …]``. The rows are kept in memory and the store
     is rewritten atomically (temporary folder, then rename) every ``flush_every`` writes and at
     :meth:`close`, so the store on disk is always whole. :func:`read_zarr` reads it back.
 
@@ -188,7 +242,9 @@ class Zarr(Writer):
         self.attrs = dict(attrs or {})
         self.steps: list[int] = []
         self.rows: list[dict] = []
+        self.texts: list[list] = []
         self._pending = 0
+        self._texts_unsaved = False
 
     def write_scalars(self, step, mapping):
         self.steps.append(int(step))
@@ -196,6 +252,12 @@ class Zarr(Writer):
         self._pending += 1
         if self._pending >= self.flush_every:
             self.flush()
+
+    def write_texts(self, step, mapping):
+        """Keep the texts for ``attrs["texts"]`` (stored at the next rewrite: the next
+        ``write_scalars`` due a flush, :meth:`flush` or :meth:`close`)."""
+        self.texts.extend([int(step), str(k), str(v)] for k, v in mapping.items())
+        self._texts_unsaved = True
 
     def flush(self) -> None:
         """Rewrite the store with every row so far."""
@@ -210,13 +272,14 @@ class Zarr(Writer):
             records=records,
             final_state=np.zeros((1, 0)),
             diverged_step=np.full((1,), -1),
-            attrs={**self.attrs, "kind": "monitor", "monitor_names": names},
+            attrs={**self.attrs, "kind": "monitor", "monitor_names": names, "texts": self.texts},
         )
         res.save(self.path)
         self._pending = 0
+        self._texts_unsaved = False
 
     def close(self):
-        if self._pending or not self.path.exists():
+        if self._pending or self._texts_unsaved or not self.path.exists():
             self.flush()
 
 
@@ -231,7 +294,8 @@ def read_zarr(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray
 
 class TensorBoard(Writer):
     """TensorBoard event files in ``logdir`` through ``tensorboardX.SummaryWriter`` (install
-    ``chaosjax[tensorboard]``); one scalar per name and step, flushed per write."""
+    ``chaosjax[tensorboard]``); one scalar per name and step, flushed per write; texts as text
+    summaries (``add_text``)."""
 
     def __init__(self, logdir: str | os.PathLike):
         try:
@@ -248,13 +312,43 @@ class TensorBoard(Writer):
             self._w.add_scalar(k, float(v), int(step))
         self._w.flush()
 
+    def write_texts(self, step, mapping):
+        for k, v in mapping.items():
+            self._w.add_text(k, str(v), int(step))
+        self._w.flush()
+
     def close(self):
         self._w.close()
 
 
-def write_all(writers: Sequence, step: int, mapping: Mapping[str, float]) -> None:
-    """Write ``mapping`` at ``step`` to every writer."""
+def read_texts(path: str | os.PathLike) -> dict[str, list[tuple[int, str]]]:
+    """``{name: [(step, text), …]}`` of a CSV file, JSONL file or Zarr store (folder): the
+    texts of ``write_texts`` (e.g. ``reason/<probe>``), in the order written."""
+    path = Path(path)
+    if path.is_dir():
+        from chaosjax.results import ReplicaResults
+
+        items = ReplicaResults.load(path).attrs.get("texts", [])
+    else:
+        rows = read_csv(path) if path.suffix == ".csv" else read_jsonl(path)
+        items = [(r["step"], k, v) for r in rows for k, v in r.items() if isinstance(v, str)]
+    out: dict[str, list[tuple[int, str]]] = {}
+    for step, name, text in items:
+        out.setdefault(str(name), []).append((int(step), str(text)))
+    return out
+
+
+def write_all(
+    writers: Sequence,
+    step: int,
+    mapping: Mapping[str, float],
+    texts: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``texts`` (when any) at ``step`` to the writers that take texts
+    (:func:`takes_texts`), then ``mapping`` to every writer."""
     for w in writers:
+        if texts and takes_texts(w):
+            w.write_texts(int(step), dict(texts))
         w.write_scalars(int(step), dict(mapping))
 
 
@@ -263,11 +357,14 @@ __all__ = [
     "JSONL",
     "Callback",
     "TensorBoard",
+    "TextWriter",
     "Writer",
     "Zarr",
     "as_writers",
     "read_csv",
     "read_jsonl",
+    "read_texts",
     "read_zarr",
+    "takes_texts",
     "write_all",
 ]

@@ -351,6 +351,71 @@ def test_lion_gives_nan_ftle_with_the_reason():
         assert np.isnan(plain(0, state, (X, Y))["ftle"])
 
 
+class _Scalars:
+    """A write_scalars-only writer (scalars only)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def write_scalars(self, step, mapping):
+        self.rows.append((step, dict(mapping)))
+
+
+class _CLULike(_Scalars):
+    """CLU's MetricWriter signatures: write_scalars and write_texts (texts too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts = []
+
+    def write_texts(self, step, mapping):
+        self.texts.append((step, dict(mapping)))
+
+
+def test_a_nan_probes_reason_lands_in_the_logs_once(tmp_path):
+    from chaosjax import writers as W
+
+    tx = optax.sgd(0.1)  # no learning_rate= and no inject_hyperparams: η_t unknown
+    paths = {"csv": tmp_path / "m.csv", "jsonl": tmp_path / "m.jsonl", "zarr": tmp_path / "m.zarr"}
+    scalars, clu, calls = _Scalars(), _CLULike(), []
+    mon = cj.Monitor(
+        ls,
+        probes=[P.CriticalSharpness(), P.GradientNorm()],
+        every=2,
+        params=lambda s: s[0],
+        opt_state=lambda s: s[1],
+        optimizer=tx,
+        writer=[
+            W.CSV(paths["csv"]),
+            W.JSONL(paths["jsonl"]),
+            W.Zarr(paths["zarr"]),
+            scalars,
+            clu,
+            lambda step, m: calls.append((step, m)),
+        ],
+    )
+    p = jnp.zeros(4)
+    state = (p, tx.init(p))
+    with pytest.warns(UserWarning, match="critical_sharpness: NaN: η_t is unknown"):
+        outs = [mon(t, state, (X, Y)) for t in range(5)]
+    mon.close()
+    why = mon.reasons["critical_sharpness"]
+    assert "learning_rate" in why and np.isnan(outs[0]["critical_sharpness"])
+    for kind, path in paths.items():  # the reason, once, at the first step it applied
+        assert W.read_texts(path) == {"reason/critical_sharpness": [(0, why)]}, kind
+    rows = W.read_csv(paths["csv"])
+    assert rows[0] == {"step": 0, "reason/critical_sharpness": why}
+    assert [r["step"] for r in rows[1:]] == [0, 2, 4]
+    assert np.isnan(rows[1]["critical_sharpness"]) and rows[1]["gradient_norm"] > 0
+    assert W.read_jsonl(paths["jsonl"])[0] == {"step": 0, "reason/critical_sharpness": why}
+    assert np.isnan(W.read_zarr(paths["zarr"])["critical_sharpness"][1]).all()
+    # a CLU-type writer gets the text once; write_scalars-only writers and callables scalars only
+    assert clu.texts == [(0, {"reason/critical_sharpness": why})]
+    for rows_ in (scalars.rows, clu.rows, calls):
+        assert [s for s, _ in rows_] == [0, 2, 4]
+        assert all(isinstance(v, float) for _, m in rows_ for v in m.values())
+
+
 def test_sharded_parameters_and_batch_equal_one_device():
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (tests/conftest.py sets 4 CPU devices)")

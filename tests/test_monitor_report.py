@@ -212,3 +212,39 @@ def test_threshold_verdicts_follow_the_stated_rule(tmp_path, ratios, loss, verdi
     w.write_scalars(21, {"sharpness": float("nan"), "threshold": 1.0})
     res = threshold_rule(read_monitor_log(tmp_path / "monitor.jsonl"), "sharpness")
     assert res["verdict"] == "n/a" and "fewer than 10" in res["reason"]
+
+
+def test_summary_shows_the_logged_reason_where_a_column_is_nan(tmp_path):
+    tx = optax.sgd(0.2)  # η_t unknown to the monitor: critical sharpness NaN with its reason
+    params = {"w1": jnp.ones((3, 6)) * 0.1, "w2": jnp.ones((6,)) * 0.1}
+    logs = {
+        "csv": tmp_path / "c" / "monitor.csv",
+        "jsonl": tmp_path / "j" / "monitor.jsonl",
+        "zarr": tmp_path / "z" / "monitor.zarr",
+    }
+    mon = cj.Monitor(
+        _loss,
+        probes=[P.Sharpness(), P.CriticalSharpness(), P.FTLE()],  # FTLE without wrap
+        every=2,
+        writer=[W.CSV(logs["csv"]), W.JSONL(logs["jsonl"]), W.Zarr(logs["zarr"])],
+        params=lambda s: s[0],
+        opt_state=lambda s: s[1],
+        optimizer=tx,
+    )
+    state = (params, tx.init(params))
+    with pytest.warns(UserWarning):
+        for t in range(24):
+            mon(t, state, (X[:12], Y[:12]))
+    mon.close()
+    for kind, path in logs.items():
+        log = read_monitor_log(path)
+        assert len(log.steps) == 12, kind  # a row of texts is no record
+        assert log.reason("critical_sharpness/step_scale") == mon.reasons["critical_sharpness"]
+        assert main(["report", str(path)]) == 0
+        text = (path.parent / "summary.md").read_text()
+        for probe in ("critical_sharpness", "ftle"):
+            why = mon.reasons[probe]
+            cells = _row(text, f"`{probe}`")
+            assert cells[1] == "0 / 12" and cells[2] == f"NaN: every record NaN: {why}", kind
+            assert _row(text, f"`{probe}` | 0 |")[2] == why  # the reasons table: step 0
+        assert "wrap" in _row(text, "early")[6]  # the FTLE window says why it has no records

@@ -128,6 +128,94 @@ def test_tensorboard_event_files_round_trip(tmp_path):
             assert _same(got[(k, step)], float(np.float32(v)))  # TensorBoard stores float32
 
 
+TEXT = 'η_t is unknown: pass Monitor(learning_rate=...), "quoted" | piped'
+
+
+def _write_with_texts(w):
+    w.write_texts(0, {"reason/critical_sharpness": TEXT})
+    _write(w)
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "zarr"])
+def test_texts_round_trip_beside_the_scalars(tmp_path, kind):
+    path = tmp_path / {"csv": "m.csv", "jsonl": "m.jsonl", "zarr": "m.zarr"}[kind]
+    w = {"csv": W.CSV, "jsonl": W.JSONL, "zarr": W.Zarr}[kind](path)
+    assert W.takes_texts(w)
+    _write_with_texts(w)
+    assert W.read_texts(path) == {"reason/critical_sharpness": [(0, TEXT)]}
+    if kind == "csv":  # a row of its own, the text in its column; the scalars as before
+        rows = W.read_csv(path)
+        assert rows[0] == {"step": 0, "reason/critical_sharpness": TEXT}
+        assert [r["step"] for r in rows[1:]] == [0, 50, 100]
+        assert all(_same(rows[1][k], v) for k, v in ROWS[0][1].items())
+    elif kind == "jsonl":
+        rows = W.read_jsonl(path)
+        assert rows[0] == {"step": 0, "reason/critical_sharpness": TEXT}
+        assert [r["step"] for r in rows[1:]] == [0, 50, 100]
+    else:  # the store's attribute; the records unchanged
+        assert cj.open_store(path).attrs["kind"] == "monitor"
+        assert set(W.read_zarr(path)) == {"sharpness", "sharpness/residual", "ftle"}
+
+
+def test_zarr_keeps_texts_written_after_the_last_rewrite(tmp_path):
+    w = W.Zarr(tmp_path / "m.zarr")
+    w.write_scalars(0, {"sharpness": 1.0})
+    w.write_texts(5, {"reason/ftle": "later"})
+    assert W.read_texts(tmp_path / "m.zarr") == {}  # not rewritten yet
+    w.close()
+    assert W.read_texts(tmp_path / "m.zarr") == {"reason/ftle": [(5, "later")]}
+
+
+class CLULike(Recorder):
+    """CLU's MetricWriter signatures: write_scalars and write_texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.texts = []
+
+    def write_texts(self, step, mapping):
+        self.texts.append((step, dict(mapping)))
+
+
+def test_one_protocol_decides_which_writers_take_texts(tmp_path):
+    assert W.takes_texts(CLULike()) and isinstance(CLULike(), W.TextWriter)
+    assert not W.takes_texts(Recorder())  # write_scalars only: scalars only
+    assert not W.takes_texts(W.Callback(lambda s, m: None))  # a plain callable: scalars only
+    assert W.takes_texts(W.CSV(tmp_path / "a.csv")) and W.takes_texts(W.JSONL(tmp_path / "a.j"))
+    rec, clu, calls = Recorder(), CLULike(), []
+    ws = W.as_writers([rec, clu, lambda s, m: calls.append((s, m))])
+    W.write_all(ws, 3, {"x": 1.0}, {"reason/x": "why"})
+    assert rec.rows == [(3, {"x": 1.0})] == calls == clu.rows
+    assert clu.texts == [(3, {"reason/x": "why"})]
+
+
+def _texts(logdir):
+    """(tag, step, text) of every text summary in the event files of ``logdir``."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for f in sorted(logdir.glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                if v.tensor.string_val:
+                    out.append((v.tag, ev.step, v.tensor.string_val[0].decode()))
+    return out
+
+
+def test_tensorboard_writes_texts_as_text_summaries(tmp_path):
+    pytest.importorskip("tensorboardX")
+    _write_with_texts(W.TensorBoard(tmp_path / "tb"))
+    got = _texts(tmp_path / "tb")
+    assert len(got) == 1
+    tag, step, text = got[0]
+    assert tag.startswith("reason/critical_sharpness") and step == 0 and text == TEXT
+
+
 def test_bad_writer_is_one_line():
     with pytest.raises(TypeError, match=r"^writer:"):
         W.as_writers([Recorder(), 3])
