@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.stats import over_seeds
 
 
@@ -36,7 +36,7 @@ def learning_rate_labels(batch) -> np.ndarray:
     return np.asarray(batch.coords["learning_rate"], np.float64)
 
 
-def tangent_tracker(cfg: ExperimentConfig):
+def tangent_tracker(cfg: BaseConfig):
     """The one :class:`chaosjax.LyapunovTracker` of a run (None when no stage needs tangents).
 
     It serves the Lyapunov stage (exponents and FTLEs from ``lyapunov.warmup``), the CLV stage

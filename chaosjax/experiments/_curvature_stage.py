@@ -13,11 +13,11 @@ import xarray as xr
 
 from chaosjax._util import finite_median, fmt
 from chaosjax.experiments._analysis_base import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.tables import table_head
 
 
-def curvature_tracker(cfg: ExperimentConfig):
+def curvature_tracker(cfg: BaseConfig):
     from chaosjax._curvature_tracker import CurvatureTracker
 
     c = cfg.curvature
@@ -88,7 +88,7 @@ def _stalled(loss: np.ndarray) -> bool:
     return level > 0.01 * float(loss[0]) and change < 0.01 * level
 
 
-def curvature_stage(cfg: ExperimentConfig, tmap, batch, results):
+def curvature_stage(cfg: BaseConfig, tmap, batch, results):
     """Trace and SLQ density at the initial and final state of every reference run, and the
     verdict of each reference run from the tracked sharpness ratio."""
     import jax

@@ -37,7 +37,7 @@ from chaosjax.experiments._curvature_stage import (  # noqa: F401
     ftle_regime,
     verdict,
 )
-from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.stats import STALLED_RTOL, over_seeds, seeds_cell
 from chaosjax.experiments.tables import table_head
 
@@ -53,7 +53,7 @@ ORBIT_RULE = (
 )
 
 
-def period_tracker(cfg: ExperimentConfig) -> list:
+def period_tracker(cfg: BaseConfig) -> list:
     """The period observer of the lyapunov stage (none with ``lyapunov.period_window = 0``)."""
     from chaosjax.orbits import PeriodTracker
 
@@ -80,7 +80,7 @@ def orbit_labels(tmap, results, refs) -> dict:
     return {"period": (("group",), period), "dead": (("group",), dead)}
 
 
-def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
+def lyapunov_stage(cfg: BaseConfig, tmap, batch, results):
     """Top-k spectrum, FTLEs, regimes and the replica-distance fit of every reference run, from
     the tangents the run carried along its recorded trajectory."""
     from chaosjax.lyapunov import LyapunovResult, _reasons, best_window_fit
@@ -191,7 +191,7 @@ def lyapunov_stage(cfg: ExperimentConfig, tmap, batch, results):
     )
 
 
-def clv_stage(cfg: ExperimentConfig, tmap, batch, results):
+def clv_stage(cfg: BaseConfig, tmap, batch, results):
     """Covariant Lyapunov vectors of every reference run from the forward pass its tangents
     made inside the run: exponents, angles, layer masses, Hessian overlap."""
     import math

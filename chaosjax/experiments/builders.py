@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from chaosjax.experiments.config import ConfigError, ExperimentConfig
+from chaosjax.experiments._sections import BaseConfig, ConfigError
+from chaosjax.experiments.factories import load_reference, user_model, user_optimizer, user_step
 
 
 def set_precision(precision: str) -> None:
@@ -18,7 +19,7 @@ def set_precision(precision: str) -> None:
         jax.config.update("jax_enable_x64", True)
 
 
-def build_dataset(cfg: ExperimentConfig):
+def build_dataset(cfg: BaseConfig):
     """The :class:`~chaosjax.datasets.Dataset` of a config's ``[data]`` section (a built-in
     dataset by name, or ``data.path``: your ``.npz``)."""
     from chaosjax import datasets
@@ -66,7 +67,7 @@ def build_dataset(cfg: ExperimentConfig):
     return ds
 
 
-def _model_factory(cfg: ExperimentConfig, ds, dtype):
+def _model_factory(cfg: BaseConfig, ds, dtype):
     """``factory(rngs) -> nnx.Module`` of a built-in ``model.kind``."""
     from chaosjax import models
 
@@ -168,14 +169,13 @@ def _model_factory(cfg: ExperimentConfig, ds, dtype):
     return factory
 
 
-def _step_map(cfg: ExperimentConfig, ds, dtype):
+def _step_map(cfg: BaseConfig, ds, dtype):
     """The :class:`~chaosjax.StepMap` of ``step.factory``."""
     import jax
 
-    from chaosjax.experiments import factories
     from chaosjax.training import TrainingMap
 
-    fn = factories.load_reference(cfg.step.factory, "step.factory")
+    fn = load_reference(cfg.step.factory, "step.factory")
     t = cfg.training
     data = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test}
 
@@ -188,14 +188,14 @@ def _step_map(cfg: ExperimentConfig, ds, dtype):
             "steps": cfg.steps,
         }
 
-    out = factories.user_step(fn, offer(jax.random.PRNGKey(cfg.replicas.seeds[0])))
+    out = user_step(fn, offer(jax.random.PRNGKey(cfg.replicas.seeds[0])))
     if not isinstance(out, dict):
         return out
     kwargs = {"data": data, "dtype": dtype, "name": cfg.name, **out}
     if "init_fn" not in kwargs:
 
         def init_fn(key):
-            return factories.user_step(fn, offer(key))["state"]
+            return user_step(fn, offer(key))["state"]
 
         kwargs["init_fn"] = init_fn
     train_step, state = kwargs.pop("train_step"), kwargs.pop("state")
@@ -205,7 +205,7 @@ def _step_map(cfg: ExperimentConfig, ds, dtype):
         raise ConfigError(f"step.factory: {str(e).splitlines()[0]}") from e
 
 
-def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None = None):
+def build_training_map(cfg: BaseConfig, ds=None, *, controller: str | None = None):
     """The :class:`TrainingMap` of a config (learning rate = the first grid value).
 
     ``model.factory``, ``optimizer.factory`` and ``step.factory`` bring your own model,
@@ -217,7 +217,6 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
     import jax.numpy as jnp
     from flax import nnx
 
-    from chaosjax.experiments import factories
     from chaosjax.optimizers import OPTIMIZERS
     from chaosjax.training import TrainingMap
 
@@ -228,8 +227,8 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
     t = cfg.training
     key0 = jax.random.PRNGKey(cfg.replicas.seeds[0])
     if cfg.model.factory:
-        user_fn = factories.load_reference(cfg.model.factory, "model.factory")
-        kind, model = factories.user_model(user_fn, ds, dtype, key0)
+        user_fn = load_reference(cfg.model.factory, "model.factory")
+        kind, model = user_model(user_fn, ds, dtype, key0)
         factory = None  # independent seeds call the factory with their key (init_fn below)
     else:
         factory = _model_factory(cfg, ds, dtype)
@@ -250,8 +249,8 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
         optimizer, hparams, lr = _controller(cfg, controller, hparams)
         schedule, schedule_options, name = "constant", {}, f"{cfg.name}/{controller}"
     elif cfg.optimizer.factory:
-        user_tx = factories.load_reference(cfg.optimizer.factory, "optimizer.factory")
-        optimizer, takes_lr = factories.user_optimizer(user_tx, cfg.steps)
+        user_tx = load_reference(cfg.optimizer.factory, "optimizer.factory")
+        optimizer, takes_lr = user_optimizer(user_tx, cfg.steps)
         if not takes_lr:
             if len(t.learning_rates) > 1:
                 raise ConfigError(
@@ -281,13 +280,13 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
             from chaosjax import nnx_adapter
 
             def init_fn(key):
-                fresh = factories.user_model(user_fn, ds, dtype, key)[1]
+                fresh = user_model(user_fn, ds, dtype, key)[1]
                 return nnx_adapter.init_params(lambda _: fresh, dtype, key)
 
             return TrainingMap.from_nnx(model, ds, init_fn=init_fn, **common)
 
         def init_fn(key):
-            return factories.user_model(user_fn, ds, dtype, key)[1][1]
+            return user_model(user_fn, ds, dtype, key)[1][1]
 
         return TrainingMap(model[0], model[1], ds, init_fn=init_fn, **common)
     except ConfigError:
@@ -303,7 +302,7 @@ def build_training_map(cfg: ExperimentConfig, ds=None, *, controller: str | None
 _TRAINING_HPARAMS = ("momentum", "weight_decay", "b1", "b2")
 
 
-def _controller(cfg: ExperimentConfig, kind: str, base_hparams: dict):
+def _controller(cfg: BaseConfig, kind: str, base_hparams: dict):
     """(optimizer factory, hyper-parameters, initial η) of a controlled run."""
     import functools
 

@@ -1,8 +1,10 @@
 """Typed, frozen experiment configs read from TOML, with ``--set a.b=value`` overrides.
 
 Every field has a default, a one-line meaning and validation; errors name the field and what
-is allowed (:class:`ConfigError`, a ``ValueError``). The sections live in
-:mod:`chaosjax.experiments._sections`; the cross-checks between them and the TOML round trip here.
+is allowed (:class:`ConfigError`, a ``ValueError``). ``ExperimentConfig`` is composed here from
+:class:`~chaosjax.experiments._sections.BaseConfig` (the core sections), the section of each
+built-in stage (:data:`chaosjax.experiments.stages.BUILTIN_STAGES`, one module per stage with
+its section and its checks) and ``scale``; the TOML round trip is here too.
 """
 
 from __future__ import annotations
@@ -11,237 +13,73 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from chaosjax.experiments._sections import (
-    BifurcationConfig,
-    CLVConfig,
+    BaseConfig,
     ConfigError,
-    ControlConfig,
-    CurvatureConfig,
     DataConfig,
-    DivergenceConfig,
-    GrokkingConfig,
-    InstabilityConfig,
-    LandscapeConfig,
-    LyapunovConfig,
-    MarginalConfig,
     ModelConfig,
     OptimizerConfig,
-    PredictionConfig,
     ReplicaConfig,
-    ResponseConfig,
     ScaleConfig,
-    SeriesConfig,
     StepConfig,
-    TargetConfig,
     TrainingConfig,
-    fld,
     section,
 )
+from chaosjax.experiments.stages import BUILTIN_STAGES, STAGES, Stage
+
+#: where the stage tables of a written config stood before ``ExperimentConfig`` was composed
+#: from the registry (whose order is the run order): run folders store the config text and
+#: ``--resume`` compares it, so these tables keep their places; a new stage's table follows them
+_STORED_ORDER = ("lyapunov", "series", "bifurcation", "divergence", "marginal", "target",
+                 "prediction", "response", "instability", "grokking", "landscape", "curvature",
+                 "clv", "control")  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    name: str = fld("custom", "experiment name")
-    description: str = fld("", "one-line description")
-    runtime: str = fld("", "expected runtime on a 2-core CPU")
-    size: str = fld(
-        "",
-        "a preset's named size (its [sizes.NAME] tables, e.g. 'gpu'); '' = the size that runs in minutes on a 2-core CPU",
+def config_class(stages: Sequence[Stage] = BUILTIN_STAGES, name: str = "ExperimentConfig"):
+    """The frozen config dataclass of ``stages``: the fields of :class:`BaseConfig`, one table
+    per stage with a ``section`` (named after the stage), then ``scale``.
+
+    Building one runs the core checks, then the ``check`` of each of ``stages`` and of every
+    stage in the registry (a registered stage replaces its namesake), in that order."""
+    place = {n: i for i, n in enumerate(_STORED_ORDER)}
+    tables = sorted(
+        (s for s in stages if s.section is not None), key=lambda s: place.get(s.name, len(place))
     )
-    precision: str = fld(
-        "float64", "state dtype (float64 enables jax_enable_x64)", choices=("float32", "float64")
-    )
-    steps: int = fld(1000, "training steps", lo=1)
-    record_every: int = fld(10, "record cadence (must divide steps)", lo=1)
-    chunk_steps: int = fld(500, "steps per jitted chunk (checkpoint cadence)", lo=1)
-    data: DataConfig = section(DataConfig, "dataset")
-    model: ModelConfig = section(ModelConfig, "model")
-    training: TrainingConfig = section(TrainingConfig, "loss and optimizer")
-    optimizer: OptimizerConfig = section(OptimizerConfig, "your own optax transformation")
-    step: StepConfig = section(StepConfig, "your own train step")
-    replicas: ReplicaConfig = section(ReplicaConfig, "replica batch")
-    lyapunov: LyapunovConfig = section(LyapunovConfig, "Lyapunov exponents")
-    series: SeriesConfig = section(SeriesConfig, "loss-series diagnostics")
-    bifurcation: BifurcationConfig = section(BifurcationConfig, "bifurcation diagram over η")
-    divergence: DivergenceConfig = section(DivergenceConfig, "replica-divergence fits per ε")
-    marginal: MarginalConfig = section(MarginalConfig, "marginal-stability test")
-    target: TargetConfig = section(TargetConfig, "time to a target accuracy")
-    prediction: PredictionConfig = section(PredictionConfig, "early FTLE against final loss")
-    response: ResponseConfig = section(ResponseConfig, "training response (NTK)")
-    instability: InstabilityConfig = section(InstabilityConfig, "instability metrics")
-    grokking: GrokkingConfig = section(GrokkingConfig, "grokking against instability (slingshot)")
-    landscape: LandscapeConfig = section(LandscapeConfig, "loss landscapes of the recorded runs")
-    curvature: CurvatureConfig = section(CurvatureConfig, "curvature and the edge of stability")
-    clv: CLVConfig = section(CLVConfig, "covariant Lyapunov vectors")
-    control: ControlConfig = section(ControlConfig, "instability control against fixed η")
-    scale: ScaleConfig = section(ScaleConfig, "devices and memory (processes: command-line flags)")
+    fields = [(s.name, s.section, section(s.section, (s.section.__doc__ or "").strip()))
+              for s in tables]  # fmt: skip
+    doc = "devices and memory (processes: command-line flags)"
+    fields.append(("scale", ScaleConfig, section(ScaleConfig, doc)))
+    own = tuple(stages)
 
     def __post_init__(self):
-        if self.steps % self.record_every:
-            raise ConfigError(
-                f"record_every: must divide steps={self.steps}, got {self.record_every}"
-            )
-        if self.record_every % self.replicas.distance_every:
-            raise ConfigError(
-                f"replicas.distance_every: must divide record_every={self.record_every}, got "
-                f"{self.replicas.distance_every}"
-            )
-        ly = self.lyapunov
-        n = ly.steps or self.steps
-        if n % ly.renorm_every:
-            raise ConfigError(
-                f"lyapunov.renorm_every: must divide the Lyapunov steps ({n}), got {ly.renorm_every}"
-            )
-        if ly.ftle_window % ly.renorm_every:
-            raise ConfigError(
-                f"lyapunov.ftle_window: must be a multiple of renorm_every={ly.renorm_every}"
-            )
-        bf = self.bifurcation
-        if bf.enabled and (len(bf.values) != 3 or int(bf.values[2]) != bf.values[2]
-                           or bf.values[2] < 2 or not bf.values[0] < bf.values[1]):  # fmt: skip
-            raise ConfigError(
-                f"bifurcation.values: expected [first, last, count] with first < last and an "
-                f"integer count >= 2, got {list(bf.values)}"
-            )
-        if bf.enabled and bf.n_samples * bf.max_period > bf.steps:
-            raise ConfigError(
-                f"bifurcation.steps: must hold n_samples·max_period = "
-                f"{bf.n_samples * bf.max_period} steps (the sampled window), got {bf.steps}"
-            )
-        if ly.period_window == 1:
-            raise ConfigError("lyapunov.period_window: must be 0 (off) or >= 2, got 1")
-        if self.marginal.enabled and self.marginal.before_end >= self.steps:
-            raise ConfigError(
-                f"marginal.before_end: must be < steps={self.steps}, got {self.marginal.before_end}"
-            )
-        if self.instability.enabled and not self.lyapunov.enabled:
-            raise ConfigError(
-                "instability.enabled: needs lyapunov.enabled = true (the FTLE phases)"
-            )
-        self._check_factories()
-        if self.grokking.enabled and self.step.factory:
-            raise ConfigError(
-                "grokking.enabled: needs train and test accuracy of a model with a forward pass; "
-                "a step.factory has none"
-            )
-        if self.control.enabled:
-            if self.training.optimizer not in ("sgd", "momentum", "nesterov"):
-                raise ConfigError(
-                    "control.enabled: the comparison runs need training.optimizer sgd, momentum "
-                    f"or nesterov (their curvature is the Hessian), got {self.training.optimizer!r}"
-                )
-            if not self.curvature.enabled:
-                raise ConfigError(
-                    "control.enabled: needs curvature.enabled = true (sharpness of every run)"
-                )
-            if not (self.control.margins or self.control.ftle_targets):
-                raise ConfigError("control.margins: give margins or ftle_targets to compare")
-            if self.training.schedule != "constant":
-                raise ConfigError(
-                    "control.enabled: needs training.schedule = 'constant' (the controllers set η)"
-                )
-        self._check_tangent_windows()
-        if self.prediction.enabled and not self.lyapunov.enabled:
-            raise ConfigError("prediction.enabled: needs lyapunov.enabled = true (the early FTLE)")
-        for name in ("fit_starts", "fit_widths"):
-            r = getattr(ly, name)
-            if len(r) != 3 or r[2] < 1 or r[1] < r[0] or r[0] < 0:
-                raise ConfigError(
-                    f"lyapunov.{name}: expected [first, last, stride] with 0 <= first <= last and "
-                    f"stride >= 1, got {list(r)}"
-                )
+        BaseConfig.__post_init__(self)
+        checks = {s.name: s.check for s in own}
+        checks.update((s.name, s.check) for s in STAGES.values())
+        for check in checks.values():
+            if check is not None:
+                check(self)
 
-    def _check_factories(self):
-        """Your model, optimizer and train step: what each replaces and what it excludes."""
-        if self.step.factory:
-            if self.model.factory:
-                raise ConfigError(
-                    "model.factory: a step.factory brings its own model; set one of the two"
-                )
-            if self.optimizer.factory:
-                raise ConfigError(
-                    "optimizer.factory: a step.factory brings its own optimizer; set one of the two"
-                )
-            if self.response.enabled:
-                raise ConfigError(
-                    "response.enabled: the NTK needs the model's forward pass, which a "
-                    "step.factory does not expose; set response.enabled = false"
-                )
-            if self.curvature.mode == "subset":
-                raise ConfigError(
-                    "curvature.mode: a step.factory's loss takes its own batches: full or batch, "
-                    "got 'subset'"
-                )
-        if (self.optimizer.factory or self.step.factory) and self.control.enabled:
-            raise ConfigError(
-                "control.enabled: the controllers drive a registry optimizer "
-                "(training.optimizer), not optimizer.factory or step.factory"
-            )
+    cls = dataclasses.make_dataclass(
+        name,
+        fields,
+        bases=(BaseConfig,),
+        frozen=True,
+        namespace={
+            "__post_init__": __post_init__,
+            "__doc__": "A resolved experiment config: the core sections, one section per "
+            "stage, then scale (see chaosjax.experiments.config.config_class).",
+        },
+    )
+    cls.__module__ = __name__
+    return cls
 
-    def _check_tangent_windows(self):
-        """The Lyapunov, CLV and control windows lie inside the one run, on its records."""
-        ly, c, ctl = self.lyapunov, self.clv, self.control
-        if ly.enabled and ly.warmup + ly.renorm_every > self.steps:
-            raise ConfigError(
-                f"lyapunov.warmup: leaves no renormalisation in the run of {self.steps} steps, "
-                f"got {ly.warmup}"
-            )
-        if ly.enabled and ly.steps and ly.warmup + ly.steps > self.steps:
-            raise ConfigError(
-                f"lyapunov.steps: warmup {ly.warmup} + steps {ly.steps} end after the run "
-                f"({self.steps} steps)"
-            )
-        if ctl.enabled and ly.enabled and ly.warmup > self.steps - ctl.lyapunov_steps:
-            raise ConfigError(
-                f"control.lyapunov_steps: λ1 over the last {ctl.lyapunov_steps} steps needs "
-                f"lyapunov.warmup <= {self.steps - ctl.lyapunov_steps}, got {ly.warmup}"
-            )
-        if ctl.enabled and ctl.lyapunov_steps > self.steps:
-            raise ConfigError(
-                f"control.lyapunov_steps: must be <= steps={self.steps}, got {ctl.lyapunov_steps}"
-            )
-        if not c.enabled:
-            return
-        re = ly.renorm_every
-        if c.align % self.record_every:
-            raise ConfigError(
-                f"clv.align: the kept range starts on a record: a multiple of record_every="
-                f"{self.record_every}, got {c.align}"
-            )
-        if ly.enabled and (c.align < ly.warmup or (c.align - ly.warmup) % re):
-            raise ConfigError(
-                f"clv.align: the CLVs use the run's tangents, which start at lyapunov.warmup="
-                f"{ly.warmup}: align must be >= it (and a multiple of renorm_every={re} after "
-                f"it), got {c.align}"
-            )
-        rest = self.steps - c.align - c.backward_transient
-        n = c.steps or rest
-        if rest < re:
-            raise ConfigError(
-                f"clv.align: the CLV window starts at clv.align={c.align} and needs "
-                f"clv.backward_transient={c.backward_transient} steps after it, which leaves "
-                f"no step of the run of {self.steps} steps; lower clv.align and "
-                "clv.backward_transient, raise steps, or set clv.enabled=false"
-            )
-        if n < re or c.steps > rest:
-            raise ConfigError(
-                f"clv.steps: the CLV window (align {c.align} + steps {c.steps} + "
-                f"backward_transient {c.backward_transient}) must fit in the run of "
-                f"{self.steps} steps; at most {rest}, or 0 for the rest of the run"
-            )
-        if n % re or c.backward_transient % re:
-            raise ConfigError(
-                f"clv.steps: steps and backward_transient must be multiples of "
-                f"lyapunov.renorm_every={re}"
-            )
-        if c.keep_every and (c.keep_every % self.record_every or c.keep_every % re):
-            raise ConfigError(
-                f"clv.keep_every: must be a multiple of record_every={self.record_every} and of "
-                f"lyapunov.renorm_every={re}, got {c.keep_every}"
-            )
+
+#: the config of ``chaosjax run``: the core sections and one table per built-in stage
+ExperimentConfig = config_class()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,27 +267,18 @@ def describe(cls=ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str
 
 
 __all__ = [
-    "CLVConfig",
+    "BaseConfig",
     "ConfigError",
-    "CurvatureConfig",
     "DataConfig",
-    "DivergenceConfig",
     "ExperimentConfig",
-    "GrokkingConfig",
-    "InstabilityConfig",
-    "LandscapeConfig",
-    "LyapunovConfig",
-    "MarginalConfig",
     "ModelConfig",
     "OptimizerConfig",
-    "PredictionConfig",
     "ReplicaConfig",
-    "ResponseConfig",
-    "SeriesConfig",
+    "ScaleConfig",
     "StepConfig",
-    "TargetConfig",
     "TrainingConfig",
     "apply_overrides",
+    "config_class",
     "describe",
     "from_dict",
     "load_file",

@@ -20,16 +20,16 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import curvature_tracker, reference_groups, tangent_tracker
 from chaosjax.experiments.builders import build_training_map
-from chaosjax.experiments.config import ConfigError, ExperimentConfig
 from chaosjax.experiments.stats import seeds_cell
 from chaosjax.experiments.tables import table_head
 
 _PARAM = {"sharpness": "margin", "ftle": "target"}
 
 
-def _settings(cfg: ExperimentConfig) -> list[tuple[str, list[float]]]:
+def _settings(cfg: BaseConfig) -> list[tuple[str, list[float]]]:
     c = cfg.control
     out = []
     if c.margins:
@@ -39,19 +39,17 @@ def _settings(cfg: ExperimentConfig) -> list[tuple[str, list[float]]]:
     return out
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Build the controlled maps once (bad controller settings fail before the run folder is
-    touched)."""
-
-    for kind, values in _settings(cfg):
-        try:
-            for v in values:
-                build_training_map(cfg, controller=kind).replace(**{_PARAM[kind]: v})
-        except ValueError as e:
-            raise ConfigError(f"control: {e}") from None
+def build_controlled_maps(cfg: BaseConfig) -> list:
+    """The map of every controller setting (the stage's ``validate`` builds them once, so bad
+    settings fail before the run folder is touched); a ``ValueError`` names the setting."""
+    return [
+        build_training_map(cfg, controller=kind).replace(**{_PARAM[kind]: v})
+        for kind, values in _settings(cfg)
+        for v in values
+    ]
 
 
-def _constant(cfg: ExperimentConfig) -> float:
+def _constant(cfg: BaseConfig) -> float:
     from chaosjax.control import stability_constant
 
     t = cfg.training
@@ -175,7 +173,7 @@ def _matched(runs: list[dict], episodes) -> dict[int, int]:
     return out
 
 
-def control_stage(cfg: ExperimentConfig, tmap, batch, results, folder: Path, progress: bool):
+def control_stage(cfg: BaseConfig, tmap, batch, results, folder: Path, progress: bool):
     """Run the controllers and compare them with the fixed-η reference runs."""
     from chaosjax import control
 

@@ -10,8 +10,8 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import STALLED_RTOL, finite_prefix, over_seeds
 from chaosjax.experiments.tables import table_head
 
@@ -19,7 +19,7 @@ from chaosjax.experiments.tables import table_head
 # loss-series diagnostics
 
 
-def series_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+def series_stage(cfg: BaseConfig, batch, results) -> xr.Dataset:
     """Series diagnostics of each reference run's recorded training loss."""
     from chaosjax import series
 
@@ -211,7 +211,7 @@ def series_figures(ds: xr.Dataset, folder: Path) -> None:
 # divergence fits per ε
 
 
-def divergence_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+def divergence_stage(cfg: BaseConfig, batch, results) -> xr.Dataset:
     """Best-window fit of the mean L1 distance for every (reference run, ε), with acceptance."""
     from chaosjax.lyapunov import best_window_fit
 
@@ -332,7 +332,7 @@ def divergence_figures(ds: xr.Dataset, folder: Path) -> None:
 # marginal stability
 
 
-def marginal_snapshots(cfg: ExperimentConfig):
+def marginal_snapshots(cfg: BaseConfig):
     """The observer that keeps each reference run's state where the marginal test perturbs it
     (``before_end`` steps before the end): the state of the recorded run, not a re-run."""
     from chaosjax.observers import StateSnapshots
@@ -340,7 +340,7 @@ def marginal_snapshots(cfg: ExperimentConfig):
     return StateSnapshots(at=(cfg.steps - cfg.marginal.before_end,), name="marginal_state")
 
 
-def marginal_stage(cfg: ExperimentConfig, tmap, batch, results, progress: bool) -> xr.Dataset:
+def marginal_stage(cfg: BaseConfig, tmap, batch, results, progress: bool) -> xr.Dataset:
     """Perturb each reference run's recorded state `before_end` steps before the end and train
     the perturbed copies on next to an unperturbed continuation."""
     import jax.numpy as jnp

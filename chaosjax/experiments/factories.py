@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from chaosjax._util import one_line
-from chaosjax.experiments.config import ConfigError
+from chaosjax.experiments._sections import ConfigError
 
 STEP_KEYS = (
     "train_step",

@@ -9,8 +9,8 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import last_finite, seeds_cell
 from chaosjax.experiments.tables import table_head
 
@@ -41,7 +41,7 @@ def _rates(fires: np.ndarray, ok: np.ndarray, near: np.ndarray) -> tuple[float, 
 INDICATORS = ("spike", "crossing", "ftle")
 
 
-def grokking_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset | None):
+def grokking_stage(cfg: BaseConfig, batch, results, lyap: xr.Dataset | None):
     """Per reference run: when it fits the training set and when its test accuracy jumps
     (grokking); how often each indicator (loss spikes, sharpness crossings, positive FTLEs)
     fires just before the jump against elsewhere in the run; the last layer's norm."""

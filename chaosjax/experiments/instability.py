@@ -7,8 +7,8 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import finite_median, fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.tables import table_head
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ def phases(ftle: np.ndarray, times: np.ndarray) -> tuple[float, float]:
     return exp_end, ref_start
 
 
-def instability_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
+def instability_stage(cfg: BaseConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
     """Per-layer separation and re-convergence of perturbed replicas, and training phases."""
     c = cfg.instability
     refs = reference_groups(batch)

@@ -12,15 +12,15 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.tables import table_head
 
 #: iterates of the last records marked on the 1-D slice
 LAST = 10
 
 
-def landscape_snapshots(cfg: ExperimentConfig):
+def landscape_snapshots(cfg: BaseConfig):
     """The observer keeping each reference run's state at up to ``landscape.snapshots``
     evenly spaced records (the last one included)."""
     from chaosjax.observers import StateSnapshots
@@ -32,7 +32,7 @@ def landscape_snapshots(cfg: ExperimentConfig):
     return StateSnapshots(at=tuple(at), name="trajectory")
 
 
-def landscape_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
+def landscape_stage(cfg: BaseConfig, tmap, batch, results) -> xr.Dataset:
     """Slices of each reference run's loss at its last state (see the module docstring)."""
     import jax.numpy as jnp
 

@@ -9,8 +9,8 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, learning_rate_labels, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import last_finite, seeds_cell
 from chaosjax.experiments.tables import table_head
 
@@ -18,7 +18,7 @@ from chaosjax.experiments.tables import table_head
 # time to a target accuracy
 
 
-def target_stage(cfg: ExperimentConfig, batch, results) -> xr.Dataset:
+def target_stage(cfg: BaseConfig, batch, results) -> xr.Dataset:
     """First record step at which each reference run reaches the target test accuracy."""
     refs = reference_groups(batch)
     acc = results.records["test_accuracy"][refs]
@@ -91,7 +91,7 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def prediction_stage(cfg: ExperimentConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
+def prediction_stage(cfg: BaseConfig, batch, results, lyap: xr.Dataset) -> xr.Dataset:
     """Per η: Pearson and Spearman correlation of the early λ1 with the final training loss
     across initialisations, and the AUC of λ1 for 'final loss above the median'."""
     refs = reference_groups(batch)

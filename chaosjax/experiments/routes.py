@@ -14,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import fmt
-from chaosjax.experiments.config import ExperimentConfig
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.tables import table_head
 
 FEIGENBAUM = 4.669201609
@@ -27,7 +27,7 @@ CASCADE_RULE = (
 )
 
 
-def eta_grid(cfg: ExperimentConfig) -> np.ndarray:
+def eta_grid(cfg: BaseConfig) -> np.ndarray:
     """The stage's η values from ``bifurcation.values = [first, last, count]``."""
     first, last, count = cfg.bifurcation.values
     return np.linspace(float(first), float(last), int(count))
@@ -52,7 +52,7 @@ def feigenbaum_ratios(etas: np.ndarray) -> np.ndarray:
     return (e[1:-1] - e[:-2]) / (e[2:] - e[1:-1])
 
 
-def bifurcation_stage(cfg: ExperimentConfig, tmap, batch) -> xr.Dataset:
+def bifurcation_stage(cfg: BaseConfig, tmap, batch) -> xr.Dataset:
     """The diagram of the first seed's initial state over the η grid."""
     from chaosjax.orbits import bifurcation
 

@@ -9,8 +9,8 @@ import numpy as np
 import xarray as xr
 
 from chaosjax._util import fmt
+from chaosjax.experiments._sections import BaseConfig
 from chaosjax.experiments.analyses import group_coords, reference_groups
-from chaosjax.experiments.config import ExperimentConfig
 from chaosjax.experiments.stats import last_finite
 from chaosjax.experiments.tables import table_head
 
@@ -18,7 +18,7 @@ from chaosjax.experiments.tables import table_head
 # training response (Nakazato)
 
 
-def response_stage(cfg: ExperimentConfig, tmap, batch, results) -> xr.Dataset:
+def response_stage(cfg: BaseConfig, tmap, batch, results) -> xr.Dataset:
     """Aging fit of the NTK amplitude, shape change, rank change and fragility per run."""
     import jax.numpy as jnp
 
