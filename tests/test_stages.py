@@ -1,6 +1,8 @@
-"""The stage registry, and the numbers of stages on small synthetic results whose answers are
+"""The stage registry (and a stage declared in one module), and the numbers of stages on small synthetic results whose answers are
 known (no training run: a constructed ReplicaResults and replica batch)."""
 
+import dataclasses
+import tomllib
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,3 +205,160 @@ def test_instability_stage_finds_layer_separation_reconvergence_and_phases():
     assert ds["reconverged"].values[0].tolist() == [1, 0]
     np.testing.assert_allclose(ds["peak_distance"].values[0], [up.max(), 1.0])
     assert ds["exploration_end"].item() == 40.0 and ds["refining_start"].item() == 60.0
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage is one module: its section, checks, observers, run and rendering
+
+MY_STAGE = '''
+import dataclasses
+
+import xarray as xr
+
+from chaosjax.experiments._sections import ConfigError, fld
+from chaosjax.experiments.stages.base import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class MyStageConfig:
+    """the final loss, scaled"""
+
+    enabled: bool = fld(False, "report the scaled final loss")
+    factor: float = fld(2.0, "the scale", positive=True)
+
+
+def check(cfg):
+    if cfg.my_stage.enabled and cfg.my_stage.factor > cfg.steps:
+        raise ConfigError(f"my_stage.factor: must be <= steps={cfg.steps}, got {cfg.my_stage.factor}")
+
+
+def run(inputs):
+    final = float(inputs.results.records["loss"][:, -1].mean())
+    return xr.Dataset({"scaled": ((), inputs.cfg.my_stage.factor * final)})
+
+
+def markdown(ds, report):
+    return ["## My stage", "", f"scaled final loss {float(ds['scaled']):.3g}", ""]
+
+
+STAGE = Stage(
+    "my_stage",
+    enabled=lambda cfg: cfg.my_stage.enabled,
+    run=run,
+    markdown=markdown,
+    section=MyStageConfig,
+    check=check,
+)
+'''
+
+
+def _module(tmp_path, name, text):
+    import importlib.util
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_builtin_stage_is_declared_in_one_module():
+    from chaosjax.experiments.config import ExperimentConfig
+    from chaosjax.experiments.stages import BUILTIN_STAGES
+
+    assert list(STAGES)[: len(BUILTIN_STAGES)] == [s.name for s in BUILTIN_STAGES]
+    tables = {f.name: f.type for f in dataclasses.fields(ExperimentConfig)}
+    for s in BUILTIN_STAGES:
+        module = f"chaosjax.experiments.stages.{s.name}"
+        assert s.section.__module__ == module and tables[s.name] is s.section, s.name
+        for part in (s.run, s.markdown, s.check, s.figures, s.observers, s.validate):
+            if part is not None and "<" not in part.__qualname__:  # not a lambda or a closure
+                assert part.__module__ == module, (s.name, part)
+
+
+def test_a_new_stage_module_with_a_section_composes_into_a_config_and_runs(tmp_path):
+    """The built-in path: a module with a section and a check, added to the stage list, gives a
+    config with its table (TOML, --set, to_toml, describe) and runs. (At run time a stage
+    cannot bring a section: see the next test.)"""
+    from chaosjax.experiments.config import (
+        apply_overrides,
+        config_class,
+        describe,
+        from_dict,
+        to_toml,
+    )
+    from chaosjax.experiments.stages import BUILTIN_STAGES
+
+    my = _module(tmp_path, "my_stage", MY_STAGE)
+    Config = config_class([*BUILTIN_STAGES, my.STAGE])
+    data = apply_overrides({"steps": 20, "record_every": 10}, ["my_stage.enabled=true",
+                                                               "my_stage.factor=3"])  # fmt: skip
+    cfg = from_dict(Config, data)
+    assert cfg.my_stage.factor == 3.0
+    text = to_toml(cfg)
+    assert text.index("[my_stage]") > text.index("[control]")
+    assert text.index("[my_stage]") < text.index("[scale]")
+    assert from_dict(Config, tomllib.loads(text)) == cfg  # round trip
+    assert ("my_stage.factor", "2.0", "the scale") in describe(Config)
+    with pytest.raises(ConfigError, match=r"my_stage\.factor: must be <= steps=20, got 30\.0"):
+        from_dict(Config, apply_overrides(data, ["my_stage.factor=30"]))
+    with pytest.raises(ConfigError, match=r"my_stage\.factor: must be > 0"):
+        from_dict(Config, apply_overrides(data, ["my_stage.factor=-1"]))
+    with pytest.raises(ConfigError, match=r"lyapunov\.warmup: leaves no renormalisation"):
+        from_dict(Config, apply_overrides(data, ["lyapunov.warmup=30"]))  # built-in checks run
+
+    batch, res = synthetic({"loss": np.ones((6, 3))})
+    saved = dict(STAGES)
+    STAGES.clear()
+    STAGES["my_stage"] = my.STAGE
+    try:
+        groups = run_stages(RunInputs(cfg, None, batch, res, {}))
+        lines = render_stages(ReportInputs(res, groups, tmp_path))
+    finally:
+        STAGES.clear()
+        STAGES.update(saved)
+    assert float(groups["my_stage"]["scaled"]) == 3.0
+    assert lines[0] == "## My stage" and "3" in lines[2]
+
+
+def test_a_stage_registered_at_run_time_checks_and_runs_without_a_section(scratch_stage, tmp_path):
+    my = _module(tmp_path, "my_stage_rt", MY_STAGE)
+    with pytest.raises(ValueError, match="section: stage 'my_stage' brings a config section"):
+        register_stage(my.STAGE)
+
+    def check(cfg):
+        if cfg.series.enabled and cfg.series.max_lag > 40:
+            raise ConfigError(f"series.max_lag: my stage needs <= 40, got {cfg.series.max_lag}")
+
+    stage = Stage("lag_x", lambda c: c.series.enabled, lambda i: _ds(float(i.cfg.series.max_lag)),
+                  lambda ds, r: ["## lag"], check=check)  # fmt: skip
+    register_stage(stage)
+    with pytest.raises(ConfigError, match=r"series\.max_lag: my stage needs <= 40, got 50"):
+        load_config("quickstart", ["series.enabled=true", "series.max_lag=50"])
+    cfg = load_config("quickstart", ["series.enabled=true", "series.max_lag=30"])
+    assert stage in enabled_stages(cfg)
+    assert float(stage.run(RunInputs(cfg, None, None, None, {}))["v"]) == 30.0
+    # a replacement of a built-in stage keeps its section
+    register_stage(dataclasses.replace(STAGES["series"], check=check), replace=True)
+    with pytest.raises(ConfigError, match="my stage needs <= 40"):
+        load_config("quickstart", ["series.enabled=true", "series.max_lag=50"])
+
+
+def test_config_choices_come_from_the_registries():
+    from chaosjax.datasets import LOADERS
+    from chaosjax.experiments._sections import DataConfig, ModelConfig, TrainingConfig
+    from chaosjax.losses import LOSSES
+    from chaosjax.models import ACTIVATIONS, INITS
+    from chaosjax.optimizers import OPTIMIZERS
+
+    def choices(cls, name):
+        return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["choices"]
+
+    assert choices(DataConfig, "name") == tuple(LOADERS)
+    assert choices(ModelConfig, "activation") == tuple(ACTIVATIONS)
+    assert choices(ModelConfig, "init") == tuple(INITS)
+    assert choices(TrainingConfig, "loss") == tuple(LOSSES)
+    assert choices(TrainingConfig, "optimizer") == tuple(OPTIMIZERS)
+    with pytest.raises(ConfigError, match=r"data\.name: unknown 'nope'; allowed: iris, digits"):
+        load_config("quickstart", ["data.name=nope"])
