@@ -1,7 +1,8 @@
 """Config → the objects of a run: precision, dataset, model, optimizer, the training map.
 
 The runner, the controlled-instability stage and ``chaosjax report`` build from here; this
-module imports no stage, so nothing imports the runner back.
+module imports neither a stage nor :mod:`~chaosjax.experiments.config` (which is composed from
+the stages), so the control stage can build its maps here without an import cycle.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The ``control`` stage: fixed learning rates against the controllers of :mod:`chaosjax.control`.
+"""The numbers of the ``control`` stage (declared in :mod:`chaosjax.experiments.stages.control`):
+fixed learning rates against the controllers of :mod:`chaosjax.control`.
 
 For the same network, data and seeds as the main (fixed-η) run, it runs the sharpness-margin
 controller at each ``control.margins`` value and the FTLE controller at each
