@@ -20,6 +20,15 @@ paper's Monte-Carlo estimate), reported as ``batch_sharpness_fresh``. The first 
 (clean labels, 64→128→128→10, ½·MSE, η = 0.15) is ``--label-noise 0 --hidden 128 --loss mse
 --eta 0.15``.
 
+Options of the scoping runs (RESULTS.md): ``--eta`` takes one η or one per batch size (the
+paper uses one η per run; each ratio is against that run's own 2/η); ``--data`` picks the
+training set: ``digits`` (the default), ``digitsx<K>j<σ>`` (the 1437 images K times, each copy
+with its own noisy labels, every copy but the first jittered by σ·N(0, 1) per pixel, so that
+the noisy labels take longer to memorise), ``blobs<dim>`` (10 overlapping Gaussian classes),
+``teacher<dim>`` (labels = argmax of a random tanh teacher of N(0, I) inputs) and
+``regress<dim>`` (``chaosjax.datasets.teacher_student`` regression, noise 0.3, with ``--loss
+mse``); ``--n-train`` sets their size.
+
 Reported per batch size, over the late part of training (the last ``--late`` fraction of the
 records): the ratios batch_sharpness·η/2, batch_sharpness_fresh·η/2 and λmax·η/2 as mean ±
 standard deviation over the records (ddof 1), their min and max, and the number of records.
@@ -47,7 +56,8 @@ import chaosjax as cj
 from chaosjax import probes as P
 
 #: the defaults (the configuration of RESULTS.md)
-ETA, STEPS, EVERY, HIDDEN, DEPTH, LABEL_NOISE, LOSS = 0.3, 4000, 50, 32, 2, 0.3, "ce"
+ETA, STEPS, EVERY, HIDDEN, DEPTH, LABEL_NOISE, LOSS = (0.3,), 4000, 50, 32, 2, 0.3, "ce"
+BATCH_SIZES, DATA = (16, 64), "digits"
 
 
 def init(sizes, key):
@@ -59,12 +69,14 @@ def init(sizes, key):
 
 
 def mse(params, batch):
-    """½·mean over examples of ‖f(x) − onehot(y)‖² (MSE: the loss of the EoS literature)."""
+    """½·mean over examples of ‖f(x) − target‖² (MSE: the loss of the EoS literature); the
+    target is onehot(y) for integer labels, y itself for real targets."""
     x, y = batch
     for layer in params[:-1]:
         x = jnp.tanh(x @ layer["w"] + layer["b"])
     out = x @ params[-1]["w"] + params[-1]["b"]
-    return 0.5 * jnp.mean(jnp.sum((out - jax.nn.one_hot(y, out.shape[-1])) ** 2, -1))
+    target = jax.nn.one_hot(y, out.shape[-1]) if jnp.issubdtype(y.dtype, jnp.integer) else y
+    return 0.5 * jnp.mean(jnp.sum((out - target) ** 2, -1))
 
 
 def xent(params, batch):
@@ -91,6 +103,54 @@ def noisy_labels(y: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndar
     return new, int(np.sum(new != y))
 
 
+def load_data(name: str, n_train: int, label_noise: float, seed: int):
+    """(x, y, n_outputs, labels changed) of the training set ``name``."""
+    if name.startswith("digits"):  # digitsx<K>[j<σ>]: K copies, own noisy labels, jitter σ
+        spec = name[7:]
+        copies, _, sigma = spec.partition("j")
+        copies, sigma = int(copies or 1), float(sigma or 0.0)
+        ds = cj.datasets.digits(standardize=True)
+        x, y = ds.x_train[:n_train], ds.y_train[:n_train]
+        noisy = [noisy_labels(y, label_noise, seed + 1000 * c) for c in range(copies)]
+        y_all = np.concatenate([n for n, _ in noisy])
+        x_all = np.concatenate([x] * copies)
+        if sigma:  # each copy but the first jittered by σ·N(0, 1) per pixel (fixed seed)
+            jitter = np.random.default_rng((seed, 11)).normal(size=x_all.shape) * sigma
+            jitter[: len(x)] = 0.0
+            x_all = x_all + jitter
+        return (
+            jnp.asarray(x_all, jnp.float32),
+            jnp.asarray(y_all),
+            10,
+            sum(c for _, c in noisy),
+        )
+    elif name.startswith("blobs"):  # blobs<dim>: 10 overlapping Gaussian classes
+        dim = int(name[5:] or 16)
+        ds = cj.datasets.blobs(
+            n=n_train, centers=10, dim=dim, std=1.0, spread=1.0, seed=seed, test_fraction=0.01
+        )
+        x, y = ds.x_train, ds.y_train
+        x = (x - x.mean(0)) / x.std(0)
+    elif name.startswith("teacher"):  # teacher<dim>: argmax of a random tanh teacher, 10 classes
+        dim = int(name[7:] or 32)
+        rng = np.random.default_rng((seed, 7))
+        x = rng.normal(size=(n_train, dim))
+        w1 = rng.normal(size=(dim, 64)) / np.sqrt(dim)
+        w2 = rng.normal(size=(64, 10)) / np.sqrt(64)
+        y = np.argmax(np.tanh(x @ w1) @ w2, -1).astype(np.int32)
+    elif name.startswith("regress"):  # regress<dim>: teacher_student regression, noise 0.3
+        dim = int(name[7:] or 10)
+        ds = cj.datasets.teacher_student(
+            n=n_train + 1, d_in=dim, d_out=1, noise=0.3, seed=seed, test_fraction=0.0001
+        )
+        x, y = ds.x_train[:n_train], ds.y_train[:n_train]
+        return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32), 1, 0
+    else:
+        raise ValueError(f"data: unknown {name!r}")
+    y_np, changed = noisy_labels(y, label_noise, seed)
+    return jnp.asarray(x, jnp.float32), jnp.asarray(y_np), 10, changed
+
+
 def run(
     batch_size: int,
     eta: float,
@@ -102,13 +162,12 @@ def run(
     label_noise: float = 0.0,
     loss: str = "mse",
     seed=0,
+    data: str = "digits",
 ):
     """One monitored SGD run; returns the monitor's records as arrays and the loop's time."""
-    ds = cj.datasets.digits(standardize=True)
-    x = jnp.asarray(ds.x_train[:n_train], jnp.float32)
-    y_np, changed = noisy_labels(ds.y_train[:n_train], label_noise, seed)
-    y = jnp.asarray(y_np)
-    params = init((64, *[hidden] * depth, 10), jax.random.PRNGKey(seed))
+    x, y, n_out, changed = load_data(data, n_train, label_noise, seed)
+    n_train = x.shape[0]
+    params = init((x.shape[1], *[hidden] * depth, n_out), jax.random.PRNGKey(seed))
     tx = optax.sgd(eta)
     loss_fn = LOSSES[loss]
 
@@ -187,8 +246,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--eta", type=float, default=ETA)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    ap.add_argument(
+        "--eta", type=float, nargs="+", default=list(ETA), help="one η, or one per batch size"
+    )
+    ap.add_argument("--data", default=DATA)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--every", type=int, default=EVERY)
     ap.add_argument("--hidden", type=int, default=HIDDEN)
@@ -208,13 +270,25 @@ def main(argv=None):
     if args.tiny:  # the code path once (one batch size: each size compiles its programs)
         steps, every, hidden, n_train, sizes = 20, 5, 8, 128, sizes[:1]
     rows = []
-    for bs in sizes:
+    etas = args.eta * len(sizes) if len(args.eta) == 1 else args.eta
+    if len(etas) < len(sizes):
+        raise SystemExit(f"--eta: one value or one per batch size ({len(sizes)}), got {args.eta}")
+    for bs, eta in zip(sizes, etas):
         rec, seconds, changed = run(
-            bs, args.eta, steps, every, hidden, n_train, args.depth, args.label_noise, args.loss
+            bs,
+            eta,
+            steps,
+            every,
+            hidden,
+            n_train,
+            args.depth,
+            args.label_noise,
+            args.loss,
+            data=args.data,
         )
-        row = {"batch_size": bs, "eta": args.eta, "steps": steps, "seconds": seconds}
+        row = {"batch_size": bs, "eta": eta, "steps": steps, "seconds": seconds}
         row["labels_changed"] = changed
-        row.update(late_ratios(rec, args.eta, args.late))
+        row.update(late_ratios(rec, eta, args.late))
         row["series"] = {k: v.tolist() for k, v in rec.items()}
         rows.append(row)
         print(
@@ -230,9 +304,9 @@ def main(argv=None):
         k = max(1, len(rec["step"]) // 10)
         for i in range(0, len(rec["step"]), k):  # the trajectory, coarsely
             print(
-                f"   step {int(rec['step'][i]):6d}: batch {rec['batch_sharpness'][i] * args.eta / 2:.3f}"
-                f"  fresh {rec['batch_sharpness_fresh'][i] * args.eta / 2:.3f}"
-                f"  λmax {rec['sharpness'][i] * args.eta / 2:.3f}"
+                f"   step {int(rec['step'][i]):6d}: batch {rec['batch_sharpness'][i] * eta / 2:.3f}"
+                f"  fresh {rec['batch_sharpness_fresh'][i] * eta / 2:.3f}"
+                f"  λmax {rec['sharpness'][i] * eta / 2:.3f}"
                 f"  loss {rec['gradient_norm/loss'][i]:.3f}",
                 flush=True,
             )
