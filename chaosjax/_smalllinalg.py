@@ -114,6 +114,23 @@ def qr(v):
     return mgs_qr(v) if _PURE.get() else jnp.linalg.qr(v)
 
 
+#: the largest tangent space (rows, columns) that :func:`tangent_qr` factorises by
+#: Gram–Schmidt rather than by LAPACK
+SMALL_TANGENTS = (64, 8)
+
+
+def tangent_qr(v):
+    """QR of tangent columns ``v`` (n, k): :func:`mgs_qr` (classical Gram–Schmidt applied
+    twice, unrolled over the k columns) for n ≤ 64 and k ≤ 8 — the small systems (maps,
+    ODEs), where the fixed cost of a LAPACK call is most of a step (Hénon: 40 % of
+    ``lyapunov_spectrum``'s time) — else :func:`qr` (Householder). Both give orthonormal Q to
+    working precision; the two differ in round-off only."""
+    n, k = v.shape[-2:]
+    if n <= SMALL_TANGENTS[0] and k <= SMALL_TANGENTS[1]:
+        return mgs_qr(v)
+    return qr(v)
+
+
 def log_abs_det(a):
     """log|det a| of a square matrix: ``slogdet`` (LU) or, under :func:`pure_linalg`, the
     diagonal of :func:`mgs_qr`."""

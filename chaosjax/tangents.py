@@ -56,7 +56,7 @@ def qr_renormalize(y):
         ``(Q, R)``: orthonormal columns (n, k) and upper-triangular R (k, k) with a
         non-negative diagonal; log R_ii are the local growth rates.
     """
-    q, r = _sl.qr(y)
+    q, r = _sl.tangent_qr(y)
     s = jnp.sign(jnp.diagonal(r))
     s = jnp.where(s == 0, 1, s).astype(y.dtype)
     return q * s[None, :], r * s[:, None]
