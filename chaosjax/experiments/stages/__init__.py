@@ -11,8 +11,8 @@ Each built-in stage is one module of this package that declares all of it, gathe
 ``STAGE = Stage(...)``: its config section (a frozen dataclass, the ``[name]`` table),
 ``check(cfg)`` (the cross-checks of that section against the rest of the config),
 ``validate(cfg, tmap)`` (the checks that need the map), its observers, ``run``, ``markdown`` and
-``figures``. Adding a built-in stage is that module plus its line in :data:`BUILTIN_STAGES` (and
-its name in the import above it); ``ExperimentConfig`` takes the section from there, so the TOML
+``figures``. Adding a built-in stage is that module plus its name in :data:`BUILTIN`;
+``ExperimentConfig`` takes the section from there, so the TOML
 table, ``--set my_stage.x=...``, the dumped config and ``chaosjax config`` follow. The recipe
 with a complete example is in ``docs/architecture.md``; the smallest stage here is
 :mod:`~chaosjax.experiments.stages.target`::
@@ -48,44 +48,35 @@ stages that must run (and be enabled) before this one, and their datasets are in
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import xarray as xr
 
 from chaosjax.experiments._sections import BaseConfig, ConfigError
-from chaosjax.experiments.stages import (
-    bifurcation,
-    clv,
-    control,
-    curvature,
-    divergence,
-    grokking,
-    instability,
-    landscape,
-    lyapunov,
-    marginal,
-    prediction,
-    response,
-    series,
-    target,
-)
 from chaosjax.experiments.stages.base import ReportInputs, RunInputs, Stage
 
-#: the built-in stages in run and report order: ``ExperimentConfig`` has one table per section
-BUILTIN_STAGES: tuple[Stage, ...] = (
-    lyapunov.STAGE,
-    curvature.STAGE,
-    clv.STAGE,
-    series.STAGE,
-    divergence.STAGE,
-    marginal.STAGE,
-    target.STAGE,
-    prediction.STAGE,
-    response.STAGE,
-    bifurcation.STAGE,
-    instability.STAGE,
-    grokking.STAGE,
-    landscape.STAGE,
-    control.STAGE,
+#: the built-in stages in run and report order, by module of this package (adding one: its
+#: module and its name here); ``ExperimentConfig`` has one table per section
+BUILTIN = (
+    "lyapunov",
+    "curvature",
+    "clv",
+    "series",
+    "divergence",
+    "marginal",
+    "target",
+    "prediction",
+    "response",
+    "bifurcation",
+    "instability",
+    "grokking",
+    "landscape",
+    "control",
+)
+
+#: the :class:`Stage` that each module of :data:`BUILTIN` declares, in that order
+BUILTIN_STAGES: tuple[Stage, ...] = tuple(
+    importlib.import_module(f"{__name__}.{name}").STAGE for name in BUILTIN
 )
 
 #: every stage, in run and report order: the built-in ones, then those registered at run time
