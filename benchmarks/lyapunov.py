@@ -3,8 +3,9 @@
 1. Hénon, 1e5 steps, k = 2: chaosjax against lyapynov (``peers`` extra) and the literature.
 2. Hénon, 1000 initial conditions at once (``batched=True``).
 3. Lorenz-96 (N = 40, F = 8, RK4 dt = 0.01), top-10 spectrum: chaosjax against lyapynov.
-4. The quickstart MLP training map: cost of k ∈ {1, 4, 16} tangents relative to one plain
-   step (target ≤ 1.5·k).
+4. Training maps: cost of k tangents relative to one plain step (target ≤ 1.5·k): the
+   quickstart MLP with k ∈ {1, 4, 16}, and the 4810-parameter MLP of
+   ``benchmarks/curvature.py`` with k = 8 (the engine issue's target: ≤ 12×).
 5. One trajectory, many observers: a replica run (seeds × η grid × perturbed replicas) with a
    ``LyapunovTracker(k=4)`` on its references, against today's two-step recipe — the same
    ``run_replicas`` without it plus a separate ``lyapunov_spectrum`` of the references —
@@ -149,15 +150,33 @@ def lorenz96_rows(steps: int) -> list[dict]:
     return rows
 
 
-def tangent_cost_rows(steps: int, ks) -> list[dict]:
+def mlp_4810():
+    """The 4810-parameter MLP of ``benchmarks/curvature.py`` (8→60→60→10 tanh, MSE on 256
+    random samples) as a GD training map, η = 0.05."""
+    from chaosjax.datasets import Dataset
+
+    net = cj.models.PureMLP((8, 60, 60, 10), activation="tanh")
+    kx, ky = jax.random.split(jax.random.PRNGKey(1))
+    x = np.asarray(jax.random.normal(kx, (256, 8)))
+    y = np.asarray(jax.random.normal(ky, (256, 10)))
+    data = Dataset.from_arrays(x, y, x[:0], y[:0], name="random-256")
+    p0 = net.init_params(jax.random.PRNGKey(0), jnp.float64)
+    return cj.TrainingMap(net.apply, p0, data, loss="mse", optimizer="sgd", learning_rate=0.05)
+
+
+def quickstart_map():
+    """The quickstart MLP (two moons) as its training map, η = 0.2."""
     from chaosjax.experiments import load_config
     from chaosjax.experiments.builders import build_training_map
 
-    tmap = build_training_map(
+    return build_training_map(
         load_config(
             "quickstart", ["training.learning_rates=[0.2]", "model.output_activation=identity"]
         )
     )
+
+
+def tangent_cost_rows(steps: int, ks, tmap) -> list[dict]:
     s0 = tmap.init()
     step = as_traceable(tmap.step)
 
@@ -266,22 +285,30 @@ def main(argv=None):
             ],
         )
     )
-    cost, n_params = tangent_cost_rows(mlp_steps, ks)
-    print(
-        f"\ntangent cost on the quickstart MLP ({n_params} parameters), per step, relative to a plain step"
-    )
-    print(
-        table(
-            cost,
-            [
-                ("k", "k", "d"),
-                ("renorm_every", "QR every", "d"),
-                ("seconds_per_step", "s / step", ".3g"),
-                ("relative", "× plain step", ".2f"),
-                ("target", "target ≤", ".1f"),
-            ],
+    cost = []
+    for name, tmap, kk in (
+        ("the quickstart MLP", quickstart_map(), ks),
+        ("the MLP of benchmarks/curvature.py", mlp_4810(), (1, 2) if a.tiny else (8,)),
+    ):
+        rows_m, n_params = tangent_cost_rows(mlp_steps, kk, tmap)
+        for r in rows_m:
+            r["model"] = f"MLP {n_params}"
+        cost += rows_m
+        print(
+            f"\ntangent cost on {name} ({n_params} parameters), per step, relative to a plain step"
         )
-    )
+        print(
+            table(
+                rows_m,
+                [
+                    ("k", "k", "d"),
+                    ("renorm_every", "QR every", "d"),
+                    ("seconds_per_step", "s / step", ".3g"),
+                    ("relative", "× plain step", ".2f"),
+                    ("target", "target ≤", ".1f"),
+                ],
+            )
+        )
     together = observer_rows(**obs_size)
     print("\none trajectory, many observers: the tangent observer inside the replica run")
     print(
