@@ -164,7 +164,7 @@ assert same
 #
 # Each value is against the threshold 2/η (dashed). `threshold` is exactly 2/η at every record;
 # at this step size the full-batch λmax stays below it throughout — this η is in the stable
-# regime (`benchmarks/eoss.py` pushes η up to look for the edge of stochastic stability). The
+# regime (`benchmarks/eoss.py` trains until it reaches the edge of stochastic stability). The
 # FTLE is per step, along this very trajectory and its minibatch sequence.
 
 # %%
