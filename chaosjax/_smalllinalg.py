@@ -123,10 +123,17 @@ def gram_schmidt_qr(v):
     """QR of ``v`` (n, k), k small, by modified Gram–Schmidt applied twice, one column
     against one column (element-wise products and sums, no matrix products): ``(Q, R)``
     with orthonormal columns, R upper triangular with a non-negative diagonal. The fewest
-    kernels per step for the small systems of :func:`tangent_qr`."""
+    kernels per step for the small systems of :func:`tangent_qr`. Columns whose norms differ
+    by more than ~1e150 (float64) lose the smaller one to underflow; tangents renormalised
+    within the documented ``renorm_every`` never do."""
     k = v.shape[1]
     tiny = jnp.finfo(v.dtype).tiny
     zero = jnp.zeros((), v.dtype)
+    # scaled by a power of two near max|v| (exact): no overflow of the squares of large
+    # entries, and the same numbers as without the scaling wherever that did not overflow
+    big = jnp.max(jnp.abs(v))
+    _, e = jnp.frexp(jnp.where(big > 0, big, 1).astype(v.dtype))
+    v = jnp.ldexp(v, -e)
     cols, r_cols = [], []
     for j in range(k):
         x = v[:, j]
@@ -140,7 +147,7 @@ def gram_schmidt_qr(v):
         r[j] = norm
         cols.append(x / jnp.maximum(norm, tiny))
         r_cols.append(jnp.stack(r))
-    return jnp.stack(cols, 1), jnp.stack(r_cols, 1)
+    return jnp.stack(cols, 1), jnp.ldexp(jnp.stack(r_cols, 1), e)
 
 
 def tangent_qr(v):

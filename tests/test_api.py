@@ -108,6 +108,7 @@ def test_api_reference_builds_from_the_docstrings(tmp_path):
     """The API reference (pdoc, the `docs` extra) builds without a warning other than pdoc's
     known one about NamedTuple annotations, and documents every public name of every module."""
     import importlib
+    import re
     import warnings
 
     import pdoc
@@ -120,10 +121,17 @@ def test_api_reference_builds_from_the_docstrings(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pdoc.pdoc("chaosjax", *extra, output_directory=tmp_path)
+    # ExperimentConfig is composed at import from the stages' sections (make_dataclass): pdoc
+    # has no source to find its fields in and says it assumes the module it documents, which
+    # is where they are
+    composed = re.compile(
+        r"Cannot determine where chaosjax\.experiments(\.config)?\.ExperimentConfig\."
+    )
     bad = [
         str(w.message).splitlines()[0]
         for w in caught
         if "Error parsing type annotation" not in str(w.message)  # NamedTuple + __future__
+        and not composed.match(str(w.message))
     ]
     assert not bad, bad
     for mod_name in PUBLIC_MODULES:
