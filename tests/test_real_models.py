@@ -82,6 +82,7 @@ def test_resnet_with_batchnorm_equals_a_hand_written_loop(digits_images):
     assert np.all(np.isfinite(top.eigenvalues)) and top.eigenvalues[0] >= top.eigenvalues[1]
 
 
+@pytest.mark.slow  # a Transformer from_nnx run is in test_your_training; this is its fidelity
 def test_transformer_on_tokens_equals_the_users_loop_and_has_finite_curvature():
     p = 5
     a, b = np.meshgrid(np.arange(p), np.arange(p))

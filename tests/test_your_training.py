@@ -188,18 +188,29 @@ def test_dropout_map_jacobian_at_fixed_t_matches_finite_differences(digits_small
     assert float(jnp.linalg.norm(jv - fd) / jnp.linalg.norm(jv)) < 1e-6
 
 
-def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_cnn(digits_small):
+class ReluMLP(nnx.Module):
+    """64 pixels → 16 ReLU → 10."""
+
+    def __init__(self, rngs, width=16):
+        self.l1 = nnx.Linear(64, width, rngs=rngs)
+        self.l2 = nnx.Linear(width, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(nnx.relu(self.l1(x.reshape(x.shape[0], -1))))
+
+
+def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_network(digits_small):
     """optax.adamw's eps_root = 0: √ν has no derivative where a gradient entry is exactly 0
-    (dead ReLU units); chaosjax differentiates it with the limit and leaves the trajectory
-    unchanged."""
+    (weights from pixels that are 0 in every image of the batch, inactive ReLU units);
+    chaosjax differentiates it with the limit and leaves the trajectory unchanged."""
     sched = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 50)
     tm = TrainingMap.from_nnx(
-        CNN(nnx.Rngs(0)), digits_small, loss="cross_entropy", optimizer=optax.adamw(sched),
+        ReluMLP(nnx.Rngs(0)), digits_small, loss="cross_entropy", optimizer=optax.adamw(sched),
         batch_size=32, dtype=jnp.float64,
     )  # fmt: skip
     s = tm.init()
-    # exactly-zero gradient entries exist (dead units), so the guard is exercised
-    g = jax.grad(lambda p: tm.loss_of_params(tm.unravel_params(p)))(tm.flat_params(s))
+    # exactly-zero gradient entries exist, so the guard is exercised
+    g = jax.jit(jax.grad(lambda p: tm.loss_of_params(tm.unravel_params(p))))(tm.flat_params(s))
     assert int(jnp.sum(g == 0)) > 0
     r = chaosjax.lyapunov_spectrum(tm.step, s, k=2, steps=12)
     assert np.all(np.isfinite(r.exponents))
@@ -207,14 +218,18 @@ def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_cnn(digits_s
     params = tm.params(s)
     opt = optax.adamw(sched)
     o = opt.init(params)
-    for t in range(4):
-        xb, yb = tm._batch(t)
-        grads = jax.grad(lambda p, xb=xb, yb=yb: tm.batch_loss(p, (xb, yb)))(params)
+
+    @jax.jit  # the user's own compiled step (op by op, every primitive compiles on its own)
+    def user_step(params, o, xb, yb):
+        grads = jax.grad(lambda p: tm.batch_loss(p, (xb, yb)))(params)
         u, o = opt.update(grads, o, params)
-        params = optax.apply_updates(params, u)
+        return optax.apply_updates(params, u), o
+
+    for t in range(4):
+        params, o = user_step(params, o, *tm._batch(t))
         s = tm.step(s, t)
-    # the map's step is one compiled program, the loop runs op by op: Adam divides round-off in
-    # near-zero gradient entries by their tiny second moment, so agreement is ~1e-8, not 1e-15
+    # two compiled programs: Adam divides round-off in near-zero gradient entries by their tiny
+    # second moment, so agreement is ~1e-8, not 1e-15
     for a, b in zip(jax.tree_util.tree_leaves(tm.params(s)), jax.tree_util.tree_leaves(params)):
         assert rel(a, b) <= 1e-7
 
@@ -245,11 +260,15 @@ def test_any_optax_transformation_equals_an_optax_loop(make, request):
     tx = make()
     params, o = p0, tx.init(p0)
     step = jax.jit(tm.step)
-    for t in range(7):
-        xb, yb = tm._batch(t)
-        grads = jax.grad(lambda p, xb=xb, yb=yb: tm.batch_loss(p, (xb, yb)))(params)
+
+    @jax.jit  # the user's loop, compiled (op by op every primitive would compile on its own)
+    def user_step(params, o, xb, yb):
+        grads = jax.grad(lambda p: tm.batch_loss(p, (xb, yb)))(params)
         u, o = tx.update(grads, o, params)
-        params = optax.apply_updates(params, u)
+        return optax.apply_updates(params, u), o
+
+    for t in range(7):
+        params, o = user_step(params, o, *tm._batch(t))
         s = step(s, t)
     for a, b in zip(jax.tree_util.tree_leaves(tm.params(s)), jax.tree_util.tree_leaves(params)):
         assert rel(a, b) <= 1e-12
