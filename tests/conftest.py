@@ -22,7 +22,8 @@ except ImportError:
 _CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation" / _WORKER
 if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)  # the worker's subprocesses too
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# every program that takes 0.05 s or more to compile (most of a CLI run's small programs too)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
 
 import jax  # noqa: E402
 
