@@ -180,6 +180,8 @@ def test_user_step_and_npz_data_run_every_stage(tmp_path, user_file):
     rc, out = _run(
         tmp_path, "step.factory='./my_model.py:make_step'", "data.path='data.npz'",
         "training.learning_rates=[0.2]",
+        # CLVs and landscapes of a user's step: tests/test_your_training.py and test_landscape.py
+        "clv.enabled=false", "landscape.enabled=false",
     )  # fmt: skip
     assert rc == 0
     res = ReplicaResults.load(out / "results.zarr")
