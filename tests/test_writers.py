@@ -101,11 +101,10 @@ def test_monitor_writes_to_a_list_of_writers(tmp_path):
     mon.close()
 
 
-def _events(logdir):
-    """(tag, step, value) of every scalar in the TFRecord event files of ``logdir``."""
+def _summary_values(logdir):
+    """(step, summary value) of every value in the TFRecord event files of ``logdir``."""
     from tensorboardX.proto import event_pb2
 
-    out = []
     for f in sorted(logdir.glob("events.out.tfevents.*")):
         data = f.read_bytes()
         i = 0
@@ -114,8 +113,12 @@ def _events(logdir):
             ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             for v in ev.summary.value:
-                out.append((v.tag, ev.step, v.simple_value))
-    return out
+                yield ev.step, v
+
+
+def _events(logdir):
+    """(tag, step, value) of every scalar in the event files of ``logdir``."""
+    return [(v.tag, step, v.simple_value) for step, v in _summary_values(logdir)]
 
 
 def test_tensorboard_event_files_round_trip(tmp_path):
@@ -191,20 +194,11 @@ def test_one_protocol_decides_which_writers_take_texts(tmp_path):
 
 def _texts(logdir):
     """(tag, step, text) of every text summary in the event files of ``logdir``."""
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for f in sorted(logdir.glob("events.out.tfevents.*")):
-        data = f.read_bytes()
-        i = 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            i += 12 + n + 4
-            for v in ev.summary.value:
-                if v.tensor.string_val:
-                    out.append((v.tag, ev.step, v.tensor.string_val[0].decode()))
-    return out
+    return [
+        (v.tag, step, v.tensor.string_val[0].decode())
+        for step, v in _summary_values(logdir)
+        if v.tensor.string_val
+    ]
 
 
 def test_tensorboard_writes_texts_as_text_summaries(tmp_path):
