@@ -199,6 +199,19 @@ class ReluMLP(nnx.Module):
         return self.l2(nnx.relu(self.l1(x.reshape(x.shape[0], -1))))
 
 
+def optax_loop_step(tm, tx):
+    """A user's plain optax step on the map's batch loss, compiled (op by op every primitive
+    would compile on its own): ``(params, opt_state, xb, yb) -> (params, opt_state)``."""
+
+    @jax.jit
+    def step(params, o, xb, yb):
+        grads = jax.grad(lambda p: tm.batch_loss(p, (xb, yb)))(params)
+        u, o = tx.update(grads, o, params)
+        return optax.apply_updates(params, u), o
+
+    return step
+
+
 def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_network(digits_small):
     """optax.adamw's eps_root = 0: √ν has no derivative where a gradient entry is exactly 0
     (weights from pixels that are 0 in every image of the batch, inactive ReLU units);
@@ -219,12 +232,7 @@ def test_adamw_with_optax_defaults_gives_finite_exponents_on_a_relu_network(digi
     opt = optax.adamw(sched)
     o = opt.init(params)
 
-    @jax.jit  # the user's own compiled step (op by op, every primitive compiles on its own)
-    def user_step(params, o, xb, yb):
-        grads = jax.grad(lambda p: tm.batch_loss(p, (xb, yb)))(params)
-        u, o = opt.update(grads, o, params)
-        return optax.apply_updates(params, u), o
-
+    user_step = optax_loop_step(tm, opt)
     for t in range(4):
         params, o = user_step(params, o, *tm._batch(t))
         s = tm.step(s, t)
@@ -261,12 +269,7 @@ def test_any_optax_transformation_equals_an_optax_loop(make, request):
     params, o = p0, tx.init(p0)
     step = jax.jit(tm.step)
 
-    @jax.jit  # the user's loop, compiled (op by op every primitive would compile on its own)
-    def user_step(params, o, xb, yb):
-        grads = jax.grad(lambda p: tm.batch_loss(p, (xb, yb)))(params)
-        u, o = tx.update(grads, o, params)
-        return optax.apply_updates(params, u), o
-
+    user_step = optax_loop_step(tm, tx)
     for t in range(7):
         params, o = user_step(params, o, *tm._batch(t))
         s = step(s, t)
